@@ -1,0 +1,255 @@
+"""Loading the DiT and the Wan2.1 VAE from every form users hold, and NVIDIA <-> diffusers key names (notes 2, 5)."""
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+from .registry import check_size_matches, transformer_config
+
+# NVIDIA name fragment -> diffusers name fragment, applied in this order (the inverse runs it backwards).
+# Checked against diffusers' convert_cosmos_transformer_checkpoint_to_diffusers in tests/test_models.py.
+_RENAMES = [
+    ("t_embedder.1", "time_embed.t_embedder"),
+    ("t_embedding_norm", "time_embed.norm"),
+    ("blocks", "transformer_blocks"),
+    ("adaln_modulation_self_attn.1", "norm1.linear_1"),
+    ("adaln_modulation_self_attn.2", "norm1.linear_2"),
+    ("adaln_modulation_cross_attn.1", "norm2.linear_1"),
+    ("adaln_modulation_cross_attn.2", "norm2.linear_2"),
+    ("adaln_modulation_mlp.1", "norm3.linear_1"),
+    ("adaln_modulation_mlp.2", "norm3.linear_2"),
+    ("self_attn", "attn1"),
+    ("cross_attn", "attn2"),
+    ("q_proj", "to_q"),
+    ("k_proj", "to_k"),
+    ("v_proj", "to_v"),
+    ("output_proj", "to_out.0"),
+    ("q_norm", "norm_q"),
+    ("k_norm", "norm_k"),
+    ("mlp.layer1", "ff.net.0.proj"),
+    ("mlp.layer2", "ff.net.2"),
+    ("x_embedder.proj.1", "patch_embed.proj"),
+    ("final_layer.adaln_modulation.1", "norm_out.linear_1"),
+    ("final_layer.adaln_modulation.2", "norm_out.linear_2"),
+    ("final_layer.linear", "proj_out"),
+]
+# NVIDIA entries that are not weights: RoPE buffers, training counters, TE extra state, the loss log-variance head.
+_NON_WEIGHT = re.compile(r"(^|\.)(pos_embedder\.|accum_|logvar)|\._extra_state$")
+
+
+def nvidia_to_diffusers_key(key: str) -> str:
+    """`blocks.0.self_attn.q_proj.weight` -> `transformer_blocks.0.attn1.to_q.weight`."""
+    for old, new in _RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def diffusers_to_nvidia_key(key: str) -> str:
+    """Inverse of nvidia_to_diffusers_key."""
+    for old, new in reversed(_RENAMES):
+        key = key.replace(new, old)
+    return key
+
+
+def is_non_weight_key(key: str) -> bool:
+    """NVIDIA checkpoint entries that hold no model weights and are ignored on load."""
+    return bool(_NON_WEIGHT.search(key))
+
+
+def read_weights(path) -> dict:
+    """A state dict from .pt/.pth (torch.load weights_only=True) or .safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}). Only plain tensor "
+                         "checkpoints are loaded; convert other files to safetensors first.") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and not any(
+            k.startswith("net") for k in state):
+        state = state["model"]
+    return state
+
+
+def select_weights(state: dict, load_ema: bool, source) -> dict:
+    """Pick `net_ema.*` (with --load_ema) or `net.*` and strip the prefix; bare keys pass through.
+
+    Unlike NVIDIA's loader, --load_ema on a file without EMA weights is an error, not a silent no-op.
+    """
+    has_net = any(k.startswith("net.") for k in state)
+    has_ema = any(k.startswith("net_ema.") for k in state)
+    if load_ema and not has_ema:
+        raise ValueError(f"{source}: --load_ema was given but the file holds no EMA weights (no 'net_ema.*' keys). "
+                         "Drop --load_ema, or train with EMA on.")
+    prefix = "net_ema." if load_ema else "net." if has_net else ""
+    if not prefix:
+        return {k: v for k, v in state.items() if torch.is_tensor(v)}
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def nvidia_to_diffusers(state: dict, source="checkpoint") -> dict:
+    """Rename NVIDIA keys to diffusers', dropping only NVIDIA's non-weight entries."""
+    return {nvidia_to_diffusers_key(k): v for k, v in state.items() if not is_non_weight_key(k)}
+
+
+def diffusers_to_nvidia(state: dict, prefix: str = "") -> dict:
+    """Rename diffusers keys to NVIDIA's, with an optional `net.`/`net_ema.` prefix."""
+    return {prefix + diffusers_to_nvidia_key(k): v for k, v in state.items()}
+
+
+def merge_nvidia_lora(state: dict, alpha: float | None = None) -> dict:
+    """Fold an NVIDIA LoRA post-training state dict (PEFT `base_layer` / `lora_A.default` keys) into plain weights.
+
+    NVIDIA's own inference cannot load these files; here W = W_base + (alpha / rank) * B @ A. NVIDIA does not
+    store alpha; its default is alpha = rank (scale 1), which `alpha=None` assumes.
+    """
+    out = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key or ".lora_embedding" in key:
+            continue
+        if ".base_layer." in key:
+            module = key.split(".base_layer.")[0]
+            a = next((state[k] for k in state if k.startswith(module + ".lora_A.")), None)
+            b = next((state[k] for k in state if k.startswith(module + ".lora_B.")), None)
+            key = key.replace(".base_layer.", ".")
+            if a is not None and b is not None and key.endswith("weight"):
+                scale = (alpha if alpha is not None else a.shape[0]) / a.shape[0]
+                value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
+        out[key] = value
+    return out
+
+
+def check_keys(model_keys, loaded_keys, source) -> None:
+    """Strict key check with a readable list of what is missing and what is unknown."""
+    missing = sorted(set(model_keys) - set(loaded_keys))
+    unexpected = sorted(set(loaded_keys) - set(model_keys))
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:6]) + (f" (and {len(keys) - 6} more)" if len(keys) > 6 else "")
+        parts = [f"missing {len(missing)}: {show(missing)}" if missing else "",
+                 f"unexpected {len(unexpected)}: {show(unexpected)}" if unexpected else ""]
+        raise ValueError(f"{source}: weights do not match the model ({'; '.join(p for p in parts if p)}). "
+                         "Check --model_size, and that the file is a Cosmos-Predict2 Text2Image DiT.")
+
+
+def new_transformer(model_size: str, dtype=torch.float32, device="cpu"):
+    """A randomly initialised DiT of a registry size (for benchmarks, and as the skeleton for bare weights)."""
+    from diffusers import CosmosTransformer3DModel
+
+    with torch.device(device):
+        model = CosmosTransformer3DModel(**transformer_config(model_size))
+    return model.to(dtype)
+
+
+def load_transformer_weights(model, state: dict, source, load_ema: bool = False) -> None:
+    """Load an NVIDIA-layout or diffusers-layout state dict into `model`, strictly."""
+    state = select_weights(state, load_ema, source)
+    if any(".base_layer." in k for k in state):
+        state = merge_nvidia_lora(state)
+    if not any(k.startswith("transformer_blocks.") for k in state):
+        state = nvidia_to_diffusers(state, source)
+    check_keys(model.state_dict().keys(), state.keys(), source)
+    model.load_state_dict(state, strict=True)
+
+
+def load_transformer(dit_path: str | None, model_size: str | None = None, load_ema: bool = False,
+                     dtype=torch.bfloat16, device="cpu"):
+    """The DiT from a diffusers folder, an NVIDIA/our `.pt`/`.safetensors` file, a hub id, or random (no path)."""
+    from diffusers import CosmosTransformer3DModel
+
+    if dit_path is None:
+        if model_size is None:
+            raise ValueError("Pass --dit_path, or --model_size for a randomly initialised model.")
+        return new_transformer(model_size, dtype, device)
+    path = Path(dit_path)
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{path}: not a diffusers transformer folder (no config.json). For a training "
+                                    "run directory, pass its model/iter_*.pt file.")
+        model = CosmosTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype)
+        check_size_matches(model_size, dict(model.config), str(folder / "config.json"))
+        return model.to(device)
+    if path.suffix in (".pt", ".pth", ".safetensors", ".bin"):
+        if model_size is None:
+            raise ValueError(f"{path} is a bare weight file: pass --model_size ({', '.join(['0.6B', '2B', '14B'])}"
+                             ", or tiny) so the model shape is known.")
+        model = new_transformer(model_size, torch.float32, "cpu")
+        load_transformer_weights(model, read_weights(path), path, load_ema)
+        return model.to(device=device, dtype=dtype)
+    if path.exists() or "/" not in dit_path:
+        raise FileNotFoundError(f"{dit_path}: not a file or folder this loader knows (.pt, .safetensors, or a "
+                                "diffusers folder).")
+    model = CosmosTransformer3DModel.from_pretrained(dit_path, subfolder="transformer", torch_dtype=dtype)
+    check_size_matches(model_size, dict(model.config), dit_path)
+    return model.to(device)
+
+
+def fingerprint(path) -> str | None:
+    """A cheap content hash of a weight file or folder: size plus the first and last 16 MiB of each file."""
+    if path is None or not Path(path).exists():
+        return None
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(16 << 20))
+            if size > 32 << 20:
+                fh.seek(-(16 << 20), 2)
+                digest.update(fh.read())
+    return digest.hexdigest()
+
+
+def load_vae(vae_path: str, dtype=torch.bfloat16, device="cpu"):
+    """The Wan2.1 VAE from a diffusers folder (or its parent pipeline folder) or NVIDIA's `tokenizer.pth`."""
+    from diffusers import AutoencoderKLWan
+
+    path = Path(vae_path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").exists() else path
+        vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype)
+    elif path.is_file():
+        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+        state = read_weights(path)
+        state = convert_wan_vae_to_diffusers(state) if not any(k.startswith("encoder.conv_in") for k in state) \
+            else state
+        vae = AutoencoderKLWan()  # the default config is Wan2.1's
+        check_keys(vae.state_dict().keys(), state.keys(), path)
+        vae.load_state_dict(state)
+        vae = vae.to(dtype)
+    else:
+        raise FileNotFoundError(f"{vae_path}: no VAE here. Pass a diffusers AutoencoderKLWan folder or NVIDIA's "
+                                "tokenizer/tokenizer.pth.")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def latent_stats(vae, device, dtype=torch.float32):
+    """Per-channel (mean, std) shaped (1, C, 1, 1, 1) from the VAE config."""
+    c = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, dtype=dtype, device=device).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=dtype, device=device).view(1, c, 1, 1, 1)
+    return mean, std
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] in [-1,1] -> normalised fp32 latents [B,16,1,H/8,W/8] (deterministic mean, as NVIDIA)."""
+    mean, std = latent_stats(vae, images.device)
+    mu = vae.encode(images.unsqueeze(2).to(vae.dtype)).latent_dist.mean.float()
+    return (mu - mean) / std
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents [B,16,1,h,w] -> images [B,3,H,W] in [-1,1] (fp32)."""
+    mean, std = latent_stats(vae, latents.device)
+    return vae.decode((latents.float() * std + mean).to(vae.dtype)).sample[:, :, 0].float().clamp(-1, 1)

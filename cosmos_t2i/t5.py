@@ -1,0 +1,144 @@
+"""T5 embeddings in NVIDIA's pickle format: safe reading, atomic writing, fast batched encoding (notes section 6)."""
+
+import importlib
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+EMBED_DIM = 1024
+MAX_LENGTH = 512
+
+# Exactly what a pickled numpy array needs, as numpy 1.x (`numpy.core`) and 2.x (`numpy._core`) write it under
+# protocols 2 to 5. Anything else (os.system, builtins.eval, ...) is refused before it can run.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class UnsafePickleError(ValueError):
+    """A pickle asked for something other than numpy arrays."""
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise UnsafePickleError(
+                f"{self.source}: refusing to load {module}.{name}; an embedding pickle may only hold numpy arrays. "
+                "Delete the file and rerun precompute_t5.py to regenerate it.")
+        if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
+            module = "numpy._core" + module[len("numpy.core"):]  # numpy 1.x name, same function in numpy 2
+        return getattr(importlib.import_module(module), name)
+
+
+def safe_loads(data: bytes, source: str = "<bytes>"):
+    """Unpickle bytes, admitting only numpy arrays and plain containers."""
+    return _NumpyOnlyUnpickler(io.BytesIO(data), source).load()
+
+
+def read_embedding(path) -> np.ndarray:
+    """Read one NVIDIA embedding pickle: a list holding one (n_tokens, 1024) array. Raises naming the file."""
+    path = Path(path)
+    try:
+        obj = safe_loads(path.read_bytes(), str(path))
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # truncated or not a pickle at all
+        raise ValueError(f"{path}: unreadable embedding ({e}). Rerun precompute_t5.py with --overwrite.") from e
+    array = obj[0] if isinstance(obj, (list, tuple)) and len(obj) == 1 else obj
+    if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != EMBED_DIM or not (
+            1 <= array.shape[0] <= MAX_LENGTH) or array.dtype not in (np.float16, np.float32):
+        desc = f"{type(array).__name__} {getattr(array, 'shape', '')} {getattr(array, 'dtype', '')}"
+        raise ValueError(f"{path}: expected a list holding one float16 array of shape (n_tokens<=512, 1024), "
+                         f"found {desc}. Rerun precompute_t5.py with --overwrite.")
+    return array
+
+
+def write_embedding(path, array: np.ndarray) -> None:
+    """Write NVIDIA's format (list of one float16 array, pickle protocol 4) atomically: temp file, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump([np.ascontiguousarray(array, dtype=np.float16)], f, protocol=4)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def pad_embedding(array: np.ndarray, max_length: int = MAX_LENGTH):
+    """Zero-pad to (max_length, 1024) float32 and build the 0/1 token mask, as NVIDIA's loader does."""
+    import torch
+
+    n = min(array.shape[0], max_length)
+    embedding = torch.zeros(max_length, EMBED_DIM, dtype=torch.float32)
+    embedding[:n] = torch.from_numpy(np.asarray(array[:n], dtype=np.float32))
+    mask = torch.zeros(max_length, dtype=torch.int64)
+    mask[:n] = 1
+    return embedding, mask
+
+
+def resolve_text_encoder_dirs(path: str) -> tuple[str, str, dict]:
+    """(encoder path, tokenizer path, from_pretrained kwargs) for the layouts precompute accepts."""
+    p = Path(path)
+    if (p / "text_encoder").is_dir() and (p / "tokenizer").is_dir():  # diffusers pipeline layout
+        return str(p / "text_encoder"), str(p / "tokenizer"), {}
+    if p.name == "text_encoder" and (p.parent / "tokenizer").is_dir():  # its text_encoder/ subfolder
+        return str(p), str(p.parent / "tokenizer"), {}
+    if p.exists() and not (p / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no T5 encoder here (expected config.json, or text_encoder/ and tokenizer/ "
+                                "subfolders). Pass --text_encoder with a folder holding google-t5/t5-11b.")
+    return path, path, {}  # a folder holding both, or a hub id
+
+
+def load_text_encoder(path: str, device="cpu", dtype=None, load_in_8bit: bool = False):
+    """Load (tokenizer, T5 encoder) in eval mode; 8-bit through bitsandbytes when asked."""
+    import torch
+    from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
+
+    encoder_path, tokenizer_path, _ = resolve_text_encoder_dirs(path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    kwargs = {"dtype": dtype or torch.float32}
+    if load_in_8bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    encoder = T5EncoderModel.from_pretrained(encoder_path, **kwargs).eval()
+    if not load_in_8bit:
+        encoder.to(device)
+    return tokenizer, encoder
+
+
+def encode_prompts(tokenizer, encoder, prompts: list[str], max_length: int = MAX_LENGTH, batch_size: int = 64,
+                   on_batch=None) -> list[np.ndarray]:
+    """Encode captions to float16 (n_tokens, 1024) arrays trimmed to their true length (with </s>).
+
+    Captions are sorted by token count and batched so each batch pads only to its longest member; with T5's
+    bidirectional attention and the padding masked out, this equals one-at-a-time encoding.
+    """
+    import torch
+
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    device = next(encoder.parameters()).device
+    results: list[np.ndarray | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        tokens = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding="longest", truncation=True,
+                           max_length=max_length)
+        with torch.inference_mode():
+            hidden = encoder(input_ids=tokens.input_ids.to(device),
+                             attention_mask=tokens.attention_mask.to(device)).last_hidden_state
+        hidden = hidden.float().cpu().numpy()
+        for row, i in enumerate(chunk):
+            results[i] = hidden[row, :lengths[i]].astype(np.float16)
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return results

@@ -1,0 +1,113 @@
+"""Pre-compute T5 embeddings for a dataset: metas/*.txt -> t5_xxl/*.pickle (NVIDIA's format).
+
+    python precompute_t5.py --dataset_path datasets/custom_text2image_dataset/
+
+Each pickle holds a list with one float16 array (n_tokens, 1024), trimmed to the caption's true token count
+(</s> included), so files load both here and in NVIDIA's repository. Captions are sorted by length and batched,
+so a batch pads only to its longest caption. Files already written are skipped (a killed run resumes) unless
+--overwrite. Under `accelerate launch` with several processes the files are split across processes.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cosmos_t2i.data import list_images
+from cosmos_t2i.t5 import MAX_LENGTH, encode_prompts, load_text_encoder, write_embedding
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_path", "--dataset_dir", dest="dataset_path", required=True,
+                        help="dataset folder holding images/ and metas/ (the seed's layout)")
+    parser.add_argument("--text_encoder", default="google-t5/t5-11b",
+                        help="T5 encoder: hub id, folder with encoder+tokenizer, a diffusers folder with "
+                             "text_encoder/ and tokenizer/, or that text_encoder/ folder")
+    parser.add_argument("--max_length", type=int, default=MAX_LENGTH, help="token limit (NVIDIA: 512)")
+    parser.add_argument("--batch_size", type=int, default=64, help="captions per encoder forward")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="encoder dtype; fp32 reproduces NVIDIA exactly (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--load_in_8bit", action="store_true", help="8-bit encoder weights (bitsandbytes)")
+    parser.add_argument("--overwrite", action="store_true", help="re-encode files that already exist")
+    parser.add_argument("--prompt", default=None,
+                        help="one caption for every image (NVIDIA's cosmos_nemo_assets variant); metas/ is not read")
+    parser.add_argument("--cache_dir", default=None, help="accepted for NVIDIA compatibility; unused")
+    return parser.parse_args(argv)
+
+
+def read_captions(dataset: Path, prompt: str | None) -> dict[str, str]:
+    """{image stem: caption}, from --prompt or metas/<stem>.txt; every problem is reported at once."""
+    stems = [p.stem for p in list_images(dataset)]
+    if prompt is not None:
+        return {stem: prompt for stem in stems}
+    metas = dataset / "metas"
+    if not metas.is_dir():
+        raise FileNotFoundError(f"{metas} does not exist: write one caption per image as metas/<image name>.txt, "
+                                "or pass --prompt for one shared caption.")
+    captions, problems = {}, []
+    for stem in stems:
+        path = metas / f"{stem}.txt"
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            problems.append(f"{path} (missing)")
+            continue
+        except (UnicodeDecodeError, OSError) as e:
+            problems.append(f"{path} ({e.__class__.__name__})")
+            continue
+        if not text:
+            problems.append(f"{path} (empty)")
+        captions[stem] = text
+    if problems:
+        shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"{len(problems)} captions are missing or unreadable: {shown}. Write a UTF-8 caption per "
+                         "image in metas/, or pass --prompt. Nothing was written.")
+    return captions
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from accelerate import PartialState
+
+    state = PartialState()
+    dataset = Path(args.dataset_path)
+    captions = read_captions(dataset, args.prompt)
+    out_dir = dataset / "t5_xxl"
+    todo = [s for s in sorted(captions) if args.overwrite or not (out_dir / f"{s}.pickle").exists()]
+    skipped = len(captions) - len(todo)
+    if state.is_main_process:
+        print(f"{dataset}: {len(captions)} captions, {skipped} already encoded, {len(todo)} to encode")
+    if not todo:
+        return
+    mine = todo[state.process_index::state.num_processes]
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if state.device.type == "cuda" else torch.float32)
+    try:
+        tokenizer, encoder = load_text_encoder(args.text_encoder, state.device, dtype, args.load_in_8bit)
+    except OSError as e:
+        raise SystemExit(f"Cannot load the T5 encoder from {args.text_encoder!r}: {e}\nPass --text_encoder with a "
+                         "local folder (see README: google-t5/t5-11b). Nothing was written.")
+    out_dir.mkdir(exist_ok=True)
+    bar = tqdm(total=len(mine), desc="T5", unit="caption", disable=not state.is_local_main_process)
+    start = time.perf_counter()
+    # Encode and write in chunks, so an interrupted run keeps what it finished.
+    chunk = max(args.batch_size * 8, 256)
+    for i in range(0, len(mine), chunk):
+        stems = mine[i:i + chunk]
+        arrays = encode_prompts(tokenizer, encoder, [captions[s] for s in stems], args.max_length,
+                                args.batch_size, on_batch=bar.update)
+        for stem, array in zip(stems, arrays):
+            write_embedding(out_dir / f"{stem}.pickle", array)
+        bar.set_postfix(captions_per_s=f"{(i + len(stems)) / (time.perf_counter() - start):.1f}")
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"wrote {len(todo)} embeddings to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Shared fixtures: the tiny bundle is built once per test session in a temporary folder."""
+
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def run_script(*args, check=True, env=None):
+    """Run one of the repository's scripts in a subprocess, as a user would."""
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """examples/tiny/make_assets.py output with embeddings pre-computed; do not modify (copy it first)."""
+    out = tmp_path_factory.mktemp("tiny")
+    run_script("examples/tiny/make_assets.py", "--output_dir", out)
+    run_script("precompute_t5.py", "--dataset_path", out / "dataset", "--text_encoder", out / "models" / "text_encoder")
+    return out
+
+
+@pytest.fixture
+def dataset_copy(tiny_bundle, tmp_path):
+    """A private copy of the tiny dataset that a test may damage."""
+    return Path(shutil.copytree(tiny_bundle / "dataset", tmp_path / "dataset"))
