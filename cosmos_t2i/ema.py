@@ -1,0 +1,65 @@
+"""NVIDIA's power EMA (EDM2 style): an fp32 copy updated with beta(n) = (1 - 1/(n+1))^(gamma+1) (notes 7)."""
+
+import contextlib
+
+import numpy as np
+import torch
+
+
+def power_ema_gamma(rate: float = 0.1) -> float:
+    """gamma: the largest real root of x^3 + 7x^2 + (16 - s^-2) x + (12 - s^-2) for relative width s = rate."""
+    s2 = rate ** -2
+    roots = np.roots([1, 7, 16 - s2, 12 - s2])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def power_ema_beta(iteration: int, gamma: float) -> float:
+    """Decay at a given iteration; 0 at iteration 0 (the EMA starts as a copy)."""
+    return (1 - 1 / (iteration + 1)) ** (gamma + 1)
+
+
+class PowerEMA:
+    """fp32 shadow copies of named parameters (sharded like them under FSDP), updated with foreach ops."""
+
+    def __init__(self, named_parameters, rate: float = 0.1):
+        self.gamma = power_ema_gamma(rate)
+        self.names, params = zip(*[(n, p) for n, p in named_parameters])
+        self.shadow = [p.detach().float().clone() for p in params]
+        self.params = list(params)
+
+    @torch.no_grad()
+    def update(self, iteration: int) -> None:
+        """shadow = beta * shadow + (1 - beta) * param."""
+        beta = power_ema_beta(iteration, self.gamma)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - beta)
+
+    def state_dict(self) -> dict:
+        """{name: fp32 tensor} with sharded tensors gathered to full CPU tensors."""
+        return {n: _full(t).cpu() for n, t in zip(self.names, self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from a full (gathered) state dict, re-sharding where the live copy is sharded."""
+        for name, shadow in zip(self.names, self.shadow):
+            value = state[name]
+            if hasattr(shadow, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value.to(shadow.device), shadow.device_mesh, shadow.placements)
+            shadow.copy_(value.to(shadow.device))
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Within the block the live parameters hold the EMA weights (validation); restored afterwards."""
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()

@@ -1,0 +1,150 @@
+"""Rectified flow in EDM notation: NVIDIA's training objective and its samplers (notes 3-4, sampler.md)."""
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+DISTILL_SIGMAS = [80.0, 3.6, 1.5574, 0.684]
+
+
+# ---------------------------------------------------------------- training
+def sample_seed(seed: int, iteration: int, index: int) -> int:
+    """A 63-bit seed from (run seed, iteration, global sample index): the same on 1 or N processes."""
+    digest = hashlib.blake2b(f"{seed}/{iteration}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def draw_training_randomness(seed: int, iteration: int, sample_ids, latent_shape, caption_dropout: float):
+    """Per-sample sigma (log sigma ~ N(0,1)), fp32 noise and caption keep-flags, drawn on the CPU.
+
+    Each sample has its own generator seeded by (seed, iteration, global index), so the numbers depend neither
+    on the number of processes nor on where a run was resumed, nor on the device.
+    """
+    sigmas, noises, keep = [], [], []
+    for index in sample_ids:
+        g = torch.Generator().manual_seed(sample_seed(seed, iteration, int(index)))
+        sigmas.append(torch.randn((), generator=g).exp())
+        keep.append((torch.rand((), generator=g) >= caption_dropout).float())
+        noises.append(torch.randn(latent_shape, generator=g))
+    return torch.stack(sigmas), torch.stack(noises), torch.stack(keep)
+
+
+def flow_loss(transformer, latents, text_embeddings, sigma, noise, keep_text, padding_mask, loss_scale=10.0):
+    """Velocity MSE x loss_scale. x_t = (1-t) x0 + t eps with t = sigma/(1+sigma); target v = eps - x0.
+
+    Equals NVIDIA's (1+sigma)^2/sigma^2-weighted x0 loss (notes section 3). Latents, noise and loss in fp32.
+    """
+    t = (sigma / (1 + sigma)).float()
+    tb = t.view(-1, 1, 1, 1, 1)
+    x_t = (1 - tb) * latents + tb * noise
+    context = text_embeddings * keep_text.view(-1, 1, 1).to(text_embeddings.dtype)
+    dtype = _param_dtype(transformer)
+    prediction = transformer(hidden_states=x_t.to(dtype), timestep=t.to(dtype), encoder_hidden_states=context.to(dtype),
+                             padding_mask=padding_mask[:1].to(dtype), return_dict=False)[0]
+    return ((prediction.float() - (noise - latents)) ** 2).mean() * loss_scale
+
+
+def _param_dtype(module):
+    return next(p.dtype for p in module.parameters())
+
+
+# ---------------------------------------------------------------- sampling
+def karras_sigmas(num_steps: int, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO) -> np.ndarray:
+    """num_steps + 1 sigmas from sigma_max to sigma_min on the Karras rho=7 schedule, float64."""
+    ramp = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + ramp * (b - a)) ** rho
+
+
+def initial_noise(seed: int, shape) -> torch.Tensor:
+    """N(0,1) from numpy RandomState(seed), as NVIDIA's arch_invariant_rand: the same on every GPU."""
+    return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
+
+
+def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtype=None, x0_dtype=None):
+    """x0(x, sigma) with guidance x0 = c + g (c - u); cond and uncond run as one batched forward.
+
+    `x0_dtype` casts each branch's x0 before guidance (diffusers' pipeline casts to the model dtype).
+    """
+    dtype = dtype or _param_dtype(transformer)
+    use_cfg = guidance != 0 and uncond is not None
+    context = torch.cat([cond, uncond]) if use_cfg else cond
+    context = context.to(dtype)
+
+    def denoise(x, sigma):
+        t = torch.as_tensor(sigma / (1 + sigma), dtype=torch.float32, device=x.device)
+        batch = torch.cat([x, x]) if use_cfg else x
+        model_in = ((1 - t) * batch).to(dtype)
+        timestep = t.to(dtype).expand(batch.shape[0])
+        with torch.no_grad():
+            out = transformer(hidden_states=model_in, timestep=timestep, encoder_hidden_states=context,
+                              padding_mask=padding_mask.to(dtype), return_dict=False)[0]
+        x0 = (1 - t) * batch - t * out.float()
+        if x0_dtype is not None:
+            x0 = x0.to(x0_dtype)
+        if not use_cfg:
+            return x0
+        c, u = x0.chunk(2)
+        return c + guidance * (c - u)
+
+    return denoise
+
+
+def sample_ab2(denoise, x, sigmas, progress=None) -> torch.Tensor:
+    """NVIDIA's RectifiedFlowAB2: Euler first step, then 2nd-order multistep in log-sigma; final clean pass.
+
+    State in fp32, each step's arithmetic in float64 (sampler.md). Returns x0 at sigma_min.
+    """
+    x0_prev = None
+    for i in range(len(sigmas) - 1):
+        s, r = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoise(x, s).double()
+        if x0_prev is None:
+            x = ((1 - r / s) * x0 + (r / s) * x.double()).float()
+        else:
+            p = float(sigmas[i - 1])
+            h = math.log(s / r)
+            c2 = math.log(s / p) / h
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1) / -h
+            b1, b2 = phi1 - phi2 / c2, phi2 / c2
+            x = (math.exp(-h) * x.double() + h * (b1 * x0 + b2 * x0_prev)).float()
+        x0_prev = x0
+        if progress is not None:
+            progress()
+    return denoise(x, float(sigmas[-1])).float()
+
+
+def euler_sigmas(num_steps: int) -> torch.Tensor:
+    """diffusers' Cosmos2 schedule: FlowMatchEuler with Karras sigmas (fp32), last step a no-op at sigma_min."""
+    sigmas = torch.from_numpy(karras_sigmas(num_steps - 1)).float() if num_steps > 1 else torch.tensor([SIGMA_MAX])
+    return torch.cat([sigmas, sigmas[-1:]])
+
+
+def sample_euler(denoise, x, sigmas, progress=None) -> torch.Tensor:
+    """Euler on eps = (x - x0)/sigma over `sigmas` (num_steps + 1 values), no final clean pass."""
+    for i in range(len(sigmas) - 1):
+        s, r = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x, s)
+        eps = (x - x0) / s
+        x = (x.float() + (r - s) * eps).float()
+        if progress is not None:
+            progress()
+    return x
+
+
+def sample_distilled(denoise, x, steps: int, seed: int, progress=None) -> torch.Tensor:
+    """NVIDIA's distilled 0.6B mode: x0 at sigmas [80, 3.6, 1.5574, 0.684][:steps], re-noised between, no CFG."""
+    sigmas = DISTILL_SIGMAS[:steps] + [0.0]
+    rng = np.random.RandomState(seed + 1)
+    for i in range(steps):
+        x0 = denoise(x, sigmas[i])
+        nxt = sigmas[i + 1]
+        noise = torch.from_numpy(rng.standard_normal(tuple(x.shape)).astype(np.float32)).to(x.device)
+        x = x0 + nxt * noise if nxt > 0 else x0
+        if progress is not None:
+            progress()
+    return x

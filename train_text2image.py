@@ -1,0 +1,403 @@
+"""Post-train Cosmos-Predict2 Text2Image (full or LoRA) with Accelerate, faithful to NVIDIA's recipe.
+
+    accelerate launch train_text2image.py --config examples/2b_custom_data.yaml
+    accelerate launch train_text2image.py --model_size 2B --dit_path model.pt --vae_path tokenizer.pth \\
+        --dataset_dir datasets/custom_text2image_dataset --train_architecture lora
+
+Checkpoints go to OUTPUT_ROOT/PROJECT/GROUP/NAME/checkpoints/{model,optim,scheduler,trainer}/iter_*.pt with
+latest_checkpoint.txt; running the same command again resumes from there. See README.md.
+"""
+
+import argparse
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i.config import parse_with_config, to_yaml
+from cosmos_t2i.registry import MODEL_SIZES
+
+logger = logging.getLogger("train")
+NVIDIA_LORA_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
+# Changing these on resume would not continue the same run: refuse rather than silently mix.
+SHAPE_KEYS = ("model_size", "train_architecture", "lora_rank", "lora_target_modules", "image_size", "ema")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--config", help="YAML file with any of these flags (command-line flags override it)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model_size", choices=list(MODEL_SIZES), default="2B", help="DiT shape (registry key)")
+    g.add_argument("--dit_path", help="NVIDIA model.pt/.safetensors, a diffusers transformer folder, or a hub id; "
+                                      "none = random init (benchmarks only)")
+    g.add_argument("--vae_path", required=False, help="diffusers AutoencoderKLWan folder or NVIDIA tokenizer.pth")
+    g.add_argument("--train_architecture", choices=["full", "lora"], default="full")
+    g.add_argument("--lora_rank", type=int, default=16)
+    g.add_argument("--lora_alpha", type=float, default=16)
+    g.add_argument("--lora_target_modules", default=NVIDIA_LORA_TARGETS, help="NVIDIA module names, comma separated")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument("--mixed_precision", choices=["bf16", "no"], default="bf16",
+                   help="bf16 autocast over fp32 master weights (NVIDIA: bf16 net, fp32 optimizer masters)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_dir", "--dataset_path", dest="dataset_dir", help="images/, metas/, t5_xxl/")
+    g.add_argument("--image_size", type=int, nargs=2, default=[768, 1360], metavar=("HEIGHT", "WIDTH"))
+    g.add_argument("--resize_mode", choices=["resize", "center_crop"], default="resize",
+                   help="resize = NVIDIA's (distorts other aspects); center_crop keeps the aspect")
+    g.add_argument("--skip_incomplete", action="store_true", help="drop samples lacking caption or embedding")
+    g.add_argument("--batch_size", type=int, default=1, help="per process")
+    g.add_argument("--num_workers", type=int, default=8)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=2 ** -14.5)
+    g.add_argument("--weight_decay", type=float, default=0.2)
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.99])
+    g.add_argument("--eps", type=float, default=1e-8)
+    g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    g.add_argument("--scheduler", choices=["lambdalinear", "constant"], default="lambdalinear")
+    g.add_argument("--warm_up_steps", type=int, nargs="+", default=[0])
+    g.add_argument("--cycle_lengths", type=int, nargs="+", default=[1000])
+    g.add_argument("--f_start", type=float, nargs="+", default=[1e-6])
+    g.add_argument("--f_max", type=float, nargs="+", default=[0.4])
+    g.add_argument("--f_min", type=float, nargs="+", default=[0.0])
+    g.add_argument("--grad_accum", type=int, default=1)
+    g.add_argument("--clip_grad_norm", type=float, default=1.0)
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="power EMA, fp32 copy")
+    g.add_argument("--ema_rate", type=float, default=0.1)
+    g.add_argument("--caption_dropout", type=float, default=0.2)
+    g.add_argument("--loss_scale", type=float, default=10.0)
+    g.add_argument("--max_iter", type=int, default=1000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max_nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
+    g.add_argument("--context_parallel_size", type=int, default=1, help="only 1: text2image has no CP (as NVIDIA)")
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--output_root", default=os.environ.get("IMAGINAIRE_OUTPUT_ROOT", "checkpoints"))
+    g.add_argument("--project", default="posttraining")
+    g.add_argument("--group", default="text2image")
+    g.add_argument("--name", default="2b_custom_data")
+    g.add_argument("--save_iter", type=int, default=500)
+    g.add_argument("--keep_last", type=int, default=None, help="keep only the newest K checkpoints (default all)")
+    g.add_argument("--logging_iter", type=int, default=10)
+    g.add_argument("--hit_thres", type=int, default=10, help="log every iteration's time for the first N")
+    g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
+    g.add_argument("--validation_prompts", nargs="*", default=[], help="prompts sampled with EMA weights")
+    g.add_argument("--validation_iter", type=int, default=0, help="sample validation prompts every N iterations")
+    g.add_argument("--validation_steps", type=int, default=35)
+    g.add_argument("--text_encoder", default="google-t5/t5-11b", help="T5 for validation prompts (freed after)")
+    g.add_argument("--dryrun", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def validate(args, parser) -> None:
+    """Reject invalid combinations before any model is loaded, saying what to change."""
+    if args.context_parallel_size != 1:
+        parser.error("--context_parallel_size must be 1: NVIDIA's text2image has no context parallelism "
+                     "(an image is a single latent frame).")
+    if args.scheduler == "lambdalinear":
+        lists = [args.warm_up_steps, args.cycle_lengths, args.f_start, args.f_max, args.f_min]
+        if len({len(x) for x in lists}) != 1:
+            parser.error("--warm_up_steps, --cycle_lengths, --f_start, --f_max, --f_min need one value per cycle.")
+        if args.max_iter > sum(args.cycle_lengths):
+            parser.error(f"--max_iter {args.max_iter} exceeds sum(--cycle_lengths) = {sum(args.cycle_lengths)}; "
+                         "past the last cycle NVIDIA's schedule goes negative. Raise --cycle_lengths or lower "
+                         "--max_iter.")
+        if any(w >= c for w, c in zip(args.warm_up_steps, args.cycle_lengths)):
+            parser.error("each --warm_up_steps value must be smaller than its --cycle_lengths value.")
+    if any(s <= 0 or s % 16 for s in args.image_size):
+        parser.error(f"--image_size {args.image_size}: height and width must be positive multiples of 16.")
+    for name in ("batch_size", "grad_accum", "max_iter", "save_iter", "lora_rank", "logging_iter"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1.")
+    if not 0 <= args.caption_dropout <= 1:
+        parser.error("--caption_dropout is a probability in [0, 1].")
+    if args.keep_last is not None and args.keep_last < 1:
+        parser.error("--keep_last must be at least 1 (leave it out to keep every checkpoint).")
+    if args.validation_prompts and args.validation_iter < 1:
+        parser.error("--validation_prompts needs --validation_iter N (sample every N iterations).")
+    if not args.dryrun:
+        for name in ("dataset_dir", "vae_path"):
+            if not getattr(args, name):
+                parser.error(f"--{name} is required.")
+        if not Path(args.dataset_dir).is_dir():
+            parser.error(f"--dataset_dir {args.dataset_dir}: no such folder.")
+
+
+def global_batches(num_samples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Epoch order as DistributedSampler(shuffle, seed): randperm seeded seed+epoch; the incomplete tail dropped."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [order[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
+
+
+class ResumableBatchSampler:
+    """This process's slice of every global batch, endlessly, from a given global-batch step (for resume)."""
+
+    def __init__(self, num_samples, batch_size, rank, world, seed, start_step=0):
+        self.args = (num_samples, batch_size * world, seed)
+        self.batch_size, self.rank, self.start_step = batch_size, rank, start_step
+        self.per_epoch = num_samples // (batch_size * world)
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, k = divmod(step, self.per_epoch)
+            batch = global_batches(*self.args, epoch)[k]
+            yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            step += 1
+
+
+def collate(samples):
+    """Stack tensors, keep lists of the rest."""
+    return {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples]
+            for k in samples[0]}
+
+
+def build_transformer(args, device):
+    """The DiT with LoRA injected when asked; returns (model, trainable named params, lora metadata)."""
+    from cosmos_t2i.models import fingerprint, load_transformer
+
+    base_dtype = torch.bfloat16 if args.train_architecture == "lora" and args.mixed_precision == "bf16" \
+        else torch.float32
+    model = load_transformer(args.dit_path, args.model_size, dtype=base_dtype, device=device)
+    meta = None
+    if args.train_architecture == "lora":
+        from peft import LoraConfig
+        targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
+                                     target_modules=ckpt.lora_target_modules(targets)))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # adapters train in fp32, as NVIDIA
+        meta = {"rank": args.lora_rank, "alpha": float(args.lora_alpha), "target_modules": targets,
+                "model_size": args.model_size, "base_path": str(args.dit_path),
+                "base_fingerprint": fingerprint(args.dit_path)}
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.compile:
+        for block in model.transformer_blocks:
+            block.compile()
+    model.train()
+    return model, meta
+
+
+def canonical_name(name: str) -> str:
+    """Parameter name without compile wrappers or PEFT's adapter name, as stored in checkpoints."""
+    return name.replace("_orig_mod.", "").replace(".default", "")
+
+
+def model_file_state(accelerator, model, ema, args, lora_meta):
+    """What goes into model/iter_*.pt: gathered full weights (all processes call; main writes)."""
+    from peft.utils import get_peft_model_state_dict
+
+    full = accelerator.get_state_dict(model)  # gathers FSDP shards; strips wrappers
+    ema_state = ema.state_dict() if ema is not None else None
+    if not accelerator.is_main_process:
+        return None
+    if args.train_architecture == "lora":
+        adapter = get_peft_model_state_dict(accelerator.unwrap_model(model), state_dict=full)
+        return ckpt.lora_model_state(adapter, ema_state, lora_meta)
+    full = {k.replace("_orig_mod.", ""): v for k, v in full.items()}
+    return ckpt.full_model_state(full, ema_state)
+
+
+def encode_validation_prompts(args, device):
+    """Validation prompt embeddings, computed once; the T5 is freed right after."""
+    from cosmos_t2i.t5 import encode_prompts, load_text_encoder, pad_embedding
+    tokenizer, encoder = load_text_encoder(args.text_encoder, device,
+                                           torch.bfloat16 if device.type == "cuda" else torch.float32)
+    arrays = encode_prompts(tokenizer, encoder, list(args.validation_prompts))
+    del encoder
+    return torch.stack([pad_embedding(a)[0] for a in arrays])
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
+    validate(args, parser)
+    if args.dryrun:
+        print(to_yaml(args))
+        return
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from cosmos_t2i.data import ImageDataset
+    from cosmos_t2i.ema import PowerEMA
+    from cosmos_t2i.flow import draw_training_randomness, flow_loss
+    from cosmos_t2i.models import encode_images, load_vae
+    from cosmos_t2i.schedule import make_optimizer, make_scheduler
+
+    ckpt_dir = ckpt.checkpoint_dir(args.output_root, args.project, args.group, args.name)
+    run_dir = ckpt_dir.parent
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=str(run_dir),
+                              log_with=None if args.report_to == "none" else args.report_to)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    set_seed(args.seed + accelerator.process_index)
+    device = accelerator.device
+
+    # Resume bookkeeping first: a finished run exits before loading anything.
+    start_iter = latest = ckpt.latest_iteration(ckpt_dir)
+    start_iter = start_iter or 0
+    if start_iter >= args.max_iter:
+        accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
+        return
+    saved_config_path = run_dir / "config.yaml"
+    if latest is not None and saved_config_path.exists():
+        import yaml
+        saved = yaml.safe_load(saved_config_path.read_text())
+        now = yaml.safe_load(to_yaml(args))
+        changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k] and k not in ("config", "dryrun")}
+        fatal = {k: v for k, v in changed.items() if k in SHAPE_KEYS}
+        if fatal:
+            raise SystemExit(f"{run_dir}: cannot resume with a different model or data shape: "
+                             + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in fatal.items())
+                             + ". Use a new --name, or restore the original flags.")
+        if changed:
+            logger.warning("resuming with changed settings: %s",
+                           "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+
+    dataset = ImageDataset(args.dataset_dir, tuple(args.image_size), args.resize_mode, args.skip_incomplete)
+    global_batch = args.batch_size * accelerator.num_processes
+    if len(dataset) < global_batch:
+        raise SystemExit(f"{args.dataset_dir}: {len(dataset)} samples, fewer than one global batch "
+                         f"({args.batch_size} x {accelerator.num_processes} processes).")
+    if len(dataset) % global_batch:
+        logger.info("each epoch drops the last %d samples (incomplete global batch of %d)",
+                    len(dataset) % global_batch, global_batch)
+    sampler = ResumableBatchSampler(len(dataset), args.batch_size, accelerator.process_index,
+                                    accelerator.num_processes, args.seed, start_iter * args.grad_accum)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda", collate_fn=collate,
+                                         persistent_workers=args.num_workers > 0)
+
+    vae = load_vae(args.vae_path, torch.bfloat16, device)
+    model, lora_meta = build_transformer(args, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, args, device.type)
+    scheduler = make_scheduler(optimizer, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = PowerEMA([(canonical_name(n), p) for n, p in unwrapped.named_parameters() if p.requires_grad],
+                   args.ema_rate) if args.ema else None
+    n_trainable = sum(p.numel() for p in params)
+    logger.info("model %s (%s): %.1fM trainable parameters; %d samples; global batch %d x %d accumulation",
+                args.model_size, args.train_architecture, n_trainable / 1e6, len(dataset), global_batch,
+                args.grad_accum)
+
+    if latest is not None:
+        state = ckpt.load_part(ckpt_dir, "trainer", latest)
+        optim_file = ckpt.load_part(ckpt_dir, "optim", latest)
+        optimizer.load_state_dict(optim_file["optimizer"])
+        scheduler.load_state_dict(ckpt.load_part(ckpt_dir, "scheduler", latest))
+        master = {canonical_name(n): n for n, p in unwrapped.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            named = dict(unwrapped.named_parameters())
+            for name, value in optim_file["master_weights"].items():
+                named[master[name]].copy_(value)
+        if ema is not None:
+            ema.load_state_dict(ckpt.ema_from_model_file(ckpt.load_part(ckpt_dir, "model", latest)))
+        torch.set_rng_state(state["rng"]["torch"])
+        logger.info("resumed from %s at iteration %d", ckpt_dir, latest)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(saved_config_path, to_yaml(args))
+    accelerator.init_trackers(args.name, config={k: str(v) for k, v in vars(args).items()})
+
+    validation = encode_validation_prompts(args, device) if args.validation_prompts else None
+    data_iter = iter(loader)
+    bar = tqdm(total=args.max_iter, initial=start_iter, desc="train", disable=not accelerator.is_main_process)
+    nonfinite_run = skipped = 0
+    window_start, window_iters = time.perf_counter(), 0
+    for iteration in range(start_iter + 1, args.max_iter + 1):
+        tick = time.perf_counter()
+        total_loss = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            batch = next(data_iter)
+            latents = encode_images(vae, batch["images"].to(device, non_blocking=True))
+            first = micro * global_batch + accelerator.process_index * args.batch_size
+            sigma, noise, keep = draw_training_randomness(args.seed, iteration, range(first, first + args.batch_size),
+                                                          latents.shape[1:], args.caption_dropout)
+            with accelerator.autocast():
+                loss = flow_loss(model, latents, batch["t5_text_embeddings"].to(device), sigma.to(device),
+                                 noise.to(device), keep.to(device), batch["padding_mask"].to(device),
+                                 args.loss_scale)
+            if micro < args.grad_accum - 1:
+                with accelerator.no_sync(model):
+                    accelerator.backward(loss / args.grad_accum)
+            else:
+                accelerator.backward(loss / args.grad_accum)
+            total_loss += loss.detach() / args.grad_accum
+        mean_loss = accelerator.reduce(total_loss, reduction="mean")
+        if not torch.isfinite(mean_loss):  # the same decision on every process: no deadlock
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
+            logger.warning("iteration %d: non-finite loss, step skipped (%d in a row)", iteration, nonfinite_run)
+            if nonfinite_run >= args.max_nonfinite:
+                raise SystemExit(f"{nonfinite_run} non-finite losses in a row: stopping. The last checkpoint in "
+                                 f"{ckpt_dir} is intact; lower --lr or check the data.")
+            continue
+        nonfinite_run = 0
+        for p in params:  # NVIDIA's GradClip(force_finite=True)
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        grad_norm = accelerator.clip_grad_norm_(params, args.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(iteration)
+
+        window_iters += 1
+        bar.update(1)
+        if iteration - start_iter <= args.hit_thres or iteration % args.logging_iter == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            loss_value, lr = mean_loss.item(), scheduler.get_last_lr()[0]
+            elapsed = time.perf_counter() - (tick if iteration - start_iter <= args.hit_thres else window_start)
+            per_iter = elapsed / (1 if iteration - start_iter <= args.hit_thres else window_iters)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / per_iter:.2f}",
+                            samples_s=f"{global_batch * args.grad_accum / per_iter:.2f}")
+            logger.info("iter %d loss %.5f lr %.3e grad_norm %.3f iter_speed %.3f s/iter", iteration, loss_value, lr,
+                        float(grad_norm), per_iter)
+            accelerator.log({"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "sec_per_iter": per_iter,
+                             "skipped_steps": skipped}, step=iteration)
+            window_start, window_iters = time.perf_counter(), 0
+
+        if validation is not None and iteration % args.validation_iter == 0:
+            from cosmos_t2i.pipeline import save_validation_images
+            with ema.applied() if ema is not None else contextlib.nullcontext():
+                save_validation_images(accelerator, accelerator.unwrap_model(model), vae, validation,
+                                       args, iteration, run_dir / "validation")
+
+        if iteration % args.save_iter == 0 or iteration == args.max_iter:
+            model_state = model_file_state(accelerator, model, ema, args, lora_meta)
+            # fp32 master weights of what trains live in the optim file (the model file's net.* is bf16)
+            optim_state = {"optimizer": optimizer.state_dict(),
+                           "master_weights": {canonical_name(n): p.detach().float().cpu()
+                                              for n, p in unwrapped.named_parameters() if p.requires_grad}}
+            if accelerator.is_main_process:
+                trainer_state = {
+                    "iteration": iteration, "skipped_steps": skipped,
+                    "data_position": {"global_batch_step": iteration * args.grad_accum,
+                                      "batches_per_epoch": sampler.per_epoch},
+                    "rng": {"torch": torch.get_rng_state()},
+                }
+                ckpt.save_checkpoint(ckpt_dir, iteration, {"model": model_state, "optim": optim_state,
+                                                           "scheduler": scheduler.state_dict(),
+                                                           "trainer": trainer_state}, args.keep_last)
+                logger.info("saved checkpoint %s", ckpt_dir / "model" / ckpt.iter_name(iteration))
+            accelerator.wait_for_everyone()
+    bar.close()
+    accelerator.end_training()
+    if skipped:
+        logger.warning("%d steps were skipped for non-finite losses", skipped)
+
+
+if __name__ == "__main__":
+    main()
