@@ -71,6 +71,9 @@ def read_captions(dataset: Path, prompt: str | None) -> dict[str, str]:
 
 
 def main(argv=None):
+    from cosmos_t2i.models import quiet_library_logs
+
+    quiet_library_logs()
     args = parse_args(argv)
     from accelerate import PartialState
 

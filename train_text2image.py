@@ -216,6 +216,9 @@ def encode_validation_prompts(args, device):
 
 
 def main(argv=None):
+    from cosmos_t2i.models import quiet_library_logs
+
+    quiet_library_logs()
     parser = build_parser()
     args = parse_with_config(parser, argv)
     validate(args, parser)

@@ -1,6 +1,7 @@
 """The seed's checkpoint layout, atomic writes, keep-last, resume, and the model-file formats (DESIGN.md)."""
 
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -28,6 +29,10 @@ def atomic_save(obj, path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
+            if os.environ.get("COSMOS_T2I_DIE_DURING_SAVE") == path.parent.name:  # fault injection for tests
+                f.write(b"partial")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

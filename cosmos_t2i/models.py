@@ -39,15 +39,32 @@ _RENAMES = [
 _NON_WEIGHT = re.compile(r"(^|\.)(pos_embedder\.|accum_|logvar)|\._extra_state$")
 
 
+_DIFFUSERS_TOP = ("transformer_blocks.", "time_embed.", "patch_embed.", "norm_out.", "proj_out.")
+_NVIDIA_TOP = ("blocks.", "t_embedder.", "t_embedding_norm.", "x_embedder.", "final_layer.")
+
+
+def quiet_library_logs() -> None:
+    """Silence library chatter that is not actionable for our users (dtype-cast notes, optional kernels)."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()
+
+
 def nvidia_to_diffusers_key(key: str) -> str:
-    """`blocks.0.self_attn.q_proj.weight` -> `transformer_blocks.0.attn1.to_q.weight`."""
+    """`blocks.0.self_attn.q_proj.weight` -> `transformer_blocks.0.attn1.to_q.weight` (diffusers keys unchanged)."""
+    if key.startswith(_DIFFUSERS_TOP):
+        return key
     for old, new in _RENAMES:
         key = key.replace(old, new)
     return key
 
 
 def diffusers_to_nvidia_key(key: str) -> str:
-    """Inverse of nvidia_to_diffusers_key."""
+    """Inverse of nvidia_to_diffusers_key (NVIDIA keys unchanged)."""
+    if key.startswith(_NVIDIA_TOP):
+        return key
     for old, new in reversed(_RENAMES):
         key = key.replace(new, old)
     return key

@@ -1,0 +1,157 @@
+"""Notebook API: load once, generate many times, get PIL images back.
+
+    from cosmos_t2i.pipeline import CosmosText2Image
+    pipe = CosmosText2Image.from_pretrained(dit_path="model.pt", model_size="2B", vae_path="tokenizer.pth",
+                                            text_encoder="google-t5/t5-11b")
+    images = pipe(["a robot arm stacking red cubes"], seed=0)
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import flow
+from .models import decode_latents, load_transformer, load_vae, read_weights
+
+SAMPLERS = ("ab2", "euler")
+
+
+def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_scale=1.0, base_dit_path=None,
+             dtype=torch.bfloat16, device="cpu"):
+    """The DiT from any accepted form, with LoRA adapters merged in. Returns (model, description)."""
+    from .checkpoint import is_lora_file, resolve_model_file
+    from .lora import adapter_from_state, merge_adapter, read_lora
+
+    path = Path(dit_path) if dit_path else None
+    if path is not None and path.is_dir() and not (path / "config.json").exists() and not (
+            path / "transformer").is_dir():
+        path = resolve_model_file(path)  # a training run folder: its latest model file
+    adapters = []
+    if path is not None and path.is_file() and path.suffix in (".pt", ".pth", ".safetensors"):
+        state = read_weights(path)
+        if is_lora_file(state):
+            meta = state.get("lora_metadata") or {}
+            base = base_dit_path or meta.get("base_path")
+            if not base or base == "None":
+                raise ValueError(f"{path} is a LoRA adapter without a recorded base: pass --base_dit_path.")
+            if not Path(base).exists():
+                raise FileNotFoundError(f"{path}: its base weights {base} are not there; pass --base_dit_path.")
+            model_size = model_size or meta.get("model_size")
+            adapters.append((adapter_from_state(state, meta.get("alpha"), load_ema, path), 1.0))
+            path, load_ema = Path(base), False
+    model = load_transformer(str(path) if path else None, model_size, load_ema, torch.float32, "cpu")
+    if lora_path:
+        adapters.append((read_lora(lora_path, use_ema=False)[0], lora_scale))
+    for adapter, scale in adapters:
+        merge_adapter(model, adapter, scale)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class CosmosText2Image:
+    """Transformer + VAE (+ optional T5) with NVIDIA's sampler; call with prompts to get PIL images."""
+
+    def __init__(self, transformer, vae, tokenizer=None, text_encoder=None, device="cpu"):
+        self.transformer, self.vae = transformer, vae
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, dit_path=None, vae_path=None, text_encoder=None, model_size=None, load_ema=False,
+                        lora_path=None, lora_scale=1.0, base_dit_path=None, device=None, dtype=torch.bfloat16,
+                        text_encoder_dtype=None, compile=False):
+        """Load every part; `text_encoder=None` means prompts come as embeddings (see `embeddings=`)."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if vae_path is None:
+            raise ValueError("Pass vae_path: a diffusers AutoencoderKLWan folder or NVIDIA's tokenizer.pth.")
+        transformer = load_dit(dit_path, model_size, load_ema, lora_path, lora_scale, base_dit_path, dtype, device)
+        if compile:
+            for block in transformer.transformer_blocks:
+                block.compile()
+        vae = load_vae(vae_path, dtype, device)
+        tokenizer = encoder = None
+        if text_encoder:
+            from .t5 import load_text_encoder
+            tokenizer, encoder = load_text_encoder(text_encoder, device, text_encoder_dtype or (
+                torch.bfloat16 if device.type == "cuda" else torch.float32))
+        return cls(transformer, vae, tokenizer, encoder, device)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> zero-padded T5 embeddings [B, 512, 1024] (fp32), exactly as the training data."""
+        from .t5 import encode_prompts, pad_embedding
+        if self.text_encoder is None:
+            raise ValueError("This pipeline has no text encoder (it was offloaded or never loaded): pass "
+                             "embeddings=, or load with text_encoder=.")
+        arrays = encode_prompts(self.tokenizer, self.text_encoder, list(prompts))
+        return torch.stack([pad_embedding(a)[0] for a in arrays])
+
+    def offload_text_encoder(self) -> None:
+        """Free the T5 (encode every prompt first): peak memory becomes the max of the two phases, not the sum."""
+        self.text_encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def sample_latents(self, embeddings, negative_embeddings=None, seeds=(0,), height=768, width=1360,
+                       guidance=4.0, num_steps=35, sampler="ab2", distill_steps=None, progress=None):
+        """Normalised latents [B,16,1,H/8,W/8] for embeddings [B,512,1024]; one seed per image."""
+        if height % 16 or width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}.")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        cond = embeddings.to(self.device)
+        uncond = negative_embeddings.to(self.device) if negative_embeddings is not None else torch.zeros_like(cond)
+        shape = (1, self.transformer.config.in_channels, 1, height // 8, width // 8)
+        x = torch.cat([flow.initial_noise(int(s), shape) for s in seeds]).to(self.device) * flow.SIGMA_MAX
+        padding_mask = torch.zeros(1, 1, height, width, device=self.device)
+        if distill_steps:
+            denoise = flow.make_denoiser(self.transformer, cond, None, 0.0, padding_mask)
+            return flow.sample_distilled(denoise, x, distill_steps, int(seeds[0]), progress)
+        if sampler == "euler":  # diffusers' Cosmos2TextToImagePipeline, step for step
+            denoise = flow.make_denoiser(self.transformer, cond, uncond, guidance, padding_mask,
+                                         x0_dtype=self.transformer.dtype)
+            return flow.sample_euler(denoise, x, flow.euler_sigmas(num_steps).to(self.device), progress)
+        denoise = flow.make_denoiser(self.transformer, cond, uncond, guidance, padding_mask)
+        return flow.sample_ab2(denoise, x, flow.karras_sigmas(num_steps), progress)
+
+    def decode(self, latents) -> list[Image.Image]:
+        """Latents -> PIL images."""
+        images = decode_latents(self.vae, latents)
+        pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+
+    def __call__(self, prompts, negative_prompt=None, seed=0, height=768, width=1360, guidance=4.0, num_steps=35,
+                 sampler="ab2", distill_steps=None, embeddings=None, negative_embeddings=None, progress=None):
+        """Generate one image per prompt (image i uses seed + i). Returns a list of PIL images."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if embeddings is None:
+            embeddings = self.encode(prompts)
+        if negative_embeddings is None and negative_prompt:
+            negative_embeddings = self.encode([negative_prompt]).expand(len(embeddings), -1, -1)
+        seeds = [seed + i for i in range(len(embeddings))]
+        latents = self.sample_latents(embeddings, negative_embeddings, seeds, height, width, guidance, num_steps,
+                                      sampler, distill_steps, progress)
+        return self.decode(latents)
+
+
+def save_validation_images(accelerator, transformer, vae, embeddings, args, iteration, out_dir) -> None:
+    """Sample the validation prompts (main process), save them and log them to the tracker."""
+    if not accelerator.is_main_process:
+        return
+    was_training = transformer.training
+    transformer.eval()
+    pipe = CosmosText2Image(transformer, vae, device=accelerator.device)
+    height, width = args.image_size
+    with accelerator.autocast():
+        images = pipe(None, embeddings=embeddings, height=height, width=width, num_steps=args.validation_steps,
+                      seed=args.seed)
+    transformer.train(was_training)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, (image, prompt) in enumerate(zip(images, args.validation_prompts)):
+        image.save(out_dir / f"iter_{iteration:09d}_{i}.jpg")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), iteration,
+                                      dataformats="NHWC")

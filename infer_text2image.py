@@ -1,0 +1,146 @@
+"""Generate images with Cosmos-Predict2 Text2Image from any checkpoint: NVIDIA's, yours, full or LoRA.
+
+    python infer_text2image.py --model_size 2B --dit_path checkpoints/posttraining/text2image/2b_custom_data \\
+        --load_ema --vae_path tokenizer.pth --prompt "A descriptive prompt for physical AI." \\
+        --save_path output/generated_image.jpg
+
+The default sampler is NVIDIA's (RES/Adams-Bashforth 2, 35 steps, guidance 4, numpy-seeded noise, so a seed
+gives NVIDIA's image); `--sampler euler` reproduces diffusers' Cosmos2TextToImagePipeline. Beside each image a
+.txt records prompt, negative prompt, seed and settings.
+"""
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cosmos_t2i.config import parse_with_config
+from cosmos_t2i.registry import MODEL_SIZES, RESOLUTIONS, image_size_for
+
+logger = logging.getLogger("infer")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--config", help="YAML file with any of these flags")
+    a("--model_size", choices=list(MODEL_SIZES), default=None,
+      help="needed for bare weight files (.pt/.safetensors); a diffusers folder's config.json decides otherwise")
+    a("--dit_path", help="NVIDIA model.pt/.safetensors, a training run folder or its model/iter_*.pt (full or "
+                         "LoRA), NVIDIA LoRA checkpoints, or a diffusers transformer folder")
+    a("--load_ema", action="store_true", help="use the EMA weights (net_ema.*) of a post-training checkpoint")
+    a("--base_dit_path", help="base weights for a LoRA checkpoint whose recorded base is elsewhere")
+    a("--lora_path", help="an extra LoRA (ours, diffusers adapter folder, or ComfyUI safetensors) merged in")
+    a("--lora_scale", type=float, default=1.0)
+    a("--vae_path", required=False, help="diffusers AutoencoderKLWan folder or NVIDIA tokenizer/tokenizer.pth")
+    a("--text_encoder", default="google-t5/t5-11b", help="T5 encoder (hub id or local folder)")
+    a("--prompt", help="text prompt")
+    a("--negative_prompt", default=None, help="default: none, i.e. a zero text embedding (as NVIDIA)")
+    a("--batch_input_json", help="JSON list of {prompt, output_image} (NVIDIA's batch mode)")
+    a("--save_path", default="output/generated_image.jpg", help=".jpg or .png (.mp4 is written as .jpg)")
+    a("--aspect_ratio", choices=["1:1", "4:3", "3:4", "16:9", "9:16"], default="16:9")
+    a("--resolution", choices=list(RESOLUTIONS), default="1024")
+    a("--height", type=int, help="override the table's height (multiple of 16)")
+    a("--width", type=int, help="override the table's width (multiple of 16)")
+    a("--guidance", type=float, default=4.0, help="x0 = cond + g * (cond - uncond) (NVIDIA's convention)")
+    a("--num_steps", type=int, default=35)
+    a("--sampler", choices=["ab2", "euler"], default="ab2")
+    a("--distill_steps", type=int, choices=[1, 2, 3, 4], help="NVIDIA's distilled 0.6B mode (no guidance)")
+    a("--seed", type=int, default=0)
+    a("--num_images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    a("--dtype", choices=list(DTYPES), default="bf16")
+    a("--compile", action="store_true", help="torch.compile each transformer block")
+    a("--offload_text_encoder", action="store_true", help="encode all prompts, free the T5, then sample")
+    a("--disable_guardrail", action="store_true", help="accepted for NVIDIA compatibility (there is no guardrail)")
+    a("--offload_guardrail", action="store_true", help="accepted for NVIDIA compatibility")
+    return p
+
+
+def resolve_jobs(args, parser) -> list[dict]:
+    """[{prompt, path}] from --prompt/--save_path or --batch_input_json; checks happen before loading models."""
+    if args.batch_input_json:
+        path = Path(args.batch_input_json)
+        try:
+            items = json.loads(path.read_text())
+            jobs = [{"prompt": str(i["prompt"]), "path": Path(i["output_image"])} for i in items]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--batch_input_json {path}: expected a JSON list of {{prompt, output_image}} ({e})")
+    elif args.prompt:
+        jobs = [{"prompt": args.prompt, "path": Path(args.save_path)}]
+    else:
+        parser.error("give --prompt (with --save_path) or --batch_input_json.")
+    for job in jobs:
+        suffix = job["path"].suffix.lower()
+        if suffix in (".mp4", ".avi", ".mov", ".gif"):
+            logger.warning("%s: Text2Image writes images; saving %s instead", job["path"],
+                           job["path"].with_suffix(".jpg"))
+            job["path"] = job["path"].with_suffix(".jpg")
+        elif suffix not in (".jpg", ".jpeg", ".png", ".webp"):
+            parser.error(f"{job['path']}: unsupported extension; use .jpg or .png.")
+    if args.num_images > 1:
+        jobs = [{"prompt": j["prompt"], "path": j["path"].with_name(f"{j['path'].stem}_{i}{j['path'].suffix}"),
+                 "index": i} for j in jobs for i in range(args.num_images)]
+    return jobs
+
+
+def main(argv=None):
+    from cosmos_t2i.models import quiet_library_logs
+
+    quiet_library_logs()
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    jobs = resolve_jobs(args, parser)
+    height, width = image_size_for(args.resolution, args.aspect_ratio)
+    height, width = args.height or height, args.width or width
+    if height % 16 or width % 16:
+        parser.error(f"--height/--width must be multiples of 16, got {height}x{width}.")
+    if not args.vae_path:
+        parser.error("--vae_path is required (diffusers AutoencoderKLWan folder or NVIDIA tokenizer.pth).")
+    if not args.dit_path and not args.model_size:
+        parser.error("--dit_path is required (or --model_size alone for a randomly initialised model).")
+    for flag in ("dit_path", "vae_path", "lora_path", "base_dit_path"):
+        value = getattr(args, flag)
+        if value and not Path(value).exists() and not (flag == "dit_path" and value.count("/") == 1):
+            parser.error(f"--{flag} {value}: no such file or folder.")
+
+    from cosmos_t2i.pipeline import CosmosText2Image
+
+    start = time.perf_counter()
+    pipe = CosmosText2Image.from_pretrained(
+        dit_path=args.dit_path, vae_path=args.vae_path, text_encoder=args.text_encoder, model_size=args.model_size,
+        load_ema=args.load_ema, lora_path=args.lora_path, lora_scale=args.lora_scale,
+        base_dit_path=args.base_dit_path, dtype=DTYPES[args.dtype], compile=args.compile)
+    logger.info("loaded in %.1f s on %s", time.perf_counter() - start, pipe.device)
+
+    prompts = sorted({j["prompt"] for j in jobs})
+    embedded = dict(zip(prompts, pipe.encode(prompts)))
+    negative = pipe.encode([args.negative_prompt])[0] if args.negative_prompt else None
+    if args.offload_text_encoder:
+        pipe.offload_text_encoder()
+
+    for job in tqdm(jobs, desc="images", disable=len(jobs) == 1):
+        seed = args.seed + job.get("index", 0)
+        bar = tqdm(total=args.distill_steps or args.num_steps, desc="sampling", leave=False)
+        latents = pipe.sample_latents(embedded[job["prompt"]][None], None if negative is None else negative[None],
+                                      [seed], height, width, args.guidance, args.num_steps, args.sampler,
+                                      args.distill_steps, progress=lambda: bar.update(1))
+        bar.close()
+        image = pipe.decode(latents)[0]
+        job["path"].parent.mkdir(parents=True, exist_ok=True)
+        image.save(job["path"])
+        settings = {k: getattr(args, k) for k in ("dit_path", "load_ema", "lora_path", "lora_scale", "guidance",
+                                                  "num_steps", "sampler", "distill_steps", "dtype")}
+        job["path"].with_suffix(".txt").write_text(
+            f"prompt: {job['prompt']}\nnegative_prompt: {args.negative_prompt or ''}\nseed: {seed}\n"
+            f"size: {width}x{height}\n" + "".join(f"{k}: {v}\n" for k, v in settings.items()))
+        logger.info("saved %s", job["path"])
+
+
+if __name__ == "__main__":
+    main()

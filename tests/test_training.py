@@ -1,0 +1,292 @@
+"""train_text2image.py: objective, EMA, schedule, validation, checkpoints, resume, LoRA, multi-process."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i.ema import power_ema_beta, power_ema_gamma
+from cosmos_t2i.flow import draw_training_randomness, flow_loss
+from cosmos_t2i.schedule import lambda_linear
+
+import train_text2image  # noqa: E402
+
+
+def tiny_args(bundle, out, *extra):
+    """Command-line for a short tiny run on the session bundle."""
+    return ["train_text2image.py", "--model_size", "tiny", "--dit_path", bundle / "models" / "transformer",
+            "--vae_path", bundle / "models" / "vae", "--dataset_dir", bundle / "dataset", "--image_size", "64", "64",
+            "--batch_size", "4", "--num_workers", "0", "--mixed_precision", "no", "--lr", "1e-3",
+            "--scheduler", "constant", "--report_to", "none", "--output_root", out, "--name", "t",
+            "--logging_iter", "1", "--hit_thres", "0", *map(str, extra)]
+
+
+def losses_of(output: str) -> dict[int, float]:
+    return {int(i): float(v) for i, v in re.findall(r"iter (\d+) loss ([-\d.eE+naif]+)", output)}
+
+
+def load_model_file(out, iteration, name="t"):
+    return ckpt.load_part(ckpt.checkpoint_dir(out, "posttraining", "text2image", name), "model", iteration)
+
+
+# ---------------------------------------------------------------- objective
+def reference_loss(net, x0, text, sigma, eps, keep, loss_scale=10.0):
+    """NVIDIA's form, written independently: EDM x = x0 + sigma*eps, c_in/c_skip/c_out, (1+s)^2/s^2 x0 loss."""
+    total = 0.0
+    for i in range(x0.shape[0]):
+        s = float(sigma[i])
+        t = s / (1 + s)
+        x_edm = x0[i:i + 1] + s * eps[i:i + 1]
+        out = net(hidden_states=(1 - t) * x_edm, timestep=torch.tensor([t]), encoder_hidden_states=text[i:i + 1] *
+                  float(keep[i]), padding_mask=torch.zeros(1, 1, 64, 64)).sample
+        x0_pred = (1 - t) * x_edm - t * out
+        total += ((1 + s) ** 2 / s ** 2 * (x0[i:i + 1] - x0_pred) ** 2).mean()
+    return total / x0.shape[0] * loss_scale
+
+
+def test_flow_loss_matches_nvidia_reference(tiny_bundle):
+    from diffusers import CosmosTransformer3DModel
+    net = CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").double()
+    torch.manual_seed(0)
+    x0, text = torch.randn(3, 16, 1, 8, 8).double(), torch.randn(3, 512, 1024).double()
+    sigma, eps, keep = draw_training_randomness(0, 5, range(3), x0.shape[1:], 0.5)
+    keep = torch.tensor([1.0, 0.0, 1.0])
+    ours = flow_loss(net, x0, text, sigma.double(), eps.double(), keep.double(), torch.zeros(3, 1, 64, 64).double())
+    torch.testing.assert_close(ours.double(), reference_loss(net, x0, text, sigma, eps.double(), keep), rtol=1e-9,
+                               atol=1e-9)
+
+
+def test_randomness_depends_on_sample_not_process_split():
+    s_all, n_all, k_all = draw_training_randomness(7, 3, range(6), (16, 1, 4, 4), 0.2)
+    s_a, n_a, _ = draw_training_randomness(7, 3, range(0, 3), (16, 1, 4, 4), 0.2)
+    s_b, n_b, _ = draw_training_randomness(7, 3, range(3, 6), (16, 1, 4, 4), 0.2)
+    assert torch.equal(s_all, torch.cat([s_a, s_b])) and torch.equal(n_all, torch.cat([n_a, n_b]))
+    assert not torch.equal(draw_training_randomness(7, 4, range(6), (16, 1, 4, 4), 0.2)[1], n_all)
+    # statistics: log sigma ~ N(0,1), dropout ~ 20%
+    sig, _, keep = draw_training_randomness(0, 1, range(4000), (1,), 0.2)
+    assert abs(sig.log().mean()) < 0.06 and abs(sig.log().std() - 1) < 0.05 and abs(1 - keep.mean() - 0.2) < 0.02
+
+
+def test_power_ema_beta_matches_nvidia():
+    gamma = power_ema_gamma(0.1)
+    assert gamma == pytest.approx(6.937, abs=2e-3)
+    for n, beta in [(10, 0.469), (100, 0.924), (1000, 0.9921)]:
+        assert power_ema_beta(n, gamma) == pytest.approx(beta, abs=6e-4)
+
+
+def test_lambda_linear_schedule():
+    seed = dict(warm_up_steps=[0], cycle_lengths=[1000], f_start=[1e-6], f_max=[0.4], f_min=[0.0])
+    assert lambda_linear(0, **seed) == pytest.approx(0.4)
+    assert lambda_linear(500, **seed) == pytest.approx(0.2)
+    assert lambda_linear(1000, **seed) == pytest.approx(0.0)
+    two = dict(warm_up_steps=[10, 0], cycle_lengths=[100, 50], f_start=[0.0, 0.0], f_max=[1.0, 0.5],
+               f_min=[0.1, 0.0])
+    assert lambda_linear(0, **two) == 0.0 and lambda_linear(5, **two) == pytest.approx(0.5)
+    assert lambda_linear(10, **two) == pytest.approx(1.0)
+    assert lambda_linear(55, **two) == pytest.approx(0.1 + 0.9 * 45 / 90)
+    assert lambda_linear(100, **two) == pytest.approx(0.1)
+    assert lambda_linear(101, **two) == pytest.approx(0.5 * 49 / 50)  # restart: second cycle
+
+
+# ---------------------------------------------------------------- interface
+@pytest.mark.parametrize("flags, message", [
+    (["--max_iter", "2000"], "exceeds sum(--cycle_lengths)"),
+    (["--context_parallel_size", "2"], "context parallelism"),
+    (["--warm_up_steps", "0", "10"], "one value per cycle"),
+    (["--image_size", "100", "64"], "multiples of 16"),
+    (["--validation_prompts", "a cat"], "--validation_iter"),
+    (["--keep_last", "0"], "--keep_last"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--caption_dropout", "1.5"], "probability"),
+])
+def test_invalid_combinations_fail_before_loading(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train_text2image.main(["--dataset_dir", str(ROOT), "--vae_path", "nowhere", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_and_cli_precedence(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model_size: 14B\nlr: 0.5\nmax_iter: 200\n")
+    train_text2image.main(["--config", str(config), "--lr", "0.25", "--dryrun"])
+    out = capsys.readouterr().out
+    assert "model_size: 14B" in out and "lr: 0.25" in out and "max_iter: 200" in out
+    config.write_text("not_a_flag: 1\n")
+    with pytest.raises(SystemExit):
+        train_text2image.main(["--config", str(config), "--dryrun"])
+    assert "not_a_flag" in capsys.readouterr().err
+
+
+def test_seed_example_configs_parse(capsys):
+    for name in ("2b_custom_data.yaml", "14b_custom_data.yaml"):
+        train_text2image.main(["--config", str(ROOT / "examples" / name), "--dryrun"])
+        out = capsys.readouterr().out
+        assert "f_max:\n- 0.4" in out and "max_iter: 1000" in out and "save_iter: 500" in out
+
+
+# ---------------------------------------------------------------- training runs
+def test_training_learns_and_conditions_on_captions(tiny_bundle, tmp_path):
+    out = tmp_path / "ck"
+    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "150", "--save_iter", "150", "--no-ema"))
+    losses = list(losses_of(result.stderr).values())
+    assert len(losses) == 150
+    fifth = len(losses) // 5
+    first, last = sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
+    assert last < 0.8 * first, (first, last)
+
+    # sample each caption; the result must land nearer its own class's mean latent than the other's
+    from cosmos_t2i.data import ImageDataset
+    from cosmos_t2i.models import encode_images, load_vae
+    from cosmos_t2i.pipeline import CosmosText2Image
+    pipe = CosmosText2Image.from_pretrained(dit_path=str(out / "posttraining/text2image/t"), model_size="tiny",
+                                            vae_path=str(tiny_bundle / "models/vae"),
+                                            text_encoder=str(tiny_bundle / "models/text_encoder"), dtype=torch.float32)
+    data = ImageDataset(tiny_bundle / "dataset", (64, 64))
+    vae = load_vae(str(tiny_bundle / "models/vae"), torch.float32)
+    latents = encode_images(vae, torch.stack([data[i]["images"] for i in range(len(data))]))
+    classes = torch.tensor([int(s["name"][-1]) for s in data.samples])
+    means = [latents[classes == c].mean(0) for c in (0, 1)]
+    captions = ["a red circle on a blue background", "a yellow square on a green background"]
+    for c, caption in enumerate(captions):
+        sample = pipe.sample_latents(pipe.encode([caption] * 4), seeds=range(4), height=64, width=64, num_steps=20)
+        own, other = ((sample - means[c]) ** 2).mean(), ((sample - means[1 - c]) ** 2).mean()
+        assert own < other, (caption, own, other)
+
+
+def test_model_file_has_nvidia_keys_and_loads_in_diffusers_converter(tiny_bundle, tmp_path):
+    from diffusers import CosmosTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
+    out = tmp_path / "ck"
+    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "3", "--save_iter", "3"))
+    state = load_model_file(out, 3)
+    assert "net.blocks.0.self_attn.q_proj.weight" in state and "net_ema.final_layer.linear.weight" in state
+    assert state["net.blocks.0.mlp.layer1.weight"].dtype == torch.bfloat16
+    assert state["net_ema.blocks.0.mlp.layer1.weight"].dtype == torch.float32
+    net = {k: v for k, v in state.items() if k.startswith("net.")}
+    converted = convert_cosmos_transformer_checkpoint_to_diffusers(dict(net))
+    reference = CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").state_dict()
+    assert set(converted) == set(reference)
+    for f in ("optim", "scheduler", "trainer"):  # every file loads with weights_only=True
+        ckpt.load_part(ckpt.checkpoint_dir(out, "posttraining", "text2image", "t"), f, 3)
+
+
+def test_resume_is_exact_and_finished_run_exits(tiny_bundle, tmp_path):
+    straight, split = tmp_path / "a", tmp_path / "b"
+    full = run_script(*tiny_args(tiny_bundle, straight, "--max_iter", "8", "--save_iter", "4"))
+    run_script(*tiny_args(tiny_bundle, split, "--max_iter", "4", "--save_iter", "4"))
+    resumed = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "8", "--save_iter", "4"))
+    assert "resumed from" in resumed.stderr and "max_iter: 4 -> 8" in resumed.stderr
+    a, b = losses_of(full.stderr), losses_of(resumed.stderr)
+    assert [a[i] for i in range(5, 9)] == [b[i] for i in range(5, 9)]
+    for part in ("model", "optim"):
+        sa = ckpt.load_part(ckpt.checkpoint_dir(straight, "posttraining", "text2image", "t"), part, 8)
+        sb = ckpt.load_part(ckpt.checkpoint_dir(split, "posttraining", "text2image", "t"), part, 8)
+        flat_a, flat_b = _flatten(sa), _flatten(sb)
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            assert torch.equal(flat_a[k], flat_b[k]) if torch.is_tensor(flat_a[k]) else flat_a[k] == flat_b[k], k
+    again = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "8"))
+    assert "already finished" in again.stdout + again.stderr
+    changed = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "12", "--image_size", "32", "32"), check=False)
+    assert changed.returncode != 0 and "image_size" in changed.stderr
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        return {k2: v2 for k, v in obj.items() for k2, v2 in _flatten(v, f"{prefix}{k}.").items()}
+    if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], (dict, list, tuple)):
+        return {k2: v2 for i, v in enumerate(obj) for k2, v2 in _flatten(v, f"{prefix}{i}.").items()}
+    return {prefix: obj}
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
+    d = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(d, 10, {"model": {"w": torch.ones(2)}, "trainer": {"iteration": 10}})
+
+    class Exploding:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save_checkpoint(d, 20, {"model": {"w": torch.zeros(2)}, "trainer": Exploding()}, keep_last=1)
+    assert ckpt.latest_iteration(d) == 10
+    assert torch.equal(ckpt.load_part(d, "model", 10)["w"], torch.ones(2))
+    assert not list(d.rglob(".*tmp*"))  # no half-written file left behind
+    ckpt.save_checkpoint(d, 30, {"model": {"w": torch.zeros(2)}, "trainer": {}}, keep_last=1)
+    assert ckpt.latest_iteration(d) == 30 and not (d / "model" / ckpt.iter_name(10)).exists()
+
+
+def test_killed_during_save_leaves_a_usable_checkpoint(tiny_bundle, tmp_path):
+    """SIGKILL the trainer while it writes its second checkpoint; the first stays latest and resumes."""
+    out = tmp_path / "ck"
+    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2"))
+    env = dict(os.environ, COSMOS_T2I_DIE_DURING_SAVE="trainer")
+    died = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "2"), check=False, env=env)
+    assert died.returncode != 0
+    d = ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
+    assert ckpt.latest_iteration(d) == 2
+    resumed = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "2"))
+    assert "resumed from" in resumed.stderr and ckpt.latest_iteration(d) == 4
+
+
+def test_lora_trains_only_adapters_and_reloads(tiny_bundle, tmp_path):
+    from diffusers import CosmosTransformer3DModel
+    from cosmos_t2i.pipeline import load_dit
+    out = tmp_path / "ck"
+    run_script(*tiny_args(tiny_bundle, out, "--train_architecture", "lora", "--lora_rank", "4", "--lora_alpha", "8",
+                          "--max_iter", "6", "--save_iter", "6", "--lr", "1e-2"))
+    state = load_model_file(out, 6)
+    weights = [k for k in state if k != "lora_metadata"]
+    assert weights and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in weights)
+    assert "net.blocks.0.self_attn.q_proj.lora_A.weight" in state and "net.blocks.1.mlp.layer2.lora_B.weight" in state
+    assert "net_ema.blocks.0.cross_attn.output_proj.lora_B.weight" in state
+    meta = state["lora_metadata"]
+    assert meta["rank"] == 4 and meta["alpha"] == 8 and meta["base_fingerprint"]
+    # the base is untouched: master weights in the optim file hold only adapters
+    optim = ckpt.load_part(ckpt.checkpoint_dir(out, "posttraining", "text2image", "t"), "optim", 6)
+    assert all("lora_" in k for k in optim["master_weights"])
+
+    base = CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").eval()
+    loaded = load_dit(str(ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")), dtype=torch.float32)
+    # reference: the trained adapter through PEFT itself, unmerged
+    from peft import LoraConfig, set_peft_model_state_dict
+    trained = CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").eval()
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=ckpt.lora_target_modules(meta["target_modules"])))
+    set_peft_model_state_dict(trained, {k: v for k, v in optim["master_weights"].items()})
+    x, t, ctx = torch.randn(2, 16, 1, 8, 8), torch.tensor([0.3, 0.8]), torch.randn(2, 512, 1024)
+    pm = torch.zeros(1, 1, 64, 64)
+    with torch.no_grad():
+        y_loaded, y_trained, y_base = (m(x, t, ctx, padding_mask=pm).sample for m in (loaded, trained, base))
+    torch.testing.assert_close(y_loaded, y_trained, rtol=1e-4, atol=1e-5)
+    assert (y_loaded - y_base).abs().max() > 1e-3  # unlike NVIDIA's loader, the LoRA is really applied
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process on Linux")
+def test_two_processes_match_one(tiny_bundle, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--max_iter", "3", "--save_iter", "3", "--lr", "1e-4"]
+    single = run_script(*tiny_args(tiny_bundle, one, *common))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    args = tiny_args(tiny_bundle, two, *common)
+    args[args.index("--batch_size") + 1] = "2"  # 2 processes x 2 = the same global batch of 4
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                             "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", "29517", *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    a, b = losses_of(single.stderr), losses_of(result.stderr)
+    assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-5 * max(1, abs(a[i])) for i in a)
+    sa, sb = load_model_file(one, 3), load_model_file(two, 3)
+    for k in sa:
+        if k.startswith("net_ema."):
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-5)
+    ma, mb = (ckpt.load_part(ckpt.checkpoint_dir(o, "posttraining", "text2image", "t"), "optim", 3)["master_weights"]
+              for o in (one, two))
+    for k in ma:  # fp32 weights after 3 AdamW steps
+        torch.testing.assert_close(ma[k], mb[k], rtol=1e-5, atol=1e-5)
