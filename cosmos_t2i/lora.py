@@ -60,7 +60,7 @@ def read_lora(path, use_ema: bool = False):
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}
         if "lora_adapter_metadata" in header:
-            config = json.loads(header["lora_adapter_metadata"])
+            config = {k.removeprefix("transformer."): v for k, v in json.loads(header["lora_adapter_metadata"]).items()}
             alpha, metadata = config.get("lora_alpha"), {"rank": config.get("r"), "alpha": config.get("lora_alpha")}
     return adapter_from_state(state, alpha, use_ema, path), metadata
 
@@ -108,6 +108,8 @@ def save_diffusers_adapter(adapter: dict, folder) -> Path:
         tensors[f"transformer.{module}.lora_B.weight"] = entry["B"].contiguous()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # diffusers keeps pipeline-level adapters under the component prefix, metadata keys included
+    prefixed = {f"transformer.{k}": v for k, v in config.items()}
     save_file(tensors, str(folder / DIFFUSERS_FILE), metadata={"format": "pt",
-                                                               "lora_adapter_metadata": json.dumps(config)})
+                                                               "lora_adapter_metadata": json.dumps(prefixed)})
     return folder / DIFFUSERS_FILE

@@ -142,15 +142,18 @@ def merge_nvidia_lora(state: dict, alpha: float | None = None) -> dict:
     return out
 
 
-def check_keys(model_keys, loaded_keys, source) -> None:
-    """Strict key check with a readable list of what is missing and what is unknown."""
-    missing = sorted(set(model_keys) - set(loaded_keys))
-    unexpected = sorted(set(loaded_keys) - set(model_keys))
-    if missing or unexpected:
+def check_keys(model_state: dict, loaded: dict, source) -> None:
+    """Strict key and shape check with a readable list of what is missing, unknown or mis-shaped."""
+    missing = sorted(set(model_state) - set(loaded))
+    unexpected = sorted(set(loaded) - set(model_state))
+    wrong = sorted(f"{k} {tuple(loaded[k].shape)} vs {tuple(model_state[k].shape)}" for k in set(loaded) & set(
+        model_state) if tuple(loaded[k].shape) != tuple(model_state[k].shape))
+    if missing or unexpected or wrong:
         def show(keys):
             return ", ".join(keys[:6]) + (f" (and {len(keys) - 6} more)" if len(keys) > 6 else "")
         parts = [f"missing {len(missing)}: {show(missing)}" if missing else "",
-                 f"unexpected {len(unexpected)}: {show(unexpected)}" if unexpected else ""]
+                 f"unexpected {len(unexpected)}: {show(unexpected)}" if unexpected else "",
+                 f"wrong shape {len(wrong)} (file vs model): {show(wrong)}" if wrong else ""]
         raise ValueError(f"{source}: weights do not match the model ({'; '.join(p for p in parts if p)}). "
                          "Check --model_size, and that the file is a Cosmos-Predict2 Text2Image DiT.")
 
@@ -171,8 +174,26 @@ def load_transformer_weights(model, state: dict, source, load_ema: bool = False)
         state = merge_nvidia_lora(state)
     if not any(k.startswith("transformer_blocks.") for k in state):
         state = nvidia_to_diffusers(state, source)
-    check_keys(model.state_dict().keys(), state.keys(), source)
+    check_keys(model.state_dict(), state, source)
     model.load_state_dict(state, strict=True)
+
+
+def size_of_state(state: dict) -> str | None:
+    """The registry size whose width and depth match a state dict (any key layout), or None."""
+    from .registry import MODEL_SIZES
+
+    keys = [nvidia_to_diffusers_key(k.split(".", 1)[1] if k.startswith(("net.", "net_ema.")) else k) for k in state]
+    weights = dict(zip(keys, state.values()))
+    embed = weights.get("patch_embed.proj.weight")
+    if embed is None:
+        return None
+    depth = len({k.split(".")[1] for k in keys if k.startswith("transformer_blocks.")})
+    for name in MODEL_SIZES:
+        config = transformer_config(name)
+        if config["num_layers"] == depth and \
+                config["num_attention_heads"] * config["attention_head_dim"] == embed.shape[0]:
+            return name
+    return None
 
 
 def load_transformer(dit_path: str | None, model_size: str | None = None, load_ema: bool = False,
@@ -190,15 +211,21 @@ def load_transformer(dit_path: str | None, model_size: str | None = None, load_e
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{path}: not a diffusers transformer folder (no config.json). For a training "
                                     "run directory, pass its model/iter_*.pt file.")
+        if load_ema:
+            raise ValueError(f"{path}: --load_ema was given but a diffusers folder holds no EMA weights (one set "
+                             "only). Drop --load_ema, or export the EMA weights with --load_ema.")
         model = CosmosTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype)
         check_size_matches(model_size, dict(model.config), str(folder / "config.json"))
         return model.to(device)
     if path.suffix in (".pt", ".pth", ".safetensors", ".bin"):
+        state = read_weights(path)
         if model_size is None:
-            raise ValueError(f"{path} is a bare weight file: pass --model_size ({', '.join(['0.6B', '2B', '14B'])}"
-                             ", or tiny) so the model shape is known.")
+            model_size = size_of_state(state)
+            if model_size is None:
+                raise ValueError(f"{path} is a bare weight file whose shape matches no known size: pass "
+                                 "--model_size (0.6B, 2B, 14B or tiny).")
         model = new_transformer(model_size, torch.float32, "cpu")
-        load_transformer_weights(model, read_weights(path), path, load_ema)
+        load_transformer_weights(model, state, path, load_ema)
         return model.to(device=device, dtype=dtype)
     if path.exists() or "/" not in dit_path:
         raise FileNotFoundError(f"{dit_path}: not a file or folder this loader knows (.pt, .safetensors, or a "
@@ -240,7 +267,7 @@ def load_vae(vae_path: str, dtype=torch.bfloat16, device="cpu"):
         state = convert_wan_vae_to_diffusers(state) if not any(k.startswith("encoder.conv_in") for k in state) \
             else state
         vae = AutoencoderKLWan()  # the default config is Wan2.1's
-        check_keys(vae.state_dict().keys(), state.keys(), path)
+        check_keys(vae.state_dict(), state, path)
         vae.load_state_dict(state)
         vae = vae.to(dtype)
     else:

@@ -1,0 +1,296 @@
+"""Sampling, checkpoint formats, LoRA, exports and the inference CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from PIL import Image
+
+from cosmos_t2i import flow
+from cosmos_t2i.checkpoint import atomic_save, full_model_state
+from cosmos_t2i.models import diffusers_to_nvidia, diffusers_to_nvidia_key
+from cosmos_t2i.pipeline import CosmosText2Image, load_dit
+
+
+@pytest.fixture(scope="module")
+def base(tiny_bundle):
+    from diffusers import CosmosTransformer3DModel
+    return CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").eval()
+
+
+@pytest.fixture(scope="module")
+def probe():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 16, 1, 8, 8, generator=g), torch.tensor([0.3, 0.8]), torch.randn(2, 512, 1024, generator=g)
+
+
+def outputs(model, probe):
+    x, t, ctx = probe
+    with torch.no_grad():
+        return model(x, t, ctx, padding_mask=torch.zeros(1, 1, 64, 64)).sample
+
+
+def assert_relative_close(actual, expected, tol=1e-2):
+    """‖a − e‖ / ‖e‖ below tol: the right measure for bf16-stored weights."""
+    error = ((actual - expected).norm() / expected.norm()).item()
+    assert error < tol, error
+
+
+def perturbed(base, scale=0.05, seed=1):
+    """A copy of the base model with every weight moved (stands in for trained weights)."""
+    import copy
+    model = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+# ---------------------------------------------------------------- key names and checkpoint forms
+def test_inverse_key_mapping_agrees_with_diffusers_converter(base):
+    from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
+    ours = base.state_dict()
+    nvidia = diffusers_to_nvidia(ours, "net.")
+    assert "net.blocks.1.adaln_modulation_cross_attn.2.weight" in nvidia and "net.x_embedder.proj.1.weight" in nvidia
+    nvidia["net.pos_embedder.seq"] = torch.arange(4.0)  # non-weight entries NVIDIA files carry
+    nvidia["net.accum_iteration"] = torch.tensor(3)
+    back = convert_cosmos_transformer_checkpoint_to_diffusers(dict(nvidia))
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+    for key in ours:
+        assert diffusers_to_nvidia_key(key) in {k[4:] for k in nvidia}
+
+
+@pytest.mark.parametrize("form", ["net_pt", "bare_pt", "safetensors", "post_training_ema", "nvidia_lora",
+                                  "diffusers_folder", "ours_full"])
+def test_every_checkpoint_form_loads_and_matches(form, base, probe, tmp_path):
+    trained = perturbed(base)
+    expected = outputs(trained, probe)
+    sd = trained.state_dict()
+    load_ema = False
+    if form == "net_pt":
+        path = tmp_path / "model.pt"
+        torch.save({**diffusers_to_nvidia(sd, "net."), "net.pos_embedder.seq": torch.zeros(3),
+                    "net.accum_video_sample_counter": torch.tensor(1)}, path)
+    elif form == "bare_pt":
+        path = tmp_path / "model.pt"
+        torch.save(diffusers_to_nvidia(sd), path)
+    elif form == "safetensors":
+        from safetensors.torch import save_file
+        path = tmp_path / "model.safetensors"
+        save_file(diffusers_to_nvidia(sd, "net."), str(path))
+    elif form == "post_training_ema":  # NVIDIA post-training: net.* = live weights, net_ema.* = EMA
+        path, load_ema = tmp_path / "iter_000001000.pt", True
+        torch.save({**diffusers_to_nvidia(base.state_dict(), "net."), **diffusers_to_nvidia(sd, "net_ema.")}, path)
+    elif form == "nvidia_lora":  # NVIDIA LoRA post-training: full state dict with PEFT keys
+        from peft import LoraConfig
+        lora = perturbed(base, seed=3)
+        lora.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0",
+                                                                       "ff.net.0.proj", "ff.net.2"]))
+        with torch.no_grad():
+            for n, p in lora.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        expected = outputs(lora, probe)
+        path = tmp_path / "lora_full.pt"
+        torch.save(diffusers_to_nvidia(lora.state_dict(), "net."), path)
+        assert any(k.endswith("q_proj.base_layer.weight") for k in torch.load(path))
+        assert any(k.endswith("q_proj.lora_A.default.weight") for k in torch.load(path))
+    elif form == "diffusers_folder":
+        path = tmp_path / "transformer"
+        trained.save_pretrained(path)
+    else:
+        path = tmp_path / "iter_000000010.pt"
+        atomic_save(full_model_state(base.state_dict(), sd), path)
+        load_ema = True
+    model = load_dit(str(path), "tiny" if form != "diffusers_folder" else None, load_ema, dtype=torch.float32)
+    torch.testing.assert_close(outputs(model, probe), expected, rtol=2e-4, atol=2e-5)
+
+
+def test_load_errors_are_clear(base, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(diffusers_to_nvidia(base.state_dict(), "net."), path)
+    with pytest.raises(ValueError, match="no EMA weights"):
+        load_dit(str(path), "tiny", load_ema=True)
+    assert load_dit(str(path), None) is not None  # the size is read off the weights' shapes
+    with pytest.raises(ValueError, match="missing 520.*wrong shape"):
+        load_dit(str(path), "2B")
+    sd = diffusers_to_nvidia(base.state_dict(), "net.")
+    sd["net.blocks.0.extra.weight"] = torch.zeros(1)
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match="blocks.0.extra.weight"):
+        load_dit(str(path), "tiny")
+    base.save_pretrained(tmp_path / "folder")
+    with pytest.raises(ValueError, match="does not hold a 2B model"):
+        load_dit(str(tmp_path / "folder"), "2B")
+
+
+# ---------------------------------------------------------------- samplers
+def gaussian_problem(mu=0.7, s=0.5):
+    """x0 ~ N(mu, s^2): exact EDM denoiser and exact probability-flow ODE solution."""
+    def denoise(x, sigma):
+        return mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu)
+
+    def exact(x_start, sigma_start, sigma_end):
+        return mu + math.sqrt(s ** 2 + sigma_end ** 2) / math.sqrt(s ** 2 + sigma_start ** 2) * (x_start - mu)
+    return denoise, exact
+
+
+def test_ab2_sampler_on_gaussian_data():
+    mu, s = 0.7, 0.5
+    denoise, exact = gaussian_problem(mu, s)
+    x = flow.initial_noise(0, (20000,)).double() * flow.SIGMA_MAX
+    samples = flow.sample_ab2(denoise, x.float(), flow.karras_sigmas(35))
+    assert abs(samples.mean() - mu) < 0.01 and abs(samples.std() - s) < 0.01
+    errors = []
+    for steps in (16, 32, 64):
+        sigmas = flow.karras_sigmas(steps)
+        target = denoise(exact(x, sigmas[0], sigmas[-1]), sigmas[-1])
+        got = flow.sample_ab2(lambda z, sig: denoise(z.double(), sig), x.float(), sigmas)
+        errors.append((got.double() - target).abs().max().item())
+    assert errors[0] / errors[1] >= 2 and errors[1] / errors[2] >= 2, errors
+
+
+def test_initial_noise_is_numpy_random_state():
+    expected = np.random.RandomState(42).standard_normal((1, 16, 1, 4, 6)).astype(np.float32)
+    np.testing.assert_array_equal(flow.initial_noise(42, (1, 16, 1, 4, 6)).numpy(), expected)
+    sig = flow.karras_sigmas(35)
+    assert len(sig) == 36 and sig[0] == pytest.approx(80) and sig[-1] == pytest.approx(0.002)
+    assert sig[1] == pytest.approx(68.33, abs=0.01)
+
+
+def test_batched_guidance_equals_two_forwards(base):
+    g = torch.Generator().manual_seed(5)
+    cond, uncond = torch.randn(2, 512, 1024, generator=g), torch.randn(2, 512, 1024, generator=g)
+    x = torch.randn(2, 16, 1, 8, 8, generator=g) * 3
+    pm = torch.zeros(1, 1, 64, 64)
+    batched = flow.make_denoiser(base, cond, uncond, 4.0, pm)(x, 2.5)
+    c = flow.make_denoiser(base, cond, None, 0.0, pm)(x, 2.5)
+    u = flow.make_denoiser(base, uncond, None, 0.0, pm)(x, 2.5)
+    torch.testing.assert_close(batched, c + 4.0 * (c - u), rtol=1e-5, atol=1e-5)
+
+
+def test_euler_sampler_reproduces_diffusers_pipeline(tiny_bundle, base):
+    from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
+
+    class StandInSafetyChecker(torch.nn.Module):  # the pipeline refuses to run without one
+        device = torch.device("cpu")
+
+        def check_text_safety(self, prompt):
+            return True
+
+        def check_video_safety(self, video):
+            return video
+
+    vae = AutoencoderKLWan.from_pretrained(tiny_bundle / "models" / "vae")
+    scheduler = FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True, shift=1.0)
+    reference = Cosmos2TextToImagePipeline(text_encoder=None, tokenizer=None, transformer=base, vae=vae,
+                                           scheduler=scheduler, safety_checker=StandInSafetyChecker())
+    g = torch.Generator().manual_seed(2)
+    cond, neg = torch.randn(1, 512, 1024, generator=g), torch.randn(1, 512, 1024, generator=g)
+    noise = flow.initial_noise(3, (1, 16, 1, 8, 8))
+    call = dict(prompt_embeds=cond, negative_prompt_embeds=neg, height=64, width=64, num_inference_steps=12,
+                guidance_scale=3.0)
+    expected_latents = reference(latents=noise.clone(), output_type="latent", **call).images
+    expected_image = reference(latents=noise.clone(), output_type="np", **call).images[0]
+    ours = CosmosText2Image(base, vae)
+    latents = ours.sample_latents(cond, neg, seeds=[3], height=64, width=64, guidance=3.0, num_steps=12,
+                                  sampler="euler")
+    torch.testing.assert_close(latents[:, :, 0], expected_latents, rtol=1e-5, atol=1e-5)
+    # the pipeline's stand-in safety pass round-trips pixels through uint8, so compare 8-bit levels
+    from cosmos_t2i.models import decode_latents
+    image = ((decode_latents(vae, latents)[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
+    levels, expected_levels = np.floor(image * 255), np.round(expected_image * 255)
+    assert np.abs(levels - expected_levels).max() <= 1 and (levels == expected_levels).mean() > 0.99
+
+
+# ---------------------------------------------------------------- LoRA formats and exports
+@pytest.fixture(scope="module")
+def lora_run(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    run_script("train_text2image.py", "--model_size", "tiny", "--dit_path", tiny_bundle / "models/transformer",
+               "--vae_path", tiny_bundle / "models/vae", "--dataset_dir", tiny_bundle / "dataset",
+               "--image_size", "64", "64", "--batch_size", "2", "--num_workers", "0", "--mixed_precision", "no",
+               "--lr", "2e-2", "--scheduler", "constant", "--report_to", "none", "--output_root", out,
+               "--train_architecture", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--max_iter", "4",
+               "--save_iter", "4", "--name", "lora")
+    return out / "posttraining/text2image/lora"
+
+
+def test_lora_exports_load_back_and_in_diffusers(lora_run, base, probe, tmp_path):
+    import copy
+    from safetensors.torch import load_file
+    ours = load_dit(str(lora_run), dtype=torch.float32)
+    expected = outputs(ours, probe)
+    assert (expected - outputs(base, probe)).abs().max() > 1e-3
+    model_file = lora_run / "checkpoints/model/iter_000000004.pt"
+
+    run_script("-m", "cosmos_t2i.export", "lora-diffusers", "--lora_path", lora_run, "--output", tmp_path / "dif")
+    peft_model = copy.deepcopy(base)
+    peft_model.load_lora_adapter(str(tmp_path / "dif"), weight_name="pytorch_lora_weights.safetensors")
+    torch.testing.assert_close(outputs(peft_model, probe), expected, rtol=1e-4, atol=1e-5)
+
+    run_script("-m", "cosmos_t2i.export", "lora-comfyui", "--lora_path", model_file, "--output", tmp_path / "c.safetensors")
+    comfy = load_file(str(tmp_path / "c.safetensors"))
+    assert "diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight" in comfy
+    assert float(comfy["diffusion_model.blocks.0.mlp.layer1.alpha"]) == 8.0
+
+    run_script("-m", "cosmos_t2i.export", "merged", "--lora_path", lora_run, "--output", tmp_path / "merged.pt")
+    merged = torch.load(tmp_path / "merged.pt", weights_only=True)
+    assert all(k.startswith("net.") for k in merged) and "net.blocks.0.self_attn.q_proj.weight" in merged
+
+    base_file = tmp_path / "base.pt"
+    torch.save(diffusers_to_nvidia(base.state_dict(), "net."), base_file)
+    for lora in (tmp_path / "dif", tmp_path / "c.safetensors", model_file):  # every form back through --lora_path
+        again = load_dit(str(base_file), "tiny", lora_path=str(lora), dtype=torch.float32)
+        torch.testing.assert_close(outputs(again, probe), expected, rtol=1e-4, atol=1e-5)
+    back = load_dit(str(tmp_path / "merged.pt"), "tiny", dtype=torch.float32)
+    assert_relative_close(outputs(back, probe), expected)  # the merged file is bf16
+
+
+def test_export_diffusers_folder(tiny_bundle, tmp_path, base, probe):
+    from diffusers import CosmosTransformer3DModel
+    trained = perturbed(base)
+    path = tmp_path / "iter_000000010.pt"
+    atomic_save(full_model_state(base.state_dict(), trained.state_dict()), path)
+    run_script("-m", "cosmos_t2i.export", "diffusers", "--dit_path", path, "--model_size", "tiny", "--load_ema",
+               "--output", tmp_path / "exported")
+    loaded = CosmosTransformer3DModel.from_pretrained(tmp_path / "exported").float()
+    assert_relative_close(outputs(loaded, probe), outputs(trained, probe))  # exported in bf16
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_writes_image_and_settings(tiny_bundle, lora_run, tmp_path):
+    models = tiny_bundle / "models"
+    common = ["infer_text2image.py", "--vae_path", models / "vae", "--text_encoder", models / "text_encoder",
+              "--dtype", "fp32", "--num_steps", "4"]
+    run_script(*common, "--dit_path", lora_run, "--load_ema", "--prompt", "a red circle", "--height", "48",
+               "--width", "80", "--save_path", tmp_path / "out" / "img.mp4", "--negative_prompt", "blurry",
+               "--disable_guardrail")
+    image = Image.open(tmp_path / "out" / "img.jpg")
+    assert image.format == "JPEG" and image.size == (80, 48)
+    text = (tmp_path / "out" / "img.txt").read_text()
+    assert "prompt: a red circle" in text and "negative_prompt: blurry" in text and "seed: 0" in text
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"prompt": "a yellow square", "output_image": str(tmp_path / "b" / "1.png")},
+                                {"prompt": "a red circle", "output_image": str(tmp_path / "b" / "2.png")}]))
+    run_script(*common, "--dit_path", models / "transformer", "--batch_input_json", jobs, "--resolution", "480",
+               "--aspect_ratio", "1:1", "--sampler", "euler")
+    assert Image.open(tmp_path / "b" / "2.png").size == (480, 480)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dit_path", "missing.pt"], "no such file"),
+    (["--height", "50"], "multiples of 16"),
+    (["--save_path", "x.bmp"], "unsupported extension"),
+    (["--load_ema"], "no EMA weights"),
+])
+def test_cli_errors(tiny_bundle, flags, message):
+    models = tiny_bundle / "models"
+    args = ["infer_text2image.py", "--vae_path", models / "vae", "--prompt", "x", "--model_size", "tiny",
+            "--dit_path", models / "transformer", *flags]
+    result = run_script(*args, check=False)
+    assert result.returncode != 0 and message in result.stderr
