@@ -280,6 +280,20 @@ def test_cli_writes_image_and_settings(tiny_bundle, lora_run, tmp_path):
     run_script(*common, "--dit_path", models / "transformer", "--batch_input_json", jobs, "--resolution", "480",
                "--aspect_ratio", "1:1", "--sampler", "euler")
     assert Image.open(tmp_path / "b" / "2.png").size == (480, 480)
+    run_script(*common, "--dit_path", models / "transformer", "--prompt", "x", "--distill_steps", "2",
+               "--height", "32", "--width", "32", "--offload_text_encoder", "--save_path", tmp_path / "d.png")
+    assert "distill_steps: 2" in (tmp_path / "d.txt").read_text()
+
+
+def test_distilled_mode_runs_the_listed_sigmas():
+    seen = []
+    x = flow.initial_noise(0, (1, 4)) * 80
+
+    def denoise(z, sigma):
+        seen.append(sigma)
+        return torch.zeros_like(z)
+    out = flow.sample_distilled(denoise, x, 3, seed=0)
+    assert seen == [80.0, 3.6, 1.5574] and torch.equal(out, torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("flags, message", [

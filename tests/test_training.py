@@ -290,3 +290,37 @@ def test_two_processes_match_one(tiny_bundle, tmp_path):
               for o in (one, two))
     for k in ma:  # fp32 weights after 3 AdamW steps
         torch.testing.assert_close(ma[k], mb[k], rtol=1e-5, atol=1e-5)
+
+
+def test_validation_tensorboard_and_8bit_optimizer(tiny_bundle, tmp_path):
+    out = tmp_path / "ck"
+    args = tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "4", "--optimizer", "adamw8bit",
+                     "--validation_prompts", "a red circle", "a yellow square", "--validation_iter", "2",
+                     "--validation_steps", "3", "--text_encoder", tiny_bundle / "models" / "text_encoder")
+    args[args.index("--report_to") + 1] = "tensorboard"
+    run_script(*args)
+    run = out / "posttraining" / "text2image" / "t"
+    assert sorted(p.name for p in (run / "validation").iterdir()) == [
+        "iter_000000002_0.jpg", "iter_000000002_1.jpg", "iter_000000004_0.jpg", "iter_000000004_1.jpg"]
+    assert list(run.rglob("events.out.tfevents*"))
+    optim = ckpt.load_part(run / "checkpoints", "optim", 4)["optimizer"]
+    assert any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in _flatten(optim["state"]).values())
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_bundle, tmp_path):
+    plain = run_script(*tiny_args(tiny_bundle, tmp_path / "a", "--max_iter", "3", "--save_iter", "3"))
+    ckpted = run_script(*tiny_args(tiny_bundle, tmp_path / "b", "--max_iter", "3", "--save_iter", "3",
+                                   "--gradient_checkpointing"))
+    a, b = losses_of(plain.stderr), losses_of(ckpted.stderr)
+    assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-6 * abs(a[i]) for i in a)
+
+
+def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tiny_bundle, tmp_path):
+    out = tmp_path / "ck"
+    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2"))
+    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "10", "--save_iter", "2", "--loss_scale", "nan",
+                                   "--max_nonfinite", "3"), check=False)
+    assert result.returncode != 0 and "3 non-finite losses in a row" in result.stderr
+    assert result.stderr.count("non-finite loss, step skipped") == 3
+    d = ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
+    assert ckpt.latest_iteration(d) == 2 and ckpt.load_part(d, "model", 2)
