@@ -158,13 +158,18 @@ def check_keys(model_state: dict, loaded: dict, source) -> None:
                          "Check --model_size, and that the file is a Cosmos-Predict2 Text2Image DiT.")
 
 
-def new_transformer(model_size: str, dtype=torch.float32, device="cpu"):
+def new_transformer(model_size: str, dtype=torch.float32, device="cpu", **overrides):
     """A randomly initialised DiT of a registry size (for benchmarks, and as the skeleton for bare weights)."""
     from diffusers import CosmosTransformer3DModel
 
-    with torch.device(device):
-        model = CosmosTransformer3DModel(**transformer_config(model_size))
-    return model.to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the target dtype: a 14B fp32 copy would not fit on a GPU
+    try:
+        with torch.device(device):
+            model = CosmosTransformer3DModel(**{**transformer_config(model_size), **overrides})
+    finally:
+        torch.set_default_dtype(previous)
+    return model
 
 
 def load_transformer_weights(model, state: dict, source, load_ema: bool = False) -> None:

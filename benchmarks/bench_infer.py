@@ -1,0 +1,115 @@
+"""Inference benchmark: seconds per 1360x768 image, 35 steps, guidance on, at the real shapes (random weights).
+
+    python benchmarks/bench_infer.py --model_size 2B [--compile]
+
+Ours: CosmosText2Image (NVIDIA's AB2 sampler, cond+uncond batched in one forward, bf16) with T5 encoding and
+VAE decode included and reported separately. Baseline in the same run: diffusers' Cosmos2TextToImagePipeline
+(eager, two forwards per step) on the same transformer and VAE, fed the same prompt embeddings (its T5 time is
+the same and is added). T5: the T5-11B encoder shape (24 layers, d_model 1024, d_ff 65536, 128 heads).
+"""
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cuda_time, peak_gb, report, reset_peak  # noqa: E402
+
+from cosmos_t2i.models import new_transformer  # noqa: E402
+from cosmos_t2i.pipeline import CosmosText2Image  # noqa: E402
+
+PROMPT = ("A robotic arm in a bright warehouse picks up a red cube from a conveyor belt and places it on a "
+          "stack of blue boxes, while a forklift passes in the background under cool fluorescent light.")
+
+
+def t5_11b(device):
+    from transformers import T5Config, T5EncoderModel
+    config = T5Config(vocab_size=32128, d_model=1024, d_kv=128, d_ff=65536, num_layers=24, num_heads=128,
+                      feed_forward_proj="relu")
+    with torch.device(device):
+        return T5EncoderModel(config).to(torch.bfloat16).eval()
+
+
+def word_tokenizer():
+    """A stand-in tokenizer (no network): one id per word, T5's ids for pad and </s>."""
+    class Tokenizer:
+        def __call__(self, texts, padding=None, truncation=True, max_length=512, return_tensors=None):
+            ids = [[3 + hash(w) % 32000 for w in t.split()][:max_length - 1] + [1] for t in texts]
+            if return_tensors is None:
+                return {"input_ids": ids}
+            length = max_length if padding == "max_length" else max(len(i) for i in ids)
+            input_ids = torch.tensor([i + [0] * (length - len(i)) for i in ids])
+            from types import SimpleNamespace
+            return SimpleNamespace(input_ids=input_ids, attention_mask=(input_ids != 0).long())
+    return Tokenizer()
+
+
+class StandInSafetyChecker(torch.nn.Module):
+    device = torch.device("cuda")
+
+    def check_text_safety(self, prompt):
+        return True
+
+    def check_video_safety(self, video):
+        return video
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_size", default="2B")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip_baseline", action="store_true")
+    args = parser.parse_args()
+    from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
+
+    transformer = new_transformer(args.model_size, torch.bfloat16, "cuda").eval().requires_grad_(False)
+    vae = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    pipe = CosmosText2Image(transformer, vae, word_tokenizer(), t5_11b("cuda"), "cuda")
+    out = dict(bench="infer", model_size=args.model_size, size="1360x768", steps=35, guidance=4.0,
+               compile=args.compile)
+
+    reset_peak()
+    t5_s = cuda_time(lambda: pipe.encode([PROMPT]), 1, args.repeat)
+    embedding = pipe.encode([PROMPT])
+    out["t5_peak_gb"] = peak_gb()
+    pipe.offload_text_encoder()
+    gc.collect()
+    torch.cuda.empty_cache()
+    if args.compile:
+        for block in transformer.transformer_blocks:
+            block.compile()
+        start = time.perf_counter()
+        pipe.sample_latents(embedding, seeds=[0], num_steps=2)
+        torch.cuda.synchronize()
+        out["compile_s"] = time.perf_counter() - start
+    reset_peak()
+    latents = pipe.sample_latents(embedding, seeds=[0])
+    sample_s = cuda_time(lambda: pipe.sample_latents(embedding, seeds=[0]), 1, args.repeat)
+    decode_s = cuda_time(lambda: pipe.decode(latents), 1, args.repeat)
+    out.update(t5_s=t5_s, sampling_s=sample_s, vae_decode_s=decode_s, sec_per_image=t5_s + sample_s + decode_s,
+               peak_gb_without_t5=peak_gb())
+
+    if not args.skip_baseline:
+        transformer = new_transformer(args.model_size, torch.bfloat16, "cuda").eval().requires_grad_(False)
+        reference = Cosmos2TextToImagePipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                               scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
+                                               safety_checker=StandInSafetyChecker())
+        reference.set_progress_bar_config(disable=True)
+        cond = embedding.to("cuda", torch.bfloat16)
+        reset_peak()
+        baseline_s = cuda_time(lambda: reference(prompt_embeds=cond, negative_prompt_embeds=torch.zeros_like(cond),
+                                                 height=768, width=1360, num_inference_steps=35, guidance_scale=4.0,
+                                                 output_type="pil"), 1, args.repeat)
+        out.update(baseline_pipeline_s=baseline_s, baseline_sec_per_image=baseline_s + t5_s,
+                   baseline_peak_gb_without_t5=peak_gb())
+        out["speedup"] = out["baseline_sec_per_image"] / out["sec_per_image"]
+    report(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Training-step benchmark at the real shapes (random weights), 768x1360, one GPU. Prints one JSON line.
+
+    python benchmarks/bench_train.py --model_size 2B --mode compile_ckpt --batch_size 4
+
+Baseline, measured in the same run: the same step eager (no compile; diffusers defaults), fp32 weights under
+bf16 autocast, fused AdamW, fp32 EMA, batch 1. Ours: the training script's step (cosmos_t2i.flow.flow_loss,
+GradClip, fused AdamW, PowerEMA) in the chosen mode. MFU = model FLOPs of one eager step without
+checkpointing (torch's FLOP counter on 1- and 2-block models, extrapolated to the depth, times the batch) / (seconds x bf16 matmul peak measured here).
+"""
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cuda_time, matmul_peak_tflops, peak_gb, report, reset_peak  # noqa: E402
+
+from cosmos_t2i.checkpoint import lora_target_modules  # noqa: E402
+from cosmos_t2i.ema import PowerEMA  # noqa: E402
+from cosmos_t2i.flow import flow_loss  # noqa: E402
+from cosmos_t2i.models import new_transformer  # noqa: E402
+
+MODES = {
+    "eager": dict(),
+    "compile": dict(compile=True),
+    "compile_ckpt": dict(compile=True, checkpointing=True),
+    "lora": dict(compile=True, lora=True),
+    "lora_ckpt": dict(compile=True, lora=True, checkpointing=True),
+}
+
+
+def build(model_size, compile=False, checkpointing=False, lora=False):
+    """Model, optimizer, EMA and trainable params as train_text2image.py builds them."""
+    model = new_transformer(model_size, torch.bfloat16 if lora else torch.float32, "cuda")
+    if lora:
+        from peft import LoraConfig
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=lora_target_modules(
+            ["q_proj", "k_proj", "v_proj", "output_proj", "mlp.layer1", "mlp.layer2"])))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    if compile:
+        for block in model.transformer_blocks:
+            block.compile()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.2, fused=True)
+    ema = PowerEMA([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    return model, optimizer, ema, params
+
+
+def make_batch(batch, height=768, width=1360):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, 16, 1, height // 8, width // 8)
+    return dict(latents=torch.randn(shape, device="cuda", generator=g),
+                text=torch.randn(batch, 512, 1024, device="cuda", generator=g),
+                sigma=torch.randn(batch, device="cuda", generator=g).exp(),
+                noise=torch.randn(shape, device="cuda", generator=g), keep=torch.ones(batch, device="cuda"),
+                padding_mask=torch.zeros(batch, 1, height, width, device="cuda"))
+
+
+def train_step(model, optimizer, ema, params, batch, iteration):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = flow_loss(model, batch["latents"], batch["text"], batch["sigma"], batch["noise"], batch["keep"],
+                         batch["padding_mask"])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema.update(iteration)
+
+
+def step_flops(model_size):
+    """FLOPs of forward+backward of one eager sample without checkpointing.
+
+    Counted on 1- and 2-block models of the real width and extrapolated linearly to the real depth (every
+    block is identical), so the count itself fits on the GPU for 14B.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cosmos_t2i.registry import transformer_config
+    counts = []
+    for layers in (1, 2):
+        model = new_transformer(model_size, torch.bfloat16, "cuda", num_layers=layers).train()
+        b = make_batch(1)
+        with FlopCounterMode(display=False) as counter:
+            flow_loss(model, b["latents"], b["text"].bfloat16(), b["sigma"], b["noise"], b["keep"],
+                      b["padding_mask"]).backward()
+        counts.append(counter.get_total_flops())
+        del model
+        gc.collect()
+    return counts[0] + (counts[1] - counts[0]) * (transformer_config(model_size)["num_layers"] - 1)
+
+
+def measure(model_size, mode, batch, steps):
+    reset_peak()
+    model, optimizer, ema, params = build(model_size, **MODES[mode])
+    data = make_batch(batch)
+    counter = iter(range(1, 10 ** 6))
+    start = time.perf_counter()
+    train_step(model, optimizer, ema, params, data, next(counter))
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    seconds = cuda_time(lambda: train_step(model, optimizer, ema, params, data, next(counter)), 2, steps)
+    result = dict(sec_per_iter=seconds, samples_per_s=batch / seconds, peak_gb=peak_gb(), first_step_s=first)
+    del model, optimizer, ema, params, data
+    gc.collect()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_size", default="2B")
+    parser.add_argument("--mode", choices=list(MODES), default="compile_ckpt")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--skip_baseline", action="store_true")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak_tflops()
+    flops_per_sample = step_flops(args.model_size)
+    out = dict(bench="train", model_size=args.model_size, mode=args.mode, batch_size=args.batch_size,
+               resolution="768x1360", matmul_peak_tflops=peak, tflops_per_sample=flops_per_sample / 1e12)
+    if not args.skip_baseline:
+        base = measure(args.model_size, "eager", 1, args.steps)
+        out.update({f"baseline_{k}": v for k, v in base.items()})
+        out["baseline_mfu"] = flops_per_sample / base["sec_per_iter"] / (peak * 1e12)
+    ours = measure(args.model_size, args.mode, args.batch_size, args.steps)
+    out.update(ours)
+    out["mfu"] = flops_per_sample * args.batch_size / ours["sec_per_iter"] / (peak * 1e12)
+    if "lora" in args.mode:
+        out["note"] = "MFU counts full-model FLOPs; LoRA skips weight gradients of the frozen base"
+    if not args.skip_baseline:
+        out["speedup_samples_per_s"] = ours["samples_per_s"] / out["baseline_samples_per_s"]
+    report(out)
+
+
+if __name__ == "__main__":
+    main()
