@@ -56,6 +56,7 @@ def build_parser():
     a("--dtype", choices=list(DTYPES), default="bf16")
     a("--compile", action="store_true", help="torch.compile each transformer block")
     a("--offload_text_encoder", action="store_true", help="encode all prompts, free the T5, then sample")
+    a("--text_encoder_8bit", action="store_true", help="load the T5 in 8 bits (bitsandbytes): about half the memory")
     a("--disable_guardrail", action="store_true", help="accepted for NVIDIA compatibility (there is no guardrail)")
     a("--offload_guardrail", action="store_true", help="accepted for NVIDIA compatibility")
     return p
@@ -115,7 +116,8 @@ def main(argv=None):
     pipe = CosmosText2Image.from_pretrained(
         dit_path=args.dit_path, vae_path=args.vae_path, text_encoder=args.text_encoder, model_size=args.model_size,
         load_ema=args.load_ema, lora_path=args.lora_path, lora_scale=args.lora_scale,
-        base_dit_path=args.base_dit_path, dtype=DTYPES[args.dtype], compile=args.compile)
+        base_dit_path=args.base_dit_path, dtype=DTYPES[args.dtype], text_encoder_8bit=args.text_encoder_8bit,
+        compile=args.compile)
     logger.info("loaded in %.1f s on %s", time.perf_counter() - start, pipe.device)
 
     prompts = sorted({j["prompt"] for j in jobs})

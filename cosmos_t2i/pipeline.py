@@ -60,7 +60,7 @@ class CosmosText2Image:
     @classmethod
     def from_pretrained(cls, dit_path=None, vae_path=None, text_encoder=None, model_size=None, load_ema=False,
                         lora_path=None, lora_scale=1.0, base_dit_path=None, device=None, dtype=torch.bfloat16,
-                        text_encoder_dtype=None, compile=False):
+                        text_encoder_dtype=None, text_encoder_8bit=False, compile=False):
         """Load every part; `text_encoder=None` means prompts come as embeddings (see `embeddings=`)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if vae_path is None:
@@ -74,7 +74,7 @@ class CosmosText2Image:
         if text_encoder:
             from .t5 import load_text_encoder
             tokenizer, encoder = load_text_encoder(text_encoder, device, text_encoder_dtype or (
-                torch.bfloat16 if device.type == "cuda" else torch.float32))
+                torch.bfloat16 if device.type == "cuda" else torch.float32), load_in_8bit=text_encoder_8bit)
         return cls(transformer, vae, tokenizer, encoder, device)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:

@@ -269,6 +269,7 @@ def test_cli_writes_image_and_settings(tiny_bundle, lora_run, tmp_path):
               "--dtype", "fp32", "--num_steps", "4"]
     run_script(*common, "--dit_path", lora_run, "--load_ema", "--prompt", "a red circle", "--height", "48",
                "--width", "80", "--save_path", tmp_path / "out" / "img.mp4", "--negative_prompt", "blurry",
+               "--text_encoder_8bit",
                "--disable_guardrail")
     image = Image.open(tmp_path / "out" / "img.jpg")
     assert image.format == "JPEG" and image.size == (80, 48)
