@@ -23,8 +23,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_path", "--dataset_dir", dest="dataset_path", required=True,
+    parser.add_argument("--dataset_path", "--dataset_dir", dest="dataset_path",
                         help="dataset folder holding images/ and metas/ (the seed's layout)")
+    parser.add_argument("--dataset_name", help="instead: a Hugging Face dataset (save_to_disk folder, imagefolder "
+                                               "or hub id); writes a copy with a t5_xxl column")
+    parser.add_argument("--caption_column", default="text", help="caption column of --dataset_name")
+    parser.add_argument("--split", default="train", help="split of --dataset_name")
+    parser.add_argument("--output_dataset", help="where --dataset_name's copy goes (default: <name>_t5xxl)")
     parser.add_argument("--text_encoder", default="google-t5/t5-11b",
                         help="T5 encoder: hub id, folder with encoder+tokenizer, a diffusers folder with "
                              "text_encoder/ and tokenizer/, or that text_encoder/ folder")
@@ -72,6 +77,56 @@ def read_captions(dataset: Path, prompt: str | None) -> dict[str, str]:
     return captions
 
 
+def encoder_or_exit(args, device, dtype):
+    """(tokenizer, encoder), or a clear exit naming the path."""
+    try:
+        tokenizer, encoder = load_text_encoder(args.text_encoder, device, dtype, args.load_in_8bit)
+    except OSError as e:
+        raise SystemExit(f"Cannot load the T5 encoder from {args.text_encoder!r}: {e}\nPass --text_encoder with a "
+                         "local folder (see README: google-t5/t5-11b). Nothing was written.")
+    return tokenizer, (torch.compile(encoder, dynamic=True) if args.compile else encoder)
+
+
+def precompute_hf(args, device, dtype) -> None:
+    """Add NVIDIA-format embeddings as a `t5_xxl` column (float16, (n_tokens, 1024)) and save_to_disk a copy."""
+    import datasets
+
+    from cosmos_t2i.data import EMBEDDING_COLUMN, load_hf_dataset
+
+    if not Path(args.dataset_name).exists() and not args.output_dataset:
+        raise SystemExit("--dataset_name from the hub needs --output_dataset (a local folder to save to).")
+    out = Path(args.output_dataset or f"{args.dataset_name.rstrip('/')}_t5xxl")
+    if out.exists() and not args.overwrite:
+        print(f"{out} exists: already encoded (pass --overwrite to redo)")
+        return
+    ds = load_hf_dataset(args.dataset_name, args.split)
+    if args.prompt is None and args.caption_column not in ds.column_names:
+        raise SystemExit(f"{args.dataset_name}: no caption column {args.caption_column!r} (columns: "
+                         f"{ds.column_names}); pass --caption_column or --prompt. Nothing was written.")
+    captions = [args.prompt] * len(ds) if args.prompt is not None else ds[args.caption_column]
+    bad = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise SystemExit(f"{args.dataset_name}: {len(bad)} rows have no caption (rows {bad[:5]}). Nothing was "
+                         "written.")
+    tokenizer, encoder = encoder_or_exit(args, device, dtype)
+    unique = sorted(set(captions))
+    bar = tqdm(total=len(unique), desc="T5", unit="caption")
+    arrays = dict(zip(unique, encode_prompts(tokenizer, encoder, unique, args.max_length, args.batch_size,
+                                             on_batch=bar.update)))
+    bar.close()
+    features = ds.features.copy()
+    features[EMBEDDING_COLUMN] = datasets.Array2D(shape=(None, 1024), dtype="float16")
+    ds = ds.map(lambda batch, idx: {EMBEDDING_COLUMN: [arrays[captions[i]] for i in idx]}, with_indices=True,
+                batched=True, features=features, desc="adding t5_xxl")
+    tmp = out.with_name(f".{out.name}.tmp")
+    ds.save_to_disk(str(tmp))
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"wrote {len(ds)} rows with a {EMBEDDING_COLUMN} column to {out}")
+
+
 def main(argv=None):
     from cosmos_t2i.models import quiet_library_logs
 
@@ -80,6 +135,13 @@ def main(argv=None):
     from accelerate import PartialState
 
     state = PartialState()
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if state.device.type == "cuda" else torch.float32)
+    if bool(args.dataset_path) == bool(args.dataset_name):
+        raise SystemExit("give exactly one of --dataset_path (the seed's folder layout) and --dataset_name.")
+    if args.dataset_name:
+        if state.is_main_process:  # one process: the copy is written once
+            precompute_hf(args, state.device, dtype)
+        return
     dataset = Path(args.dataset_path)
     captions = read_captions(dataset, args.prompt)
     out_dir = dataset / "t5_xxl"
@@ -90,14 +152,7 @@ def main(argv=None):
     if not todo:
         return
     mine = todo[state.process_index::state.num_processes]
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if state.device.type == "cuda" else torch.float32)
-    try:
-        tokenizer, encoder = load_text_encoder(args.text_encoder, state.device, dtype, args.load_in_8bit)
-    except OSError as e:
-        raise SystemExit(f"Cannot load the T5 encoder from {args.text_encoder!r}: {e}\nPass --text_encoder with a "
-                         "local folder (see README: google-t5/t5-11b). Nothing was written.")
-    if args.compile:
-        encoder = torch.compile(encoder, dynamic=True)
+    tokenizer, encoder = encoder_or_exit(args, state.device, dtype)
     out_dir.mkdir(exist_ok=True)
     bar = tqdm(total=len(mine), desc="T5", unit="caption", disable=not state.is_local_main_process)
     start = time.perf_counter()

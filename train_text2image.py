@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.config import parse_with_config, to_yaml
-from cosmos_t2i.registry import MODEL_SIZES
+from cosmos_t2i.registry import MODEL_SIZES, RESOLUTIONS
 
 logger = logging.getLogger("train")
 NVIDIA_LORA_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
-SHAPE_KEYS = ("model_size", "train_architecture", "lora_rank", "lora_target_modules", "image_size", "ema")
+SHAPE_KEYS = ("model_size", "train_architecture", "lora_rank", "lora_target_modules", "image_size", "ema",
+              "aspect_buckets", "resolution", "bucket_fit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast over fp32 master weights (NVIDIA: bf16 net, fp32 optimizer masters)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset_dir", "--dataset_path", dest="dataset_dir", help="images/, metas/, t5_xxl/")
+    g.add_argument("--dataset_name", help="instead of --dataset_dir: a Hugging Face dataset (save_to_disk folder, "
+                                          "imagefolder, or hub id) with the t5_xxl column precompute_t5.py adds")
+    g.add_argument("--image_column", default="image", help="image column of --dataset_name")
+    g.add_argument("--split", default="train", help="split of --dataset_name")
+    g.add_argument("--aspect_buckets", action="store_true",
+                   help="bucket images by aspect ratio (the five of --resolution) instead of one --image_size")
+    g.add_argument("--resolution", choices=["1024", "720", "512", "480"], default="1024",
+                   help="resolution class of the buckets (NVIDIA's table)")
+    g.add_argument("--bucket_fit", choices=["crop", "pad"], default="crop",
+                   help="fit into the bucket by centre crop, or by reflection padding with padding_mask = 1")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="encode each image once with the VAE and train from the cache (no VAE encoder at all)")
+    g.add_argument("--latent_cache_dir", help="default: <dataset>/latents_cache")
     g.add_argument("--image_size", type=int, nargs=2, default=[768, 1360], metavar=("HEIGHT", "WIDTH"))
-    g.add_argument("--resize_mode", choices=["resize", "center_crop"], default="resize",
-                   help="resize = NVIDIA's (distorts other aspects); center_crop keeps the aspect")
+    g.add_argument("--resize_mode", choices=["resize", "center_crop", "pad"], default="resize",
+                   help="resize = NVIDIA's (distorts other aspects); center_crop and pad keep the aspect")
     g.add_argument("--skip_incomplete", action="store_true", help="drop samples lacking caption or embedding")
     g.add_argument("--batch_size", type=int, default=1, help="per process")
     g.add_argument("--num_workers", type=int, default=8)
@@ -120,34 +134,15 @@ def validate(args, parser) -> None:
     if args.validation_prompts and args.validation_iter < 1:
         parser.error("--validation_prompts needs --validation_iter N (sample every N iterations).")
     if not args.dryrun:
-        for name in ("dataset_dir", "vae_path"):
-            if not getattr(args, name):
-                parser.error(f"--{name} is required.")
-        if not Path(args.dataset_dir).is_dir():
+        if not args.vae_path:
+            parser.error("--vae_path is required.")
+        if bool(args.dataset_dir) == bool(args.dataset_name):
+            parser.error("give exactly one of --dataset_dir (the seed's folder layout) and --dataset_name.")
+        if args.dataset_dir and not Path(args.dataset_dir).is_dir():
             parser.error(f"--dataset_dir {args.dataset_dir}: no such folder.")
-
-
-def global_batches(num_samples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """Epoch order as DistributedSampler(shuffle, seed): randperm seeded seed+epoch; the incomplete tail dropped."""
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [order[i:i + global_batch] for i in range(0, num_samples - global_batch + 1, global_batch)]
-
-
-class ResumableBatchSampler:
-    """This process's slice of every global batch, endlessly, from a given global-batch step (for resume)."""
-
-    def __init__(self, num_samples, batch_size, rank, world, seed, start_step=0):
-        self.args = (num_samples, batch_size * world, seed)
-        self.batch_size, self.rank, self.start_step = batch_size, rank, start_step
-        self.per_epoch = num_samples // (batch_size * world)
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            epoch, k = divmod(step, self.per_epoch)
-            batch = global_batches(*self.args, epoch)[k]
-            yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-            step += 1
+        if args.cache_latents and args.dataset_name and not args.latent_cache_dir and \
+                not Path(args.dataset_name).is_dir():
+            parser.error("--cache_latents with a hub dataset needs --latent_cache_dir.")
 
 
 def collate(samples):
@@ -229,7 +224,8 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from cosmos_t2i.data import ImageDataset
+    from cosmos_t2i.data import HFSource, ImageDataset, ResumableBatchSampler
+    from cosmos_t2i.latent_cache import LatentCache
     from cosmos_t2i.ema import PowerEMA
     from cosmos_t2i.flow import draw_training_randomness, flow_loss
     from cosmos_t2i.models import encode_images, load_vae
@@ -265,21 +261,40 @@ def main(argv=None):
             logger.warning("resuming with changed settings: %s",
                            "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
-    dataset = ImageDataset(args.dataset_dir, tuple(args.image_size), args.resize_mode, args.skip_incomplete)
+    source = HFSource(args.dataset_name, args.image_column, args.split) if args.dataset_name else None
+    fit = {"crop": "center_crop", "pad": "pad"}[args.bucket_fit] if args.aspect_buckets else args.resize_mode
+    dataset = ImageDataset(args.dataset_dir, tuple(args.image_size), fit, args.skip_incomplete,
+                           args.resolution if args.aspect_buckets else None, source)
+    if args.aspect_buckets:
+        logger.info("aspect buckets (%s, %s): %s", args.resolution, args.bucket_fit, ", ".join(
+            f"{k} {RESOLUTIONS[args.resolution][k][0]}x{RESOLUTIONS[args.resolution][k][1]}: {n}"
+            for k, n in dataset.histogram.items()))
     global_batch = args.batch_size * accelerator.num_processes
-    if len(dataset) < global_batch:
-        raise SystemExit(f"{args.dataset_dir}: {len(dataset)} samples, fewer than one global batch "
-                         f"({args.batch_size} x {accelerator.num_processes} processes).")
-    if len(dataset) % global_batch:
-        logger.info("each epoch drops the last %d samples (incomplete global batch of %d)",
-                    len(dataset) % global_batch, global_batch)
-    sampler = ResumableBatchSampler(len(dataset), args.batch_size, accelerator.process_index,
+    dropped = sum(len(g) % global_batch for g in dataset.groups)
+    if dropped:
+        logger.info("each epoch drops %d samples (incomplete global batches of %d per bucket)", dropped,
+                    global_batch)
+    sampler = ResumableBatchSampler(dataset.groups, args.batch_size, accelerator.process_index,
                                     accelerator.num_processes, args.seed, start_iter * args.grad_accum)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", collate_fn=collate,
                                          persistent_workers=args.num_workers > 0)
 
-    vae = load_vae(args.vae_path, torch.bfloat16, device)
+    vae = None
+    if args.cache_latents:
+        cache = LatentCache(args.latent_cache_dir or dataset.source.root / "latents_cache", dataset, args.vae_path)
+        stale = cache.stale()
+        if stale:
+            logger.info("encoding %d of %d images into the latent cache %s", len(stale), len(dataset), cache.dir)
+            vae = load_vae(args.vae_path, torch.bfloat16, device)
+            cache.fill(stale[accelerator.process_index::accelerator.num_processes], vae, device,
+                       show_progress=accelerator.is_local_main_process)
+        accelerator.wait_for_everyone()
+        dataset.latent_cache = cache
+        if not args.validation_prompts:
+            vae = None  # from here on no VAE at all
+    if vae is None and (not args.cache_latents or args.validation_prompts):
+        vae = load_vae(args.vae_path, torch.bfloat16, device)
     model, lora_meta = build_transformer(args, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args, device.type)
@@ -322,7 +337,8 @@ def main(argv=None):
         total_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             batch = next(data_iter)
-            latents = encode_images(vae, batch["images"].to(device, non_blocking=True))
+            latents = batch["latents"].to(device, non_blocking=True) if "latents" in batch else \
+                encode_images(vae, batch["images"].to(device, non_blocking=True))
             first = micro * global_batch + accelerator.process_index * args.batch_size
             sigma, noise, keep = draw_training_randomness(args.seed, iteration, range(first, first + args.batch_size),
                                                           latents.shape[1:], args.caption_dropout)

@@ -1,16 +1,24 @@
-"""The seed's dataset layout (images/, metas/, t5_xxl/) as a checked, deterministic torch Dataset (notes section 6)."""
+"""Training data: the seed's folder layout or a Hugging Face dataset, one size or aspect-ratio buckets.
 
+Either source yields NVIDIA's sample dict (notes section 6): images [3,H,W] in [-1,1], t5_text_embeddings
+[512,1024], t5_text_mask, padding_mask [1,H,W], ... With a latent cache it yields `latents` instead of images.
+"""
+
+import io
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .registry import RESOLUTIONS
 from .t5 import pad_embedding, read_embedding
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
-RESIZE_MODES = ("resize", "center_crop")
+RESIZE_MODES = ("resize", "center_crop", "pad")
+EMBEDDING_COLUMN = "t5_xxl"
 logger = logging.getLogger(__name__)
 
 
@@ -19,6 +27,7 @@ def _listing(paths, limit=5) -> str:
     return f"{shown}{f' (and {len(paths) - limit} more)' if len(paths) > limit else ''}"
 
 
+# ---------------------------------------------------------------- the seed's folder layout
 def list_images(dataset_dir) -> list[Path]:
     """Images under dataset_dir/images with an accepted extension (any case), sorted by name."""
     image_dir = Path(dataset_dir) / "images"
@@ -66,65 +75,230 @@ def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
     return samples
 
 
-def load_image(path) -> torch.Tensor:
+class FolderSource:
+    """images/, metas/, t5_xxl/ as indexable samples."""
+
+    def __init__(self, dataset_dir, skip_incomplete=False):
+        self.root = Path(dataset_dir)
+        self.samples = find_samples(dataset_dir, skip_incomplete)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def name(self, i):
+        return self.samples[i]["name"]
+
+    def image(self, i) -> torch.Tensor:
+        return load_image(self.samples[i]["image"])
+
+    def image_size(self, i) -> tuple[int, int]:
+        """(width, height) from the file header, without decoding."""
+        with Image.open(self.samples[i]["image"]) as img:
+            return img.size
+
+    def embedding(self, i) -> np.ndarray:
+        return read_embedding(self.samples[i]["embedding"])
+
+    def version(self, i) -> str:
+        """Changes when the image file changes (size and modification time), for the latent cache."""
+        stat = self.samples[i]["image"].stat()
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+def load_hf_dataset(name: str, split: str = "train"):
+    """A `save_to_disk` folder, a local `imagefolder`, or a hub id (the last needs network)."""
+    import datasets
+
+    path = Path(name)
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+    elif path.is_dir():
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path))
+    else:
+        ds = datasets.load_dataset(name)
+    return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+
+
+class HFSource:
+    """A datasets.Dataset with an image column and the `t5_xxl` column that precompute_t5.py adds."""
+
+    def __init__(self, dataset_name, image_column="image", split="train"):
+        self.dataset = load_hf_dataset(dataset_name, split)
+        self.root = Path(dataset_name)
+        columns = self.dataset.column_names
+        if image_column not in columns:
+            raise ValueError(f"{dataset_name}: no image column {image_column!r} (columns: {columns}); pass "
+                             "--image_column.")
+        if EMBEDDING_COLUMN not in columns:
+            raise ValueError(f"{dataset_name}: no {EMBEDDING_COLUMN!r} column; run `python precompute_t5.py "
+                             f"--dataset_name {dataset_name}` and train on the dataset it writes.")
+        self.image_column = image_column
+        self.images = self.dataset.cast_column(image_column, _image_feature(decode=False))[image_column]
+        self.embeddings = self.dataset.select_columns([EMBEDDING_COLUMN]).with_format("numpy")
+        logger.info("%s: %d samples", dataset_name, len(self.dataset))
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def name(self, i):
+        return f"{i:08d}"
+
+    def _raw(self, i) -> bytes:
+        entry = self.images[i]
+        return entry["bytes"] if entry.get("bytes") else Path(entry["path"]).read_bytes()
+
+    def image(self, i) -> torch.Tensor:
+        return load_image(io.BytesIO(self._raw(i)), f"{self.root} row {i}")
+
+    def image_size(self, i):
+        with Image.open(io.BytesIO(self._raw(i))) as img:
+            return img.size
+
+    def embedding(self, i) -> np.ndarray:
+        return np.asarray(self.embeddings[i][EMBEDDING_COLUMN], dtype=np.float16)
+
+    def version(self, i) -> str:
+        return f"{self.dataset._fingerprint}-{i}"
+
+
+def _image_feature(decode):
+    import datasets
+    return datasets.Image(decode=decode)
+
+
+# ---------------------------------------------------------------- images
+def load_image(path, name=None) -> torch.Tensor:
     """Decode an image to uint8 [3, H, W]; a corrupt file raises an error naming it."""
     try:
         with Image.open(path) as img:
             array = np.asarray(img.convert("RGB"))
     except Exception as e:
-        raise ValueError(f"{path}: cannot decode image ({e}). Replace or remove the file.") from e
+        raise ValueError(f"{name or path}: cannot decode image ({e}). Replace or remove the file.") from e
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int], mode: str = "resize") -> torch.Tensor:
-    """uint8 [3,h,w] -> float [3,H,W] in [-1, 1].
+def fit_image(image: torch.Tensor, size: tuple[int, int], mode: str = "resize"):
+    """uint8 [3,h,w] -> (float [3,H,W] in [-1,1], padding mask [1,H,W]).
 
-    "resize" is NVIDIA's: straight to (H, W), antialiased, aspect not kept. "center_crop" scales the shortest
-    side to fit, then crops the centre, so nothing is distorted.
+    "resize" is NVIDIA's: straight to (H, W), antialiased, aspect not kept. "center_crop" scales to cover and
+    crops the centre. "pad" scales to fit inside and reflection-pads, with the mask 1 on padded pixels (as
+    NVIDIA's pre-training augmentor does).
     """
+    import torch.nn.functional as F
     import torchvision.transforms.functional as TF
 
     height, width = size
     x = image.float() / 255.0
+    mask = torch.zeros(1, height, width)
     if mode == "resize":
         x = TF.resize(x, [height, width], antialias=True)
     elif mode == "center_crop":
         scale = max(height / x.shape[1], width / x.shape[2])
         new_size = [max(height, round(x.shape[1] * scale)), max(width, round(x.shape[2] * scale))]
         x = TF.center_crop(TF.resize(x, new_size, antialias=True), [height, width])
+    elif mode == "pad":
+        scale = min(height / x.shape[1], width / x.shape[2])
+        h, w = min(height, round(x.shape[1] * scale)), min(width, round(x.shape[2] * scale))
+        x = TF.resize(x, [h, w], antialias=True)
+        top, left = (height - h) // 2, (width - w) // 2
+        pads = (left, width - w - left, top, height - h - top)
+        # reflection needs the pad smaller than the image; fall back to replicate for extreme aspects
+        x = F.pad(x[None], pads, mode="reflect" if max(pads[:2]) < w and max(pads[2:]) < h else "replicate")[0]
+        mask[:] = 1
+        mask[:, top:top + h, left:left + w] = 0
     else:
-        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
-    return x.clamp(0, 1) * 2 - 1
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    return x.clamp(0, 1) * 2 - 1, mask
 
 
+def resize_image(image: torch.Tensor, size, mode: str = "resize") -> torch.Tensor:
+    """fit_image without the mask."""
+    return fit_image(image, size, mode)[0]
+
+
+def nearest_bucket(width: int, height: int, resolution: str) -> str:
+    """The aspect ratio of NVIDIA's table nearest to width/height (in log aspect)."""
+    table = RESOLUTIONS[resolution]
+    return min(table, key=lambda k: abs(math.log(width / height) - math.log(table[k][0] / table[k][1])))
+
+
+# ---------------------------------------------------------------- batching
+def global_batches(groups, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's global batches: each group (bucket) shuffled with a generator seeded seed+epoch (for one
+    group, DistributedSampler's order), cut into full global batches (incomplete tails dropped), then the
+    batches of all buckets shuffled together, so every batch comes from one bucket."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    batches = []
+    for group in groups:
+        order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+        batches += [order[i:i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
+    if len(groups) > 1:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+class ResumableBatchSampler:
+    """This process's slice of every global batch, endlessly, from a given global-batch step (for resume)."""
+
+    def __init__(self, groups, batch_size, rank, world, seed, start_step=0):
+        self.args = (groups, batch_size * world, seed)
+        self.batch_size, self.rank, self.start_step = batch_size, rank, start_step
+        self.per_epoch = sum(len(g) // (batch_size * world) for g in groups)
+        if self.per_epoch == 0:
+            raise ValueError(f"no bucket holds a full global batch of {batch_size * world} samples: lower "
+                             "--batch_size or add data.")
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, k = divmod(step, self.per_epoch)
+            batch = global_batches(*self.args, epoch)[k]
+            yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            step += 1
+
+
+
+# ---------------------------------------------------------------- the dataset
 class ImageDataset(torch.utils.data.Dataset):
-    """NVIDIA's sample dict: images [3,H,W] in [-1,1], t5_text_embeddings [512,1024], masks, fps, ..."""
+    """Samples from a folder (dataset_dir) or an HF dataset (source=HFSource), at one size or in buckets.
 
-    def __init__(self, dataset_dir, image_size=(768, 1360), resize_mode: str = "resize",
-                 skip_incomplete: bool = False):
+    With `resolution` set, each image goes to the nearest of that class's five aspect ratios and is fitted
+    with `resize_mode` ("center_crop" or "pad"); `groups` lists the indices of each bucket.
+    """
+
+    def __init__(self, dataset_dir=None, image_size=(768, 1360), resize_mode: str = "resize",
+                 skip_incomplete: bool = False, resolution: str | None = None, source=None):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
-        if any(s % 16 for s in image_size):
-            raise ValueError(f"image_size {tuple(image_size)} must be multiples of 16 (height width).")
-        self.samples = find_samples(dataset_dir, skip_incomplete)
-        self.image_size = tuple(image_size)
+        self.source = source if source is not None else FolderSource(dataset_dir, skip_incomplete)
         self.resize_mode = resize_mode
+        self.latent_cache = None
+        if resolution is None:
+            if any(s % 16 for s in image_size):
+                raise ValueError(f"image_size {tuple(image_size)} must be multiples of 16 (height width).")
+            self.sizes = [tuple(image_size)] * len(self.source)
+            self.buckets = ["fixed"] * len(self.source)
+        else:
+            self.buckets = [nearest_bucket(*self.source.image_size(i), resolution) for i in range(len(self.source))]
+            table = RESOLUTIONS[resolution]
+            self.sizes = [(table[b][1], table[b][0]) for b in self.buckets]
+        names = sorted(set(self.buckets))
+        self.groups = [[i for i, b in enumerate(self.buckets) if b == name] for name in names]
+        self.histogram = {name: len(g) for name, g in zip(names, self.groups)}
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.source)
 
     def __getitem__(self, index):
-        sample = self.samples[index]
-        embedding, mask = pad_embedding(read_embedding(sample["embedding"]))
-        height, width = self.image_size
-        return {
-            "images": resize_image(load_image(sample["image"]), self.image_size, self.resize_mode),
-            "t5_text_embeddings": embedding,
-            "t5_text_mask": mask,
-            "padding_mask": torch.zeros(1, height, width),
-            "fps": 16,
-            "image_size": torch.tensor([height, width, height, width]),
-            "num_frames": 1,
-            "index": index,
-            "name": sample["name"],
-        }
+        height, width = self.sizes[index]
+        embedding, mask = pad_embedding(self.source.embedding(index))
+        sample = {"t5_text_embeddings": embedding, "t5_text_mask": mask, "fps": 16, "num_frames": 1,
+                  "image_size": torch.tensor([height, width, height, width]), "index": index,
+                  "name": self.source.name(index)}
+        if self.latent_cache is not None:
+            sample["latents"], sample["padding_mask"] = self.latent_cache.load(index)
+        else:
+            sample["images"], sample["padding_mask"] = fit_image(self.source.image(index), (height, width),
+                                                                 self.resize_mode)
+        return sample

@@ -42,9 +42,32 @@ def flow_loss(transformer, latents, text_embeddings, sigma, noise, keep_text, pa
     x_t = (1 - tb) * latents + tb * noise
     context = text_embeddings * keep_text.view(-1, 1, 1).to(text_embeddings.dtype)
     dtype = _param_dtype(transformer)
-    prediction = transformer(hidden_states=x_t.to(dtype), timestep=t.to(dtype), encoder_hidden_states=context.to(dtype),
-                             padding_mask=padding_mask[:1].to(dtype), return_dict=False)[0]
+    prediction = run_transformer(transformer, x_t.to(dtype), t.to(dtype), context.to(dtype), padding_mask.to(dtype))
     return ((prediction.float() - (noise - latents)) ** 2).mean() * loss_scale
+
+
+def run_transformer(transformer, x, timestep, context, padding_mask):
+    """The DiT forward with a padding mask per sample.
+
+    diffusers broadcasts one [1,1,H,W] mask over the batch; when the batch's masks differ (padded aspect
+    buckets), each sample's own mask, resized as diffusers does (nearest), replaces the mask channel.
+    """
+    call = dict(hidden_states=x, timestep=timestep, encoder_hidden_states=context, padding_mask=padding_mask[:1],
+                return_dict=False)
+    if padding_mask.shape[0] == 1 or not padding_mask.any() or bool((padding_mask == padding_mask[:1]).all()):
+        return transformer(**call)[0]
+    mask = torch.nn.functional.interpolate(padding_mask, size=x.shape[-2:], mode="nearest").unsqueeze(2)
+
+    def own_masks(module, args):
+        hidden = args[0].clone()
+        hidden[:, -1:] = mask.to(hidden.dtype)
+        return (hidden,)
+
+    handle = getattr(transformer, "module", transformer).patch_embed.register_forward_pre_hook(own_masks)
+    try:
+        return transformer(**call)[0]
+    finally:
+        handle.remove()
 
 
 def _param_dtype(module):

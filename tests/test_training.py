@@ -150,7 +150,7 @@ def test_training_learns_and_conditions_on_captions(tiny_bundle, tmp_path):
     data = ImageDataset(tiny_bundle / "dataset", (64, 64))
     vae = load_vae(str(tiny_bundle / "models/vae"), torch.float32)
     latents = encode_images(vae, torch.stack([data[i]["images"] for i in range(len(data))]))
-    classes = torch.tensor([int(s["name"][-1]) for s in data.samples])
+    classes = torch.tensor([int(s["name"][-1]) for s in data.source.samples])
     means = [latents[classes == c].mean(0) for c in (0, 1)]
     captions = ["a red circle on a blue background", "a yellow square on a green background"]
     for c, caption in enumerate(captions):

@@ -1,0 +1,71 @@
+"""Encode each training image once with the VAE; training then reads latents and never loads the encoder.
+
+Entries live in CACHE_ROOT/<key>/<name>.safetensors, where <key> hashes what the latents depend on (fitted size
+or bucket table, fit mode, VAE weights) and each entry records its image's version (file size and mtime, or
+the dataset fingerprint), so a changed image, size or VAE is re-encoded, never silently reused.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .models import encode_images, fingerprint
+
+
+def cache_key(dataset, vae_path) -> str:
+    """Hash of the settings that decide the latents."""
+    settings = {"sizes": sorted(set(map(tuple, dataset.sizes))), "fit": dataset.resize_mode,
+                "vae": fingerprint(vae_path), "version": 1}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LatentCache:
+    """safetensors files of (latents [16,1,h,w] fp32, padding mask) per sample."""
+
+    def __init__(self, root, dataset, vae_path):
+        self.dataset = dataset
+        self.dir = Path(root) / cache_key(dataset, vae_path)
+
+    def path(self, index) -> Path:
+        return self.dir / f"{self.dataset.source.name(index)}.safetensors"
+
+    def is_fresh(self, index) -> bool:
+        path = self.path(index)
+        if not path.exists():
+            return False
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("image_version") == self.dataset.source.version(index)
+
+    def stale(self) -> list[int]:
+        """Indices whose entry is missing or was made from another version of the image."""
+        return [i for i in range(len(self.dataset)) if not self.is_fresh(i)]
+
+    def load(self, index):
+        with safe_open(str(self.path(index)), "pt") as f:
+            return f.get_tensor("latents"), f.get_tensor("padding_mask")
+
+    @torch.no_grad()
+    def fill(self, indices, vae, device, batch_size=8, show_progress=True) -> None:
+        """Encode the given samples (bf16 VAE, deterministic mean) and write their entries atomically."""
+        from .data import fit_image
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for start in tqdm(range(0, len(indices), batch_size), desc="caching latents", disable=not show_progress):
+            chunk = indices[start:start + batch_size]
+            by_size: dict = {}
+            for i in chunk:
+                by_size.setdefault(self.dataset.sizes[i], []).append(i)
+            for size, group in by_size.items():
+                fitted = [fit_image(self.dataset.source.image(i), size, self.dataset.resize_mode) for i in group]
+                latents = encode_images(vae, torch.stack([f[0] for f in fitted]).to(device))
+                for i, latent, (_, mask) in zip(group, latents.cpu(), fitted):
+                    tmp = self.path(i).with_suffix(f".tmp{os.getpid()}")
+                    save_file({"latents": latent.contiguous(), "padding_mask": mask.contiguous()}, str(tmp),
+                              metadata={"image_version": self.dataset.source.version(i)})
+                    os.replace(tmp, self.path(i))

@@ -1,0 +1,189 @@
+"""Aspect-ratio buckets, per-process splits, HF datasets, the latent cache, video frames."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from PIL import Image
+
+from cosmos_t2i.data import (ImageDataset, ResumableBatchSampler, fit_image, global_batches, load_hf_dataset,
+                             nearest_bucket)
+from cosmos_t2i.flow import run_transformer
+from test_training import losses_of, tiny_args
+
+
+def test_nearest_bucket():
+    assert nearest_bucket(1920, 1080, "1024") == "16:9"
+    assert nearest_bucket(1080, 1920, "1024") == "9:16"
+    assert nearest_bucket(640, 480, "480") == "4:3"
+    assert nearest_bucket(500, 510, "720") == "1:1"
+    assert nearest_bucket(3000, 1000, "512") == "16:9"  # beyond the table: the widest
+
+
+def test_fit_pad_marks_padded_pixels_and_crop_keeps_aspect():
+    image = torch.full((3, 50, 100), 200, dtype=torch.uint8)  # 2:1 landscape into a square
+    padded, mask = fit_image(image, (64, 64), "pad")
+    assert padded.shape == (3, 64, 64) and mask.shape == (1, 64, 64)
+    assert mask[0, :, 0].tolist() == [1] * 16 + [0] * 32 + [1] * 16  # 32 rows of image, 16 padded above/below
+    assert torch.allclose(padded[:, 20:40], torch.full_like(padded[:, 20:40], 200 / 255 * 2 - 1), atol=1e-3)
+    cropped, crop_mask = fit_image(image, (64, 64), "center_crop")
+    assert crop_mask.sum() == 0 and cropped.shape == (3, 64, 64)
+
+
+def mixed_aspect_dataset(dataset_copy):
+    """Reshape the tiny images: a third wide, a third tall, a third square."""
+    for i, path in enumerate(sorted((dataset_copy / "images").iterdir())):
+        size = [(128, 72), (72, 128), (96, 96)][i % 3]
+        Image.open(path).resize(size).save(path)
+    return dataset_copy
+
+
+def test_buckets_group_images_by_aspect(dataset_copy):
+    ds = ImageDataset(mixed_aspect_dataset(dataset_copy), resize_mode="pad", resolution="480")
+    assert ds.histogram == {"16:9": 6, "1:1": 5, "9:16": 5}
+    for group in ds.groups:
+        assert len({ds.sizes[i] for i in group}) == 1
+    sample = ds[ds.groups[0][0]]
+    assert sample["images"].shape[1:] == sample["padding_mask"].shape[1:] == ds.sizes[ds.groups[0][0]]
+
+
+def test_split_across_processes_has_no_repeats_and_resumes():
+    groups = [list(range(0, 7)), list(range(7, 20)), list(range(20, 23))]
+    batches = global_batches(groups, 4, seed=0, epoch=0)
+    assert len(batches) == 1 + 3 + 0  # full global batches per bucket; tails dropped
+    for batch in batches:
+        assert len(batch) == 4 and any(set(batch) <= set(g) for g in groups)  # one bucket per batch
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat))
+    assert global_batches(groups, 4, 0, 1) != batches  # reshuffled per epoch
+    # two processes of batch 2 see exactly the global batches, split in halves, in the same order
+    ranks = [iter(ResumableBatchSampler(groups, 2, r, 2, seed=0)) for r in range(2)]
+    single = iter(ResumableBatchSampler(groups, 4, 0, 1, seed=0))
+    for _ in range(10):  # across the epoch boundary
+        a, b = next(ranks[0]), next(ranks[1])
+        assert a + b == next(single) and not set(a) & set(b)
+    # resuming at step 6 continues the same order
+    fresh = iter(ResumableBatchSampler(groups, 4, 0, 1, seed=0))
+    expected = [next(fresh) for _ in range(9)][6:]
+    resumed = iter(ResumableBatchSampler(groups, 4, 0, 1, seed=0, start_step=6))
+    assert [next(resumed) for _ in range(3)] == expected
+
+
+def test_per_sample_padding_masks_match_single_forwards(tiny_bundle):
+    from diffusers import CosmosTransformer3DModel
+    model = CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").eval()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 16, 1, 8, 8, generator=g), torch.randn(2, 512, 1024, generator=g)
+    t = torch.tensor([0.4, 0.6])
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, :, :16] = 1  # only the first sample is padded
+    with torch.no_grad():
+        batched = run_transformer(model, x, t, ctx, masks)
+        singles = torch.cat([run_transformer(model, x[i:i + 1], t[i:i + 1], ctx[i:i + 1], masks[i:i + 1])
+                             for i in range(2)])
+        unmasked = run_transformer(model, x, t, ctx, torch.zeros(2, 1, 64, 64))
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    assert (batched[0] - unmasked[0]).abs().max() > 1e-4  # the mask reached the model
+
+
+def test_bucketed_training_resumes_exactly(tiny_bundle, dataset_copy, tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "models").symlink_to(tiny_bundle / "models")
+    shutil.move(str(mixed_aspect_dataset(dataset_copy)), bundle / "dataset")
+    extra = ["--aspect_buckets", "--resolution", "480", "--bucket_fit", "pad", "--save_iter", "2"]
+    straight = run_script(*tiny_args(bundle, tmp_path / "a", *extra, "--max_iter", "4"))
+    assert "aspect buckets (480, pad): 16:9 768x432: 6, 1:1 480x480: 5, 9:16 432x768: 5" in straight.stderr
+    run_script(*tiny_args(bundle, tmp_path / "b", *extra, "--max_iter", "2"))
+    resumed = run_script(*tiny_args(bundle, tmp_path / "b", *extra, "--max_iter", "4"))
+    a, b = losses_of(straight.stderr), losses_of(resumed.stderr)
+    assert [a[3], a[4]] == [b[3], b[4]]
+
+
+def test_hf_dataset_precompute_and_training(tiny_bundle, tmp_path):
+    folder = tmp_path / "imagefolder"
+    shutil.copytree(tiny_bundle / "dataset" / "images", folder)
+    rows = [{"file_name": p.name, "text": (tiny_bundle / "dataset" / "metas" / f"{p.stem}.txt").read_text().strip()}
+            for p in sorted(folder.iterdir())]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    encoder = tiny_bundle / "models" / "text_encoder"
+    run_script("precompute_t5.py", "--dataset_name", folder, "--text_encoder", encoder)
+    out = tmp_path / "imagefolder_t5xxl"
+    ds = load_hf_dataset(str(out))
+    assert "t5_xxl" in ds.column_names and len(ds) == 16
+    from cosmos_t2i.t5 import read_embedding
+    first = np.asarray(ds[0]["t5_xxl"], dtype=np.float16)
+    stem = os.path.splitext(rows[0]["file_name"])[0]
+    np.testing.assert_array_equal(first, read_embedding(tiny_bundle / "dataset" / "t5_xxl" / f"{stem}.pickle"))
+    again = run_script("precompute_t5.py", "--dataset_name", folder, "--text_encoder", encoder)
+    assert "already encoded" in again.stdout
+    args = tiny_args(tiny_bundle, tmp_path / "ck", "--max_iter", "2", "--save_iter", "2")
+    i = args.index("--dataset_dir")
+    args[i:i + 2] = ["--dataset_name", out]
+    result = run_script(*args)
+    assert len(losses_of(result.stderr)) == 2
+
+
+def test_latent_cache_matches_on_the_fly_and_invalidates(tiny_bundle, dataset_copy, tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "models").symlink_to(tiny_bundle / "models")
+    shutil.move(str(dataset_copy), bundle / "dataset")
+    common = ["--max_iter", "3", "--save_iter", "3"]
+    plain = run_script(*tiny_args(bundle, tmp_path / "a", *common))
+    cached = run_script(*tiny_args(bundle, tmp_path / "b", *common, "--cache_latents"))
+    assert "encoding 16 of 16 images into the latent cache" in cached.stderr
+    assert losses_of(plain.stderr) == losses_of(cached.stderr)
+    cache_root = bundle / "dataset" / "latents_cache"
+    (key_dir,) = list(cache_root.iterdir())
+    assert len(list(key_dir.glob("*.safetensors"))) == 16
+
+    # a changed image is re-encoded, the rest reused
+    image = bundle / "dataset" / "images" / "sample_003_1.jpg"
+    Image.open(image).transpose(Image.FLIP_LEFT_RIGHT).save(image)
+    rerun = run_script(*tiny_args(bundle, tmp_path / "c", *common, "--cache_latents"))
+    assert "encoding 1 of 16 images" in rerun.stderr
+    # another size or another VAE is another cache
+    run_script(*tiny_args(bundle, tmp_path / "d", *common, "--cache_latents", "--image_size", "32", "32"))
+    other_vae = tmp_path / "vae"
+    shutil.copytree(tiny_bundle / "models" / "vae", other_vae)
+    from diffusers import AutoencoderKLWan
+    vae = AutoencoderKLWan.from_pretrained(other_vae)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(1.01)
+    vae.save_pretrained(other_vae)
+    args = tiny_args(bundle, tmp_path / "e", *common, "--cache_latents")
+    args[args.index("--vae_path") + 1] = other_vae
+    assert "encoding 16 of 16" in run_script(*args).stderr
+    assert len(list(cache_root.iterdir())) == 3
+
+
+def test_extract_frames(tmp_path):
+    av = pytest.importorskip("av")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a", "b"):
+        with av.open(str(videos / f"{name}.mp4"), "w") as container:
+            stream = container.add_stream("mpeg4", rate=30)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            for i in range(61):
+                frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 4, np.uint8), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    (videos / "a.txt").write_text("a teal robot\n")
+    result = run_script("examples/extract_frames.py", "--input_dir", videos, "--output_dir", tmp_path / "ds",
+                        "--stride", "30", check=False)
+    assert result.returncode != 0 and "b.mp4: no caption" in result.stderr
+    run_script("examples/extract_frames.py", "--input_dir", videos, "--output_dir", tmp_path / "ds",
+               "--stride", "30", "--caption", "An image of sks teal robot.")
+    images = sorted((tmp_path / "ds" / "images").iterdir())
+    assert [p.name for p in images] == [f"{v}_{i:06d}.jpg" for v in "ab" for i in (0, 30, 60)]
+    assert Image.open(images[0]).size == (64, 48)
+    assert (tmp_path / "ds" / "metas" / "b_000030.txt").read_text().strip() == "An image of sks teal robot."
