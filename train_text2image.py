@@ -185,18 +185,14 @@ def canonical_name(name: str) -> str:
     return name.replace("_orig_mod.", "").replace(".default", "")
 
 
-def model_file_state(accelerator, model, ema, args, lora_meta):
-    """What goes into model/iter_*.pt: gathered full weights (all processes call; main writes)."""
-    from peft.utils import get_peft_model_state_dict
-
-    full = accelerator.get_state_dict(model)  # gathers FSDP shards; strips wrappers
+def model_file_state(full: dict, ema, args, lora_meta, is_main: bool):
+    """What goes into model/iter_*.pt, from the gathered full state (EMA gathered by every process)."""
     ema_state = ema.state_dict() if ema is not None else None
-    if not accelerator.is_main_process:
+    if not is_main:
         return None
     if args.train_architecture == "lora":
-        adapter = get_peft_model_state_dict(accelerator.unwrap_model(model), state_dict=full)
+        adapter = {canonical_name(k): v for k, v in full.items() if "lora_" in k}
         return ckpt.lora_model_state(adapter, ema_state, lora_meta)
-    full = {k.replace("_orig_mod.", ""): v for k, v in full.items()}
     return ckpt.full_model_state(full, ema_state)
 
 
@@ -224,6 +220,8 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from cosmos_t2i.distributed import (gather_model_state, gather_optimizer_state, load_model_state,
+                                        load_optimizer_state, nan_to_zero_)
     from cosmos_t2i.data import HFSource, ImageDataset, ResumableBatchSampler
     from cosmos_t2i.latent_cache import LatentCache
     from cosmos_t2i.ema import PowerEMA
@@ -311,13 +309,11 @@ def main(argv=None):
     if latest is not None:
         state = ckpt.load_part(ckpt_dir, "trainer", latest)
         optim_file = ckpt.load_part(ckpt_dir, "optim", latest)
-        optimizer.load_state_dict(optim_file["optimizer"])
+        names = {canonical_name(n): n for n, p in unwrapped.named_parameters() if p.requires_grad}
+        load_model_state(unwrapped, {names[k]: v for k, v in optim_file["master_weights"].items()},
+                         strict=args.train_architecture == "full")
+        load_optimizer_state(unwrapped, optimizer, optim_file["optimizer"])
         scheduler.load_state_dict(ckpt.load_part(ckpt_dir, "scheduler", latest))
-        master = {canonical_name(n): n for n, p in unwrapped.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            named = dict(unwrapped.named_parameters())
-            for name, value in optim_file["master_weights"].items():
-                named[master[name]].copy_(value)
         if ema is not None:
             ema.load_state_dict(ckpt.ema_from_model_file(ckpt.load_part(ckpt_dir, "model", latest)))
         torch.set_rng_state(state["rng"]["torch"])
@@ -362,9 +358,7 @@ def main(argv=None):
                                  f"{ckpt_dir} is intact; lower --lr or check the data.")
             continue
         nonfinite_run = 0
-        for p in params:  # NVIDIA's GradClip(force_finite=True)
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        nan_to_zero_([p.grad for p in params if p.grad is not None])
         grad_norm = accelerator.clip_grad_norm_(params, args.clip_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -395,11 +389,12 @@ def main(argv=None):
                                        args, iteration, run_dir / "validation")
 
         if iteration % args.save_iter == 0 or iteration == args.max_iter:
-            model_state = model_file_state(accelerator, model, ema, args, lora_meta)
+            full = gather_model_state(unwrapped)  # every process takes part; the main one receives
+            model_state = model_file_state(full, ema, args, lora_meta, accelerator.is_main_process)
             # fp32 master weights of what trains live in the optim file (the model file's net.* is bf16)
-            optim_state = {"optimizer": optimizer.state_dict(),
-                           "master_weights": {canonical_name(n): p.detach().float().cpu()
-                                              for n, p in unwrapped.named_parameters() if p.requires_grad}}
+            optim_state = {"optimizer": gather_optimizer_state(unwrapped, optimizer),
+                           "master_weights": {canonical_name(n): full[n].float() for n, p in
+                                              unwrapped.named_parameters() if p.requires_grad and n in full}}
             if accelerator.is_main_process:
                 trainer_state = {
                     "iteration": iteration, "skipped_steps": skipped,
