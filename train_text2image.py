@@ -298,10 +298,12 @@ def main(argv=None):
     optimizer = make_optimizer(params, args, device.type)
     scheduler = make_scheduler(optimizer, args)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP replaces parameters with sharded ones: refer to those from here on
+    params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
     unwrapped = accelerator.unwrap_model(model)
     ema = PowerEMA([(canonical_name(n), p) for n, p in unwrapped.named_parameters() if p.requires_grad],
                    args.ema_rate) if args.ema else None
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable = sum(p.numel() for p in params)  # DTensors report their full size
     logger.info("model %s (%s): %.1fM trainable parameters; %d samples; global batch %d x %d accumulation",
                 args.model_size, args.train_architecture, n_trainable / 1e6, len(dataset), global_batch,
                 args.grad_accum)

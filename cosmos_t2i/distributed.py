@@ -17,10 +17,15 @@ def is_sharded(model) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters())
 
 
+def _inner(optimizer):
+    """The optimizer itself, without Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _portable(optimizer) -> bool:
     # torch's optimizers go through torch.distributed.checkpoint (keys are parameter names);
     # bitsandbytes' 8-bit state has its own layout and is saved as is (unsharded runs only).
-    return type(optimizer).__module__.startswith("torch.")
+    return type(_inner(optimizer)).__module__.startswith("torch.")
 
 
 def gather_model_state(model) -> dict:
@@ -32,7 +37,7 @@ def gather_model_state(model) -> dict:
 def gather_optimizer_state(model, optimizer) -> dict:
     """Optimizer state keyed by parameter name (full tensors on the main process)."""
     if _portable(optimizer):
-        return get_optimizer_state_dict(model, optimizer, options=_GATHER)
+        return get_optimizer_state_dict(model, _inner(optimizer), options=_GATHER)
     if is_sharded(model):
         raise ValueError("8-bit AdamW checkpoints are not supported under FSDP; use --optimizer adamw.")
     return optimizer.state_dict()
@@ -46,7 +51,7 @@ def load_model_state(model, state: dict, strict: bool = True) -> None:
 def load_optimizer_state(model, optimizer, state: dict) -> None:
     """Restore what gather_optimizer_state wrote, on any number of processes."""
     if _portable(optimizer):
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
 
