@@ -25,7 +25,7 @@ from cosmos_t2i.registry import MODEL_SIZES, RESOLUTIONS
 logger = logging.getLogger("train")
 NVIDIA_LORA_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
-SHAPE_KEYS = ("model_size", "train_architecture", "lora_rank", "lora_target_modules", "image_size", "ema",
+SHAPE_KEYS = ("weight_dtype", "model_size", "train_architecture", "lora_rank", "lora_target_modules", "image_size", "ema",
               "aspect_buckets", "resolution", "bucket_fit")
 
 
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_target_modules", default=NVIDIA_LORA_TARGETS, help="NVIDIA module names, comma separated")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument("--weight_dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: full fine-tune with bf16 weights and no fp32 masters (StochasticAdamW: bf16 moments, "
+                        "stochastic rounding); with --gradient_checkpointing --no-ema a 2B fits 24 GB cards")
     g.add_argument("--mixed_precision", choices=["bf16", "no"], default="bf16",
                    help="bf16 autocast over fp32 master weights (NVIDIA: bf16 net, fp32 optimizer masters)")
     g = p.add_argument_group("data")
@@ -131,6 +134,9 @@ def validate(args, parser) -> None:
         parser.error("--caption_dropout is a probability in [0, 1].")
     if args.keep_last is not None and args.keep_last < 1:
         parser.error("--keep_last must be at least 1 (leave it out to keep every checkpoint).")
+    if args.weight_dtype == "bf16" and (args.optimizer != "adamw" or args.train_architecture != "full"):
+        parser.error("--weight_dtype bf16 is for full fine-tuning with --optimizer adamw (it then uses the "
+                     "stochastic-rounding AdamW); LoRA already keeps its base in bf16.")
     if args.validation_prompts and args.validation_iter < 1:
         parser.error("--validation_prompts needs --validation_iter N (sample every N iterations).")
     if not args.dryrun:
@@ -155,8 +161,8 @@ def build_transformer(args, device):
     """The DiT with LoRA injected when asked; returns (model, trainable named params, lora metadata)."""
     from cosmos_t2i.models import fingerprint, load_transformer
 
-    base_dtype = torch.bfloat16 if args.train_architecture == "lora" and args.mixed_precision == "bf16" \
-        else torch.float32
+    base_dtype = torch.bfloat16 if (args.train_architecture == "lora" and args.mixed_precision == "bf16") or \
+        args.weight_dtype == "bf16" else torch.float32
     model = load_transformer(args.dit_path, args.model_size, dtype=base_dtype, device=device)
     meta = None
     if args.train_architecture == "lora":

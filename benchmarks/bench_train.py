@@ -23,6 +23,7 @@ from cosmos_t2i.checkpoint import lora_target_modules  # noqa: E402
 from cosmos_t2i.ema import PowerEMA  # noqa: E402
 from cosmos_t2i.flow import flow_loss  # noqa: E402
 from cosmos_t2i.models import new_transformer  # noqa: E402
+from cosmos_t2i.schedule import StochasticAdamW  # noqa: E402
 
 MODES = {
     "eager": dict(),
@@ -30,12 +31,14 @@ MODES = {
     "compile_ckpt": dict(compile=True, checkpointing=True),
     "lora": dict(compile=True, lora=True),
     "lora_ckpt": dict(compile=True, lora=True, checkpointing=True),
+    # the 24 GB recipe: --weight_dtype bf16 (StochasticAdamW) --gradient_checkpointing --no-ema --compile
+    "bf16_lowmem": dict(compile=True, checkpointing=True, bf16_weights=True),
 }
 
 
-def build(model_size, compile=False, checkpointing=False, lora=False):
+def build(model_size, compile=False, checkpointing=False, lora=False, bf16_weights=False):
     """Model, optimizer, EMA and trainable params as train_text2image.py builds them."""
-    model = new_transformer(model_size, torch.bfloat16 if lora else torch.float32, "cuda")
+    model = new_transformer(model_size, torch.bfloat16 if lora or bf16_weights else torch.float32, "cuda")
     if lora:
         from peft import LoraConfig
         model.requires_grad_(False)
@@ -51,6 +54,9 @@ def build(model_size, compile=False, checkpointing=False, lora=False):
             block.compile()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    if bf16_weights:
+        optimizer = StochasticAdamW(params, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.2)
+        return model, optimizer, None, params
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.2, fused=True)
     ema = PowerEMA([(n, p) for n, p in model.named_parameters() if p.requires_grad])
     return model, optimizer, ema, params
@@ -74,7 +80,8 @@ def train_step(model, optimizer, ema, params, batch, iteration):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ema.update(iteration)
+    if ema is not None:
+        ema.update(iteration)
 
 
 def step_flops(model_size):

@@ -29,10 +29,60 @@ def make_scheduler(optimizer, args):
 
 
 def make_optimizer(params, args, device_type: str):
-    """AdamW (fused on CUDA, foreach elsewhere) or bitsandbytes' AdamW8bit, with the seed's hyperparameters."""
+    """AdamW (fused on CUDA, foreach elsewhere), bitsandbytes' AdamW8bit, or, for bf16 weights, StochasticAdamW."""
     kwargs = dict(lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay)
+    if getattr(args, "weight_dtype", "fp32") == "bf16":
+        return StochasticAdamW(params, **kwargs)
     if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, **kwargs)
     fused = device_type == "cuda"
     return torch.optim.AdamW(params, fused=fused, foreach=None if fused else True, **kwargs)
+
+
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Write fp32 `value` into bf16 `target`, rounding up or down at random in proportion to the remainder.
+
+    In expectation the stored number equals the fp32 one, so updates far below bf16's resolution (lr ~1e-5 on
+    weights ~1e-2) still move the weights on average instead of vanishing.
+    """
+    bits = value.float().contiguous().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    target.copy_(((bits + noise) & -65536).view(torch.float32))  # low 16 bits zero: the cast to bf16 is exact
+
+
+class StochasticAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights without fp32 masters: bf16 moments, fp32 arithmetic, stochastic rounding.
+
+    Memory per parameter: 2 (weight) + 2 (gradient) + 4 (moments) bytes, against 16 for fp32 AdamW with masters.
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["step"] += 1
+                step = float(state["step"])
+                grad = p.grad.float()
+                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                stochastic_round_(state["exp_avg"], exp_avg)
+                stochastic_round_(state["exp_avg_sq"], exp_avg_sq)
+                denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+                weight = p.float().mul_(1 - group["lr"] * group["weight_decay"])
+                weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1 ** step))
+                if p.dtype == torch.bfloat16:
+                    stochastic_round_(p, weight)
+                else:
+                    p.copy_(weight)

@@ -337,3 +337,47 @@ def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tiny_bundle, tmp
     assert result.stderr.count("non-finite loss, step skipped") == 3
     d = ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
     assert ckpt.latest_iteration(d) == 2 and ckpt.load_part(d, "model", 2)
+
+
+def test_bf16_weights_with_stochastic_rounding_move_like_fp32():
+    """At lr 1e-5 round-to-nearest bf16 updates vanish; stochastic rounding tracks the fp32 trajectory."""
+    from cosmos_t2i.schedule import StochasticAdamW
+    torch.manual_seed(0)
+    target = torch.randn(256, 64) * 0.02
+    start = (torch.randn(256, 64) * 0.02 + 1.0)  # weights near 1: bf16 spacing 2^-7, far above lr
+    x = torch.randn(512, 64)
+
+    def loss_of(weight):
+        return ((x @ weight.float().T - x @ target.T) ** 2).mean()
+
+    def run(weight, optimizer, steps=200):
+        for _ in range(steps):
+            loss_of(weight).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return weight.detach().float()
+
+    w32 = torch.nn.Parameter(start.clone())
+    moved32 = run(w32, torch.optim.AdamW([w32], lr=1e-5, weight_decay=0.0)) - start
+    w_sr = torch.nn.Parameter(start.clone().bfloat16())
+    moved_sr = run(w_sr, StochasticAdamW([w_sr], lr=1e-5, weight_decay=0.0)) - start.bfloat16().float()
+    w_rn = torch.nn.Parameter(start.clone().bfloat16())
+    moved_rn = run(w_rn, torch.optim.AdamW([w_rn], lr=1e-5, weight_decay=0.0)) - start.bfloat16().float()
+    assert moved32.abs().mean() > 1e-3  # 200 steps of ~1e-5
+    assert moved_rn.abs().max() == 0  # plain bf16: every update rounds away
+    assert abs(moved_sr.mean() - moved32.mean()) < 0.1 * moved32.abs().mean()
+    with torch.no_grad():  # the loss falls as far as in fp32
+        initial = loss_of(start)
+        drop32, drop_sr = initial - loss_of(w32), initial - loss_of(w_sr)
+    assert drop32 > 0 and abs(drop_sr - drop32) < 0.2 * drop32, (drop32, drop_sr)
+
+
+def test_bf16_weight_training_runs(tiny_bundle, tmp_path):
+    result = run_script(*tiny_args(tiny_bundle, tmp_path, "--max_iter", "3", "--save_iter", "3",
+                                   "--weight_dtype", "bf16", "--no-ema", "--gradient_checkpointing"))
+    assert len(losses_of(result.stderr)) == 3
+    state = load_model_file(tmp_path, 3)
+    assert not any(k.startswith("net_ema.") for k in state)
+    bad = run_script(*tiny_args(tiny_bundle, tmp_path / "x", "--weight_dtype", "bf16", "--optimizer", "adamw8bit"),
+                     check=False)
+    assert bad.returncode != 0 and "stochastic-rounding" in bad.stderr
