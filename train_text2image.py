@@ -212,6 +212,45 @@ def encode_validation_prompts(args, device):
     return torch.stack([pad_embedding(a)[0] for a in arrays])
 
 
+def check_resume_settings(args, run_dir) -> None:
+    """On resume: list changed settings; refuse a changed model or data shape."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    saved, now = yaml.safe_load(path.read_text()), yaml.safe_load(to_yaml(args))
+    changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k] and k not in ("config", "dryrun")}
+    fatal = {k: v for k, v in changed.items() if k in SHAPE_KEYS}
+    if fatal:
+        raise SystemExit(f"{run_dir}: cannot resume with a different model or data shape: "
+                         + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in fatal.items())
+                         + ". Use a new --name, or restore the original flags.")
+    if changed:
+        logger.warning("resuming with changed settings: %s",
+                       "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+
+
+def prepare_latent_cache(args, dataset, accelerator):
+    """Encode what the cache lacks (split across processes) and switch the dataset to it.
+
+    Returns the VAE if it had to be loaded and validation will need it, else None.
+    """
+    from cosmos_t2i.latent_cache import LatentCache
+    from cosmos_t2i.models import load_vae
+
+    cache = LatentCache(args.latent_cache_dir or dataset.source.root / "latents_cache", dataset, args.vae_path)
+    stale, vae = cache.stale(), None
+    if stale:
+        logger.info("encoding %d of %d images into the latent cache %s", len(stale), len(dataset), cache.dir)
+        vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device)
+        cache.fill(stale[accelerator.process_index::accelerator.num_processes], vae, accelerator.device,
+                   show_progress=accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()
+    dataset.latent_cache = cache
+    return vae if args.validation_prompts else None
+
+
 def main(argv=None):
     from cosmos_t2i.models import quiet_library_logs
 
@@ -229,7 +268,6 @@ def main(argv=None):
     from cosmos_t2i.distributed import (gather_model_state, gather_optimizer_state, load_model_state,
                                         load_optimizer_state, nan_to_zero_)
     from cosmos_t2i.data import HFSource, ImageDataset, ResumableBatchSampler
-    from cosmos_t2i.latent_cache import LatentCache
     from cosmos_t2i.ema import PowerEMA
     from cosmos_t2i.flow import draw_training_randomness, flow_loss
     from cosmos_t2i.models import encode_images, load_vae
@@ -250,20 +288,8 @@ def main(argv=None):
     if start_iter >= args.max_iter:
         accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
         return
-    saved_config_path = run_dir / "config.yaml"
-    if latest is not None and saved_config_path.exists():
-        import yaml
-        saved = yaml.safe_load(saved_config_path.read_text())
-        now = yaml.safe_load(to_yaml(args))
-        changed = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k] and k not in ("config", "dryrun")}
-        fatal = {k: v for k, v in changed.items() if k in SHAPE_KEYS}
-        if fatal:
-            raise SystemExit(f"{run_dir}: cannot resume with a different model or data shape: "
-                             + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in fatal.items())
-                             + ". Use a new --name, or restore the original flags.")
-        if changed:
-            logger.warning("resuming with changed settings: %s",
-                           "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+    if latest is not None:
+        check_resume_settings(args, run_dir)
 
     source = HFSource(args.dataset_name, args.image_column, args.split) if args.dataset_name else None
     fit = {"crop": "center_crop", "pad": "pad"}[args.bucket_fit] if args.aspect_buckets else args.resize_mode
@@ -284,19 +310,7 @@ def main(argv=None):
                                          pin_memory=device.type == "cuda", collate_fn=collate,
                                          persistent_workers=args.num_workers > 0)
 
-    vae = None
-    if args.cache_latents:
-        cache = LatentCache(args.latent_cache_dir or dataset.source.root / "latents_cache", dataset, args.vae_path)
-        stale = cache.stale()
-        if stale:
-            logger.info("encoding %d of %d images into the latent cache %s", len(stale), len(dataset), cache.dir)
-            vae = load_vae(args.vae_path, torch.bfloat16, device)
-            cache.fill(stale[accelerator.process_index::accelerator.num_processes], vae, device,
-                       show_progress=accelerator.is_local_main_process)
-        accelerator.wait_for_everyone()
-        dataset.latent_cache = cache
-        if not args.validation_prompts:
-            vae = None  # from here on no VAE at all
+    vae = prepare_latent_cache(args, dataset, accelerator) if args.cache_latents else None
     if vae is None and (not args.cache_latents or args.validation_prompts):
         vae = load_vae(args.vae_path, torch.bfloat16, device)
     model, lora_meta = build_transformer(args, device)
@@ -328,7 +342,7 @@ def main(argv=None):
         logger.info("resumed from %s at iteration %d", ckpt_dir, latest)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(saved_config_path, to_yaml(args))
+        ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(args))
     accelerator.init_trackers(args.name, config={k: str(v) for k, v in vars(args).items()})
 
     validation = encode_validation_prompts(args, device) if args.validation_prompts else None

@@ -1,6 +1,5 @@
 """Registry, dataset checks, embedding format and safety, precompute_t5.py, the tiny bundle."""
 
-import io
 import logging
 import pickle
 import struct
