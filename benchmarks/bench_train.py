@@ -106,7 +106,8 @@ def step_flops(model_size):
     return counts[0] + (counts[1] - counts[0]) * (transformer_config(model_size)["num_layers"] - 1)
 
 
-def measure(model_size, mode, batch, steps):
+def measure(model_size, mode, batch, steps, vae=None):
+    """Time the step; with a VAE, also the step that encodes its images on the fly (no latent cache)."""
     reset_peak()
     model, optimizer, ema, params = build(model_size, **MODES[mode])
     data = make_batch(batch)
@@ -117,6 +118,15 @@ def measure(model_size, mode, batch, steps):
     first = time.perf_counter() - start
     seconds = cuda_time(lambda: train_step(model, optimizer, ema, params, data, next(counter)), 2, steps)
     result = dict(sec_per_iter=seconds, samples_per_s=batch / seconds, peak_gb=peak_gb(), first_step_s=first)
+    if vae is not None:
+        from cosmos_t2i.models import encode_images
+        images = torch.rand(batch, 3, 768, 1360, device="cuda") * 2 - 1
+
+        def step_with_encode():
+            data["latents"] = encode_images(vae, images)
+            train_step(model, optimizer, ema, params, data, next(counter))
+        result["sec_per_iter_encoding_on_the_fly"] = cuda_time(step_with_encode, 1, steps)
+        result["latent_cache_speedup"] = result["sec_per_iter_encoding_on_the_fly"] / seconds
     del model, optimizer, ema, params, data
     gc.collect()
     return result
@@ -129,6 +139,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--skip_baseline", action="store_true")
+    parser.add_argument("--vae", action="store_true",
+                        help="also time the step with the Wan2.1 VAE encoding its images (what --cache_latents saves)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak_tflops()
@@ -139,7 +151,11 @@ def main():
         base = measure(args.model_size, "eager", 1, args.steps)
         out.update({f"baseline_{k}": v for k, v in base.items()})
         out["baseline_mfu"] = flops_per_sample / base["sec_per_iter"] / (peak * 1e12)
-    ours = measure(args.model_size, args.mode, args.batch_size, args.steps)
+    vae = None
+    if args.vae:
+        from diffusers import AutoencoderKLWan
+        vae = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)  # Wan2.1 shape
+    ours = measure(args.model_size, args.mode, args.batch_size, args.steps, vae)
     out.update(ours)
     out["mfu"] = flops_per_sample * args.batch_size / ours["sec_per_iter"] / (peak * 1e12)
     if "lora" in args.mode:
