@@ -137,6 +137,10 @@ def validate(args, parser) -> None:
     if args.weight_dtype == "bf16" and (args.optimizer != "adamw" or args.train_architecture != "full"):
         parser.error("--weight_dtype bf16 is for full fine-tuning with --optimizer adamw (it then uses the "
                      "stochastic-rounding AdamW); LoRA already keeps its base in bf16.")
+    if args.report_to == "wandb":
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            parser.error("--report_to wandb needs the wandb package: pip install wandb (or use tensorboard).")
     if args.validation_prompts and args.validation_iter < 1:
         parser.error("--validation_prompts needs --validation_iter N (sample every N iterations).")
     if not args.dryrun:
