@@ -136,9 +136,10 @@ class CosmosText2Image:
 
 
 def save_validation_images(accelerator, transformer, vae, embeddings, args, iteration, out_dir) -> None:
-    """Sample the validation prompts (main process), save them and log them to the tracker."""
-    if not accelerator.is_main_process:
-        return
+    """Sample the validation prompts, save them and log them to the tracker (main process).
+
+    Every process samples: under FSDP each forward needs all of them.
+    """
     was_training = transformer.training
     transformer.eval()
     pipe = CosmosText2Image(transformer, vae, device=accelerator.device)
@@ -147,6 +148,8 @@ def save_validation_images(accelerator, transformer, vae, embeddings, args, iter
         images = pipe(None, embeddings=embeddings, height=height, width=width, num_steps=args.validation_steps,
                       seed=args.seed)
     transformer.train(was_training)
+    if not accelerator.is_main_process:
+        return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, args.validation_prompts)):
