@@ -212,3 +212,24 @@ def test_tiny_bundle_loads_with_from_pretrained_and_runs(tiny_bundle):
     out = transformer(x, torch.tensor([0.3, 0.7]), torch.randn(2, 512, 1024), padding_mask=torch.zeros(1, 1, 64, 64))
     assert out.sample.shape == x.shape and torch.isfinite(out.sample).all()
     assert vae.encode(torch.randn(1, 3, 1, 64, 64)).latent_dist.mean.shape == (1, 16, 1, 8, 8)
+
+
+def test_precompute_splits_files_across_processes(tiny_bundle, dataset_copy):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from conftest import ROOT
+    shutil.rmtree(dataset_copy / "t5_xxl")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", "29533", "precompute_t5.py", "--dataset_path", str(dataset_copy),
+                             "--text_encoder", str(tiny_bundle / "models" / "text_encoder")],
+                            cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(p.name for p in (dataset_copy / "t5_xxl").iterdir())
+    assert written == sorted(p.name for p in (tiny_bundle / "dataset" / "t5_xxl").iterdir())
+    for name in written:
+        np.testing.assert_array_equal(read_embedding(dataset_copy / "t5_xxl" / name),
+                                      read_embedding(tiny_bundle / "dataset" / "t5_xxl" / name))
