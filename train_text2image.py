@@ -162,7 +162,7 @@ def collate(samples):
 
 
 def build_transformer(args, device):
-    """The DiT with LoRA injected when asked; returns (model, trainable named params, lora metadata)."""
+    """The DiT with LoRA injected when asked; returns (model, LoRA metadata or None)."""
     from cosmos_t2i.models import fingerprint, load_transformer
 
     base_dtype = torch.bfloat16 if (args.train_architecture == "lora" and args.mixed_precision == "bf16") or \
@@ -323,10 +323,10 @@ def main(argv=None):
     scheduler = make_scheduler(optimizer, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaces parameters with sharded ones: refer to those from here on
-    params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
     unwrapped = accelerator.unwrap_model(model)
-    ema = PowerEMA([(canonical_name(n), p) for n, p in unwrapped.named_parameters() if p.requires_grad],
-                   args.ema_rate) if args.ema else None
+    trainable = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
+    ema = PowerEMA([(canonical_name(n), p) for n, p in trainable], args.ema_rate) if args.ema else None
     n_trainable = sum(p.numel() for p in params)  # DTensors report their full size
     logger.info("model %s (%s): %.1fM trainable parameters; %d samples; global batch %d x %d accumulation",
                 args.model_size, args.train_architecture, n_trainable / 1e6, len(dataset), global_batch,
@@ -335,7 +335,7 @@ def main(argv=None):
     if latest is not None:
         state = ckpt.load_part(ckpt_dir, "trainer", latest)
         optim_file = ckpt.load_part(ckpt_dir, "optim", latest)
-        names = {canonical_name(n): n for n, p in unwrapped.named_parameters() if p.requires_grad}
+        names = {canonical_name(n): n for n, _ in trainable}
         load_model_state(unwrapped, {names[k]: v for k, v in optim_file["master_weights"].items()},
                          strict=args.train_architecture == "full")
         load_optimizer_state(unwrapped, optimizer, optim_file["optimizer"])
@@ -411,7 +411,7 @@ def main(argv=None):
         if validation is not None and iteration % args.validation_iter == 0:
             from cosmos_t2i.pipeline import save_validation_images
             with ema.applied() if ema is not None else contextlib.nullcontext():
-                save_validation_images(accelerator, accelerator.unwrap_model(model), vae, validation,
+                save_validation_images(accelerator, unwrapped, vae, validation,
                                        args, iteration, run_dir / "validation")
 
         if iteration % args.save_iter == 0 or iteration == args.max_iter:
@@ -419,8 +419,7 @@ def main(argv=None):
             model_state = model_file_state(full, ema, args, lora_meta, accelerator.is_main_process)
             # fp32 master weights of what trains live in the optim file (the model file's net.* is bf16)
             optim_state = {"optimizer": gather_optimizer_state(unwrapped, optimizer),
-                           "master_weights": {canonical_name(n): full[n].float() for n, p in
-                                              unwrapped.named_parameters() if p.requires_grad and n in full}}
+                           "master_weights": {canonical_name(n): full[n].float() for n, _ in trainable if n in full}}
             if accelerator.is_main_process:
                 trainer_state = {
                     "iteration": iteration, "skipped_steps": skipped,

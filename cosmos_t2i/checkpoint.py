@@ -95,21 +95,22 @@ def resolve_model_file(path) -> Path:
 
 
 # ---------------------------------------------------------------- model-file formats
+def _model_file(net: dict, ema: dict | None, net_dtype) -> dict:
+    """`net.*` in net_dtype and `net_ema.*` in fp32, NVIDIA key names."""
+    out = diffusers_to_nvidia({k: v.to(net_dtype) for k, v in net.items()}, "net.")
+    if ema is not None:
+        out.update(diffusers_to_nvidia({k: v.float() for k, v in ema.items()}, "net_ema."))
+    return out
+
+
 def full_model_state(model_state: dict, ema_state: dict | None) -> dict:
     """NVIDIA's post-training model file: `net.*` in bf16 and `net_ema.*` in fp32, NVIDIA key names."""
-    out = diffusers_to_nvidia({k: v.to(torch.bfloat16) for k, v in model_state.items()}, "net.")
-    if ema_state is not None:
-        out.update(diffusers_to_nvidia({k: v.float() for k, v in ema_state.items()}, "net_ema."))
-    return out
+    return _model_file(model_state, ema_state, torch.bfloat16)
 
 
 def lora_model_state(adapter_state: dict, ema_state: dict | None, metadata: dict) -> dict:
-    """Adapter-only file: `net.<NVIDIA module>.lora_A.weight` / `lora_B.weight`, `net_ema.` twins, metadata."""
-    out = diffusers_to_nvidia({k: v.float() for k, v in adapter_state.items()}, "net.")
-    if ema_state is not None:
-        out.update(diffusers_to_nvidia({k: v.float() for k, v in ema_state.items()}, "net_ema."))
-    out["lora_metadata"] = metadata
-    return out
+    """Adapter-only file: `net.<NVIDIA module>.lora_A.weight` / `lora_B.weight` (fp32), `net_ema.` twins, metadata."""
+    return {**_model_file(adapter_state, ema_state, torch.float32), "lora_metadata": metadata}
 
 
 def ema_from_model_file(state: dict) -> dict:

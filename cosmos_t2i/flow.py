@@ -103,8 +103,7 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
         model_in = ((1 - t) * batch).to(dtype)
         timestep = t.to(dtype).expand(batch.shape[0])
         with torch.no_grad():
-            out = transformer(hidden_states=model_in, timestep=timestep, encoder_hidden_states=context,
-                              padding_mask=padding_mask.to(dtype), return_dict=False)[0]
+            out = run_transformer(transformer, model_in, timestep, context, padding_mask.to(dtype))
         x0 = (1 - t) * batch - t * out.float()
         if x0_dtype is not None:
             x0 = x0.to(x0_dtype)

@@ -177,8 +177,7 @@ def load_transformer_weights(model, state: dict, source, load_ema: bool = False)
     state = select_weights(state, load_ema, source)
     if any(".base_layer." in k for k in state):
         state = merge_nvidia_lora(state)
-    if not any(k.startswith("transformer_blocks.") for k in state):
-        state = nvidia_to_diffusers(state, source)
+    state = nvidia_to_diffusers(state, source)  # diffusers-named keys pass through unchanged
     check_keys(model.state_dict(), state, source)
     model.load_state_dict(state, strict=True)
 
@@ -187,12 +186,11 @@ def size_of_state(state: dict) -> str | None:
     """The registry size whose width and depth match a state dict (any key layout), or None."""
     from .registry import MODEL_SIZES
 
-    keys = [nvidia_to_diffusers_key(k.split(".", 1)[1] if k.startswith(("net.", "net_ema.")) else k) for k in state]
-    weights = dict(zip(keys, state.values()))
+    weights = nvidia_to_diffusers(select_weights(state, False, "weights"))
     embed = weights.get("patch_embed.proj.weight")
     if embed is None:
         return None
-    depth = len({k.split(".")[1] for k in keys if k.startswith("transformer_blocks.")})
+    depth = len({k.split(".")[1] for k in weights if k.startswith("transformer_blocks.")})
     for name in MODEL_SIZES:
         config = transformer_config(name)
         if config["num_layers"] == depth and \
@@ -202,8 +200,11 @@ def size_of_state(state: dict) -> str | None:
 
 
 def load_transformer(dit_path: str | None, model_size: str | None = None, load_ema: bool = False,
-                     dtype=torch.bfloat16, device="cpu"):
-    """The DiT from a diffusers folder, an NVIDIA/our `.pt`/`.safetensors` file, a hub id, or random (no path)."""
+                     dtype=torch.bfloat16, device="cpu", state: dict | None = None):
+    """The DiT from a diffusers folder, an NVIDIA/our `.pt`/`.safetensors` file, a hub id, or random (no path).
+
+    `state` is the weight file's contents when the caller has already read it (it is not read again).
+    """
     from diffusers import CosmosTransformer3DModel
 
     if dit_path is None:
@@ -223,7 +224,7 @@ def load_transformer(dit_path: str | None, model_size: str | None = None, load_e
         check_size_matches(model_size, dict(model.config), str(folder / "config.json"))
         return model.to(device)
     if path.suffix in (".pt", ".pth", ".safetensors", ".bin"):
-        state = read_weights(path)
+        state = read_weights(path) if state is None else state
         if model_size is None:
             model_size = size_of_state(state)
             if model_size is None:

@@ -20,7 +20,7 @@ SAMPLERS = ("ab2", "euler")
 
 def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_scale=1.0, base_dit_path=None,
              dtype=torch.bfloat16, device="cpu"):
-    """The DiT from any accepted form, with LoRA adapters merged in. Returns (model, description)."""
+    """The DiT from any accepted form, with LoRA adapters merged in (eval mode, no gradients)."""
     from .checkpoint import is_lora_file, resolve_model_file
     from .lora import adapter_from_state, merge_adapter, read_lora
 
@@ -28,7 +28,7 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
     if path is not None and path.is_dir() and not (path / "config.json").exists() and not (
             path / "transformer").is_dir():
         path = resolve_model_file(path)  # a training run folder: its latest model file
-    adapters = []
+    adapters, state = [], None
     if path is not None and path.is_file() and path.suffix in (".pt", ".pth", ".safetensors"):
         state = read_weights(path)
         if is_lora_file(state):
@@ -40,8 +40,8 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
                 raise FileNotFoundError(f"{path}: its base weights {base} are not there; pass --base_dit_path.")
             model_size = model_size or meta.get("model_size")
             adapters.append((adapter_from_state(state, meta.get("alpha"), load_ema, path), 1.0))
-            path, load_ema = Path(base), False
-    model = load_transformer(str(path) if path else None, model_size, load_ema, torch.float32, "cpu")
+            path, load_ema, state = Path(base), False, None
+    model = load_transformer(str(path) if path else None, model_size, load_ema, torch.float32, "cpu", state)
     if lora_path:
         adapters.append((read_lora(lora_path, use_ema=False)[0], lora_scale))
     for adapter, scale in adapters:
