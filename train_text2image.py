@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default="2b_custom_data")
     g.add_argument("--save_iter", type=int, default=500)
     g.add_argument("--keep_last", type=int, default=None, help="keep only the newest K checkpoints (default all)")
+    g.add_argument("--async_save", action=argparse.BooleanOptionalAction, default=True,
+                   help="write checkpoints in the background (training stalls only while shards are copied to host "
+                        "memory, which then holds a copy of this process's training state)")
     g.add_argument("--logging_iter", type=int, default=10)
     g.add_argument("--hit_thres", type=int, default=10, help="log every iteration's time for the first N")
     g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
@@ -161,14 +164,24 @@ def collate(samples):
             for k in samples[0]}
 
 
-def build_transformer(args, device):
-    """The DiT with LoRA injected when asked; returns (model, LoRA metadata or None)."""
-    from cosmos_t2i.models import fingerprint, load_transformer
+def build_transformer(args, device, sharded: bool):
+    """The DiT with LoRA injected when asked; returns (model, weights to load after sharding, LoRA metadata).
+
+    A full fine-tune under FSDP is built on the meta device: Accelerate shards it empty and each process then
+    copies in only its own shards from the memory-mapped weights (weights is None: random init). Otherwise the
+    model is loaded here, on `device`, and the returned weights are None.
+    """
+    from cosmos_t2i.models import fingerprint, load_transformer, new_transformer, transformer_weights
 
     base_dtype = torch.bfloat16 if (args.train_architecture == "lora" and args.mixed_precision == "bf16") or \
         args.weight_dtype == "bf16" else torch.float32
-    model = load_transformer(args.dit_path, args.model_size, dtype=base_dtype, device=device)
-    meta = None
+    weights, meta = None, None
+    if sharded and args.train_architecture == "full":
+        if args.dit_path is not None:
+            args.model_size, weights = transformer_weights(args.dit_path, args.model_size)
+        model = new_transformer(args.model_size, base_dtype, "meta")
+    else:
+        model = load_transformer(args.dit_path, args.model_size, dtype=base_dtype, device=device)
     if args.train_architecture == "lora":
         from peft import LoraConfig
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
@@ -187,23 +200,20 @@ def build_transformer(args, device):
         for block in model.transformer_blocks:
             block.compile()
     model.train()
-    return model, meta
+    return model, weights, meta
 
 
-def canonical_name(name: str) -> str:
-    """Parameter name without compile wrappers or PEFT's adapter name, as stored in checkpoints."""
-    return name.replace("_orig_mod.", "").replace(".default", "")
-
-
-def model_file_state(full: dict, ema, args, lora_meta, is_main: bool):
-    """What goes into model/iter_*.pt, from the gathered full state (EMA gathered by every process)."""
-    ema_state = ema.state_dict() if ema is not None else None
-    if not is_main:
-        return None
-    if args.train_architecture == "lora":
-        adapter = {canonical_name(k): v for k, v in full.items() if "lora_" in k}
-        return ckpt.lora_model_state(adapter, ema_state, lora_meta)
-    return ckpt.full_model_state(full, ema_state)
+def memory_report(accelerator) -> str:
+    """Host RSS (now and peak) of every process, and this process's peak GPU memory."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line) \
+        if Path("/proc/self/status").exists() else {}
+    rss = [float(status.get(k, "0 kB").split()[0]) / 2 ** 20 for k in ("VmRSS", "VmHWM")]
+    every = accelerator.gather(torch.tensor([rss], device=accelerator.device)).cpu().tolist()
+    text = "host RSS per process (GB, now/peak): " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in every)
+    if accelerator.device.type == "cuda":
+        text += (f"; GPU peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB allocated, "
+                 f"{torch.cuda.max_memory_reserved() / 2 ** 30:.1f} GB reserved")
+    return text
 
 
 def encode_validation_prompts(args, device):
@@ -269,8 +279,7 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from cosmos_t2i.distributed import (gather_model_state, gather_optimizer_state, load_model_state,
-                                        load_optimizer_state, nan_to_zero_)
+    from cosmos_t2i.distributed import is_sharded, materialize_, nan_to_zero_
     from cosmos_t2i.data import HFSource, ImageDataset, ResumableBatchSampler
     from cosmos_t2i.ema import PowerEMA
     from cosmos_t2i.flow import draw_training_randomness, flow_loss
@@ -317,33 +326,33 @@ def main(argv=None):
     vae = prepare_latent_cache(args, dataset, accelerator) if args.cache_latents else None
     if vae is None and (not args.cache_latents or args.validation_prompts):
         vae = load_vae(args.vae_path, torch.bfloat16, device)
-    model, lora_meta = build_transformer(args, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args, device.type)
+    model, weights, lora_meta = build_transformer(args, device, sharded=accelerator.is_fsdp2)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args, device.type)
     scheduler = make_scheduler(optimizer, args)
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaces parameters with sharded ones: refer to those from here on
     unwrapped = accelerator.unwrap_model(model)
     trainable = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
-    ema = PowerEMA([(canonical_name(n), p) for n, p in trainable], args.ema_rate) if args.ema else None
+    if any(p.is_meta for p in unwrapped.parameters()):
+        materialize_(unwrapped, weights, device, args.seed)
+        # Accelerate matched the optimizer's parameters to the sharded ones by storage address, which every meta
+        # tensor shares: point it at the sharded parameters (the same order: one group, built from the model)
+        getattr(optimizer, "optimizer", optimizer).param_groups[0]["params"] = params
+    del weights
+    ema = PowerEMA([(ckpt.canonical_name(n), p) for n, p in trainable], args.ema_rate) if args.ema else None
     n_trainable = sum(p.numel() for p in params)  # DTensors report their full size
-    logger.info("model %s (%s): %.1fM trainable parameters; %d samples; global batch %d x %d accumulation",
-                args.model_size, args.train_architecture, n_trainable / 1e6, len(dataset), global_batch,
-                args.grad_accum)
-
+    logger.info("model %s (%s): %.1fM trainable parameters%s; %d samples; global batch %d x %d accumulation",
+                args.model_size, args.train_architecture, n_trainable / 1e6,
+                f", sharded across {accelerator.num_processes} processes (FSDP2)" if is_sharded(unwrapped) else "",
+                len(dataset), global_batch, args.grad_accum)
+    checkpointer = ckpt.Checkpointer(ckpt_dir, unwrapped, optimizer, scheduler, ema, lora_meta, args.keep_last,
+                                     args.async_save, accelerator.is_main_process)
     if latest is not None:
-        state = ckpt.load_part(ckpt_dir, "trainer", latest)
-        optim_file = ckpt.load_part(ckpt_dir, "optim", latest)
-        names = {canonical_name(n): n for n, _ in trainable}
-        load_model_state(unwrapped, {names[k]: v for k, v in optim_file["master_weights"].items()},
-                         strict=args.train_architecture == "full")
-        load_optimizer_state(unwrapped, optimizer, optim_file["optimizer"])
-        scheduler.load_state_dict(ckpt.load_part(ckpt_dir, "scheduler", latest))
-        if ema is not None:
-            ema.load_state_dict(ckpt.ema_from_model_file(ckpt.load_part(ckpt_dir, "model", latest)))
+        state = checkpointer.restore(latest)
         torch.set_rng_state(state["rng"]["torch"])
         logger.info("resumed from %s at iteration %d", ckpt_dir, latest)
+    logger.info("%s", memory_report(accelerator))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(args))
@@ -415,23 +424,13 @@ def main(argv=None):
                                        args, iteration, run_dir / "validation")
 
         if iteration % args.save_iter == 0 or iteration == args.max_iter:
-            full = gather_model_state(unwrapped)  # every process takes part; the main one receives
-            model_state = model_file_state(full, ema, args, lora_meta, accelerator.is_main_process)
-            # fp32 master weights of what trains live in the optim file (the model file's net.* is bf16)
-            optim_state = {"optimizer": gather_optimizer_state(unwrapped, optimizer),
-                           "master_weights": {canonical_name(n): full[n].float() for n, _ in trainable if n in full}}
-            if accelerator.is_main_process:
-                trainer_state = {
-                    "iteration": iteration, "skipped_steps": skipped,
-                    "data_position": {"global_batch_step": iteration * args.grad_accum,
-                                      "batches_per_epoch": sampler.per_epoch},
-                    "rng": {"torch": torch.get_rng_state()},
-                }
-                ckpt.save_checkpoint(ckpt_dir, iteration, {"model": model_state, "optim": optim_state,
-                                                           "scheduler": scheduler.state_dict(),
-                                                           "trainer": trainer_state}, args.keep_last)
-                logger.info("saved checkpoint %s", ckpt_dir / "model" / ckpt.iter_name(iteration))
-            accelerator.wait_for_everyone()
+            checkpointer.save(iteration, {
+                "skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
+                "data_position": {"global_batch_step": iteration * args.grad_accum,
+                                  "batches_per_epoch": sampler.per_epoch}})
+    checkpointer.wait()
+    accelerator.wait_for_everyone()
+    logger.info("%s", memory_report(accelerator))
     bar.close()
     accelerator.end_training()
     if skipped:

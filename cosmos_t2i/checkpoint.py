@@ -1,15 +1,39 @@
-"""The seed's checkpoint layout, atomic writes, keep-last, resume, and the model-file formats (DESIGN.md)."""
+"""Everything about a run's checkpoints: what goes into each part, where, when it is complete, and restore.
 
+    checkpoints/
+      model/iter_000001000.pt      one consolidated NVIDIA-layout file (net.* bf16, net_ema.* fp32; LoRA: adapters)
+      optim/iter_000001000/        torch.distributed.checkpoint folder: each process's shards of the fp32 master
+                                   weights of what trains, the optimizer state and the EMA shadow
+      scheduler/iter_000001000.pt  LR scheduler state
+      trainer/iter_000001000.pt    iteration, data position, RNG, optimizer hyper-parameters
+      latest_checkpoint.txt        iter_000001000.pt, written only once every part above is on disk
+
+The training script uses `Checkpointer.save(iteration, trainer_state)` and `Checkpointer.restore(iteration)`.
+Saves run in the background: each process copies its shards to host memory (the only stall), the writes go on
+in threads, the model file is then built on the main process from the written shards block by block, and
+`latest_checkpoint.txt` moves last. A kill at any moment leaves the previous checkpoint complete and latest.
+"""
+
+import logging
+import mmap
 import os
-import signal
+import shutil
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
-from .models import diffusers_to_nvidia, nvidia_to_diffusers_key
+from .models import diffusers_to_nvidia, diffusers_to_nvidia_key, nvidia_to_diffusers_key
 
 PARTS = ("model", "optim", "scheduler", "trainer")
 LATEST = "latest_checkpoint.txt"
+logger = logging.getLogger(__name__)
+# one process without torch.distributed is a supported case, not a warning
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def checkpoint_dir(output_root, project, group, name) -> Path:
@@ -22,6 +46,23 @@ def iter_name(iteration: int) -> str:
     return f"iter_{iteration:09d}.pt"
 
 
+def model_file(ckpt_dir, iteration: int) -> Path:
+    return Path(ckpt_dir) / "model" / iter_name(iteration)
+
+
+def shards_dir(ckpt_dir, iteration: int) -> Path:
+    """The torch.distributed.checkpoint folder of one iteration (optim/iter_000001000/)."""
+    return Path(ckpt_dir) / "optim" / iter_name(iteration).removesuffix(".pt")
+
+
+def _fsync_dir(folder) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save(obj, path) -> None:
     """torch.save to a temporary name in the same folder, fsync, then rename: never a truncated file."""
     path = Path(path)
@@ -29,24 +70,25 @@ def atomic_save(obj, path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            if os.environ.get("COSMOS_T2I_DIE_DURING_SAVE") == path.parent.name:  # fault injection for tests
-                f.write(b"partial")
-                f.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path, text: str) -> None:
-    """Write a small text file atomically."""
+    """Write a small text file atomically and durably."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def latest_iteration(ckpt_dir) -> int | None:
@@ -61,25 +103,8 @@ def latest_iteration(ckpt_dir) -> int | None:
         raise ValueError(f"{path}: unreadable ({name!r}); expected e.g. iter_000001000.pt.") from None
 
 
-def save_checkpoint(ckpt_dir, iteration: int, parts: dict, keep_last: int | None = None) -> None:
-    """Write model/optim/scheduler/trainer files, then latest_checkpoint.txt, then prune old checkpoints.
-
-    A crash at any point leaves the previous checkpoint complete and still named by latest_checkpoint.txt.
-    Parts may be None on non-writing processes' behalf; only given parts are written.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    for part, obj in parts.items():
-        atomic_save(obj, ckpt_dir / part / iter_name(iteration))
-    atomic_write_text(ckpt_dir / LATEST, iter_name(iteration))
-    if keep_last:
-        done = sorted(int(p.stem.removeprefix("iter_")) for p in (ckpt_dir / "model").glob("iter_*.pt"))
-        for old in done[:-keep_last]:
-            for part in PARTS:
-                (ckpt_dir / part / iter_name(old)).unlink(missing_ok=True)
-
-
 def load_part(ckpt_dir, part: str, iteration: int):
-    """One checkpoint file, read with weights_only=True."""
+    """One of the single-file parts (model, scheduler, trainer), read with weights_only=True."""
     return torch.load(Path(ckpt_dir) / part / iter_name(iteration), map_location="cpu", weights_only=True)
 
 
@@ -90,8 +115,203 @@ def resolve_model_file(path) -> Path:
         return path
     for ckpt in (path, path / "checkpoints"):
         if (ckpt / LATEST).exists():
-            return ckpt / "model" / iter_name(latest_iteration(ckpt))
+            return model_file(ckpt, latest_iteration(ckpt))
     raise FileNotFoundError(f"{path}: neither a model file nor a training run folder (no {LATEST}).")
+
+
+def prune(ckpt_dir, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints."""
+    ckpt_dir = Path(ckpt_dir)
+    done = sorted(int(p.stem.removeprefix("iter_")) for p in (ckpt_dir / "model").glob("iter_*.pt"))
+    for old in done[:-keep_last]:
+        for part in ("model", "scheduler", "trainer"):
+            (ckpt_dir / part / iter_name(old)).unlink(missing_ok=True)
+        shutil.rmtree(shards_dir(ckpt_dir, old), ignore_errors=True)
+
+
+# ---------------------------------------------------------------- sharded training state
+def canonical_name(name: str) -> str:
+    """Parameter name without compile wrappers or PEFT's adapter name, as stored in model files."""
+    return name.replace("_orig_mod.", "").replace(".default", "")
+
+
+def read_shards(folder, prefix: str, keys=None) -> dict:
+    """Full tensors of `prefix.*` entries (model, ema) of a shards folder, on one process without collectives.
+
+    `keys` limits the read (the model-file writer goes block by block); the result is keyed without the prefix.
+    """
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    wanted = {k[len(prefix) + 1:]: m for k, m in metadata.items() if k.startswith(prefix + ".")
+              and hasattr(m, "size") and (keys is None or k[len(prefix) + 1:] in keys)}
+    out = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in wanted.items()}
+    if out:
+        dcp.load({prefix: out}, checkpoint_id=str(folder), no_dist=True)
+    return out
+
+
+def _block_of(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "transformer_blocks" else parts[0]
+
+
+def write_model_file(folder, path, lora_metadata: dict | None = None) -> None:
+    """Build model/iter_*.pt (NVIDIA layout) from a shards folder, holding one transformer block at a time.
+
+    The file is first written with torch.save as a skeleton without tensor data, then memory-mapped and filled
+    block by block, so neither the full model nor the optimizer state is ever in one process's memory.
+    """
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    net_dtype = torch.float32 if lora_metadata is not None else torch.bfloat16
+    layout = {}  # file key -> (shards prefix, shards key, shape, dtype)
+    for key, m in metadata.items():
+        prefix, _, name = key.partition(".")
+        if prefix in ("model", "ema") and hasattr(m, "size"):
+            file_key = ("net." if prefix == "model" else "net_ema.") + diffusers_to_nvidia_key(canonical_name(name))
+            layout[file_key] = (prefix, name, tuple(m.size), net_dtype if prefix == "model" else torch.float32)
+    skeleton = {k: torch.empty(shape, dtype=dtype) for k, (_, _, shape, dtype) in layout.items()}  # never touched
+    if lora_metadata is not None:
+        skeleton["lora_metadata"] = lora_metadata
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with torch.serialization.skip_data():
+            torch.save(skeleton, tmp)
+        del skeleton
+        with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):  # writes go to the file
+            target = torch.load(tmp, mmap=True, weights_only=True)
+        blocks = {}
+        for file_key, (prefix, name, _, _) in layout.items():
+            blocks.setdefault(_block_of(name), []).append((file_key, prefix, name))
+        for entries in blocks.values():
+            for prefix in ("model", "ema"):
+                names = {name for _, p, name in entries if p == prefix}
+                values = read_shards(folder, prefix, names) if names else {}
+                for file_key, p, name in entries:
+                    if p == prefix:
+                        target[file_key].copy_(values[name])
+        del target
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints; every process creates one and calls save/restore together."""
+
+    def __init__(self, ckpt_dir, model, optimizer, scheduler, ema=None, lora_metadata=None, keep_last=None,
+                 async_save=True, is_main=True):
+        from .distributed import is_portable
+
+        self.dir, self.model, self.optimizer, self.scheduler, self.ema = Path(ckpt_dir), model, optimizer, scheduler, ema
+        self.lora_metadata, self.keep_last, self.async_save, self.is_main = lora_metadata, keep_last, async_save, is_main
+        self.portable = is_portable(optimizer)
+        self.group = None
+        if dist.is_available() and dist.is_initialized() and torch.device("cpu") not in getattr(
+                dist.distributed_c10d._get_default_group(), "_device_types", [torch.device("cpu")]):
+            self.group = dist.new_group(backend="gloo")  # DCP coordinates its background writes over the CPU
+        # one writer for every save, so the pinned host buffers that shards are staged into are reused
+        self.writer = dcp.FileSystemWriter(str(self.dir), sync_files=True, thread_count=2,
+                                           cache_staged_state_dict=torch.cuda.is_available())
+        self._future = None
+        self._finisher = None
+        self._error = None
+
+    def _state(self) -> tuple[dict, list]:
+        from .distributed import optimizer_state, trainable_state
+
+        state = {"model": trainable_state(self.model)}
+        param_groups = []
+        if self.portable:
+            optim = optimizer_state(self.model, self.optimizer)
+            state["optim"], param_groups = optim["state"], optim["param_groups"]
+        if self.ema is not None:
+            state["ema"] = self.ema.tensors()
+        return state, param_groups
+
+    def save(self, iteration: int, trainer_state: dict) -> None:
+        """Start writing the checkpoint of `iteration`; returns once this process's shards are staged."""
+        self.wait()  # at most one save in flight
+        start = time.perf_counter()
+        state, param_groups = self._state()
+        folder = shards_dir(self.dir, iteration)
+        small = {"scheduler": self.scheduler.state_dict(),
+                 "trainer": {**trainer_state, "iteration": iteration, "param_groups": param_groups}}
+        if not self.portable:  # bitsandbytes' 8-bit state: one unsharded file (its runs are never sharded)
+            small["optimizer_8bit"] = _to_cpu(self.optimizer.state_dict())
+        if self.async_save:
+            self._future = dcp.async_save(state, checkpoint_id=str(folder), storage_writer=self.writer,
+                                          process_group=self.group)
+        else:
+            dcp.save(state, checkpoint_id=str(folder), storage_writer=self.writer, process_group=self.group)
+        stalled = time.perf_counter() - start
+        if self.is_main:
+            self._finisher = threading.Thread(target=self._finish, args=(iteration, small, self._future, start,
+                                                                       stalled), daemon=False)
+            self._finisher.start()
+        if not self.async_save:
+            self.wait()
+
+    def _finish(self, iteration, small, future, start, stalled) -> None:
+        try:
+            if future is not None:
+                future.result()
+            folder = shards_dir(self.dir, iteration)
+            if "optimizer_8bit" in small:
+                atomic_save(small.pop("optimizer_8bit"), folder / "optimizer_8bit.pt")
+            write_model_file(folder, model_file(self.dir, iteration), self.lora_metadata)
+            for part, obj in small.items():
+                atomic_save(obj, self.dir / part / iter_name(iteration))
+            atomic_write_text(self.dir / LATEST, iter_name(iteration))
+            if self.keep_last:
+                prune(self.dir, self.keep_last)
+            logger.info("checkpoint %s: stalled %.2f s, written in %.1f s", iter_name(iteration), stalled,
+                        time.perf_counter() - start)
+        except BaseException as e:  # reported by the next wait() on the training thread
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete on disk; re-raise its failure here."""
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+        if self._finisher is not None:
+            self._finisher.join()
+            self._finisher = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"saving a checkpoint in {self.dir} failed: {error}") from error
+
+    def restore(self, iteration: int) -> dict:
+        """Load the checkpoint of `iteration` into the model, optimizer, scheduler and EMA (in place, each process
+        its own shards, whatever process count wrote it); returns the trainer state."""
+        from .distributed import load_optimizer_state, load_trainable_state
+
+        trainer = load_part(self.dir, "trainer", iteration)
+        state, _ = self._state()
+        folder = shards_dir(self.dir, iteration)
+        dcp.load(state, checkpoint_id=str(folder), process_group=self.group)
+        load_trainable_state(self.model, state["model"])
+        if self.portable:
+            load_optimizer_state(self.model, self.optimizer, {"state": state["optim"],
+                                                              "param_groups": trainer["param_groups"]})
+        else:
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer_8bit.pt", weights_only=True))
+        self.scheduler.load_state_dict(load_part(self.dir, "scheduler", iteration))
+        return trainer
+
+
+def _to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 # ---------------------------------------------------------------- model-file formats

@@ -1,7 +1,7 @@
-"""Full (gathered) model and optimizer state whatever the sharding: plain, DDP or FSDP2 (fully_shard).
+"""Model and training state whatever the sharding: one process, DDP, or FSDP2 (fully_shard through Accelerate).
 
-Checkpoints always hold full tensors keyed by parameter name, so a run saved on N processes resumes on any
-other number and its model file loads for single-GPU inference. Every process must call the gather functions.
+Training state is exchanged as each process's own shards (torch.distributed.checkpoint re-shards on load, so a run
+saved on N processes resumes on any other number); nothing here gathers a full copy onto one process.
 """
 
 import torch
@@ -9,51 +9,69 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
 
 def is_sharded(model) -> bool:
     """True when parameters are DTensors (FSDP2)."""
     return any(hasattr(p, "device_mesh") for p in model.parameters())
 
 
-def _inner(optimizer):
+def inner_optimizer(optimizer):
     """The optimizer itself, without Accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _portable(optimizer) -> bool:
-    # torch's optimizers go through torch.distributed.checkpoint (keys are parameter names);
-    # bitsandbytes' 8-bit state has its own layout and is saved as is (unsharded runs only).
-    return type(_inner(optimizer)).__module__.startswith("torch.")
+def is_portable(optimizer) -> bool:
+    """torch's optimizers have per-parameter state that DCP can re-shard; bitsandbytes' 8-bit state does not."""
+    return type(inner_optimizer(optimizer)).__module__.startswith("torch.") or \
+        type(inner_optimizer(optimizer)).__name__ == "StochasticAdamW"
 
 
-def gather_model_state(model) -> dict:
-    """{name: full CPU tensor}; under FSDP only the main process receives the tensors."""
-    state = get_model_state_dict(model, options=_GATHER)
-    return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+@torch.no_grad()
+def materialize_(model, weights: dict | None, device, seed: int = 0) -> None:
+    """Give a model built on the meta device (and possibly already sharded) real storage on `device`.
+
+    With `weights` ({name: full CPU tensor}, typically memory-mapped) every process copies in only its own shard,
+    one tensor at a time; without, parameters get a random init (benchmarks): N(0, 0.02) for matrices, ones for
+    norm scales, zeros for biases.
+    """
+    model.to_empty(device=device)
+    if weights is not None:
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
+        return
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if p.ndim >= 2:  # drawn whole on every process, so the init does not depend on the process count
+            full = torch.randn(p.shape, generator=generator, device=device) * 0.02
+            local.copy_(_local_slice(p, full))
+        else:
+            local.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
 
 
-def gather_optimizer_state(model, optimizer) -> dict:
-    """Optimizer state keyed by parameter name (full tensors on the main process)."""
-    if _portable(optimizer):
-        return get_optimizer_state_dict(model, _inner(optimizer), options=_GATHER)
-    if is_sharded(model):
-        raise ValueError("8-bit AdamW checkpoints are not supported under FSDP; use --optimizer adamw.")
-    return optimizer.state_dict()
+def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
+    """This process's part of a full tensor, for a DTensor parameter (dim-0 shards, as fully_shard makes)."""
+    if not hasattr(param, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements).to_local()
 
 
-def load_model_state(model, state: dict, strict: bool = True) -> None:
-    """Load full tensors into a plain, DDP or FSDP model (each process keeps its shard)."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+def trainable_state(model) -> dict:
+    """{name: tensor} of what trains, each process's shards (DTensors under FSDP)."""
+    return get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """Optimizer state keyed by parameter name, each process's shards; `state` holds only tensors."""
+    return get_optimizer_state_dict(model, inner_optimizer(optimizer))
+
+
+def load_trainable_state(model, state: dict) -> None:
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
-    """Restore what gather_optimizer_state wrote, on any number of processes."""
-    if _portable(optimizer):
-        set_optimizer_state_dict(model, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+    set_optimizer_state_dict(model, inner_optimizer(optimizer), state)
 
 
 @torch.no_grad()

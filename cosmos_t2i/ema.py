@@ -33,18 +33,9 @@ class PowerEMA:
         beta = power_ema_beta(iteration, self.gamma)
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - beta)
 
-    def state_dict(self) -> dict:
-        """{name: fp32 tensor} with sharded tensors gathered to full CPU tensors."""
-        return {n: _full(t).cpu() for n, t in zip(self.names, self.shadow)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from a full (gathered) state dict, re-sharding where the live copy is sharded."""
-        for name, shadow in zip(self.names, self.shadow):
-            value = state[name]
-            if hasattr(shadow, "device_mesh"):
-                from torch.distributed.tensor import distribute_tensor
-                value = distribute_tensor(value.to(shadow.device), shadow.device_mesh, shadow.placements)
-            shadow.copy_(value.to(shadow.device))
+    def tensors(self) -> dict:
+        """{name: live fp32 shadow} (DTensor shards under FSDP): what checkpoints save and restore in place."""
+        return dict(zip(self.names, self.shadow))
 
     @contextlib.contextmanager
     def applied(self):
@@ -60,6 +51,3 @@ class PowerEMA:
                 for p, b in zip(self.params, backup):
                     p.copy_(b)
 
-
-def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()

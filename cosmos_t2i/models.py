@@ -75,22 +75,57 @@ def is_non_weight_key(key: str) -> bool:
     return bool(_NON_WEIGHT.search(key))
 
 
+def mmap_safetensors(path) -> dict:
+    """A safetensors file as CPU tensors over a private memory map: nothing is read until a tensor is used, and
+    every process of a host shares the one copy in the page cache."""
+    import json
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    base = 8 + header_len
+    out = {}
+    for name, entry in header.items():
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        flat = torch.empty(0, dtype=torch.uint8).set_(storage, base + start, (end - start,))
+        out[name] = flat.view(dtype).view(entry["shape"])
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def read_weights(path) -> dict:
-    """A state dict from .pt/.pth (torch.load weights_only=True) or .safetensors."""
+    """A state dict from .pt/.pth (torch.load weights_only=True) or .safetensors, memory-mapped either way.
+
+    NVIDIA files written with Transformer Engine may carry `*._extra_state` entries as `io.BytesIO` objects
+    (older versions): that one class is admitted, nothing else, and those entries are dropped.
+    """
+    import io
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
+        return mmap_safetensors(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals([io.BytesIO]):
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}). Only plain tensor "
                          "checkpoints are loaded; convert other files to safetensors first.") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and not any(
             k.startswith("net") for k in state):
         state = state["model"]
+    if isinstance(state, dict):
+        state = {k: v for k, v in state.items() if not (k.endswith("._extra_state") and isinstance(v, io.BytesIO))}
     return state
 
 
@@ -172,14 +207,34 @@ def new_transformer(model_size: str, dtype=torch.float32, device="cpu", **overri
     return model
 
 
-def load_transformer_weights(model, state: dict, source, load_ema: bool = False) -> None:
-    """Load an NVIDIA-layout or diffusers-layout state dict into `model`, strictly."""
-    state = select_weights(state, load_ema, source)
-    if any(".base_layer." in k for k in state):
-        state = merge_nvidia_lora(state)
-    state = nvidia_to_diffusers(state, source)  # diffusers-named keys pass through unchanged
-    check_keys(model.state_dict(), state, source)
-    model.load_state_dict(state, strict=True)
+def transformer_weights(path, model_size: str | None = None, load_ema: bool = False, state: dict | None = None):
+    """(model size, {diffusers name: CPU tensor}) from a weight file or a diffusers transformer folder, key- and
+    shape-checked against the model. Tensors stay memory-mapped: no process holds a copy until it uses one."""
+    path = Path(path)
+    if path.is_dir():
+        import json
+        from .registry import size_of_config
+
+        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
+        config = json.loads((folder / "config.json").read_text())
+        check_size_matches(model_size, config, str(folder / "config.json"))
+        model_size = model_size or size_of_config(config)
+        weights = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            weights.update(mmap_safetensors(f))
+    else:
+        state = read_weights(path) if state is None else state
+        if model_size is None:
+            model_size = size_of_state(state)
+            if model_size is None:
+                raise ValueError(f"{path} is a bare weight file whose shape matches no known size: pass "
+                                 "--model_size (0.6B, 2B, 14B or tiny).")
+        weights = select_weights(state, load_ema, path)
+        if any(".base_layer." in k for k in weights):
+            weights = merge_nvidia_lora(weights)
+        weights = nvidia_to_diffusers(weights, path)  # diffusers-named keys pass through unchanged
+    check_keys(new_transformer(model_size, torch.float32, "meta").state_dict(), weights, path)
+    return model_size, weights
 
 
 def size_of_state(state: dict) -> str | None:
@@ -224,14 +279,9 @@ def load_transformer(dit_path: str | None, model_size: str | None = None, load_e
         check_size_matches(model_size, dict(model.config), str(folder / "config.json"))
         return model.to(device)
     if path.suffix in (".pt", ".pth", ".safetensors", ".bin"):
-        state = read_weights(path) if state is None else state
-        if model_size is None:
-            model_size = size_of_state(state)
-            if model_size is None:
-                raise ValueError(f"{path} is a bare weight file whose shape matches no known size: pass "
-                                 "--model_size (0.6B, 2B, 14B or tiny).")
-        model = new_transformer(model_size, torch.float32, "cpu")
-        load_transformer_weights(model, state, path, load_ema)
+        model_size, weights = transformer_weights(path, model_size, load_ema, state)
+        model = new_transformer(model_size, torch.float32, "meta")
+        model.load_state_dict(weights, strict=True, assign=True)  # the memory-mapped tensors, no copy yet
         return model.to(device=device, dtype=dtype)
     if path.exists() or "/" not in dit_path:
         raise FileNotFoundError(f"{dit_path}: not a file or folder this loader knows (.pt, .safetensors, or a "

@@ -1,45 +1,80 @@
-"""FSDP2 (fully_shard) code paths on 2 CPU processes: sharded EMA, gathered checkpoints, resume on any count."""
+"""The training script on several CPU processes: FSDP2 through Accelerate equals one process, and its sharded
+checkpoints resume on any other process count with the same results."""
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_script
+from test_training import losses_of, tiny_args
 
+from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.pipeline import load_dit
 
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process on Linux")
+GLOBAL_BATCH = 4
 
-def launch(n, *args, port):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                             "--master_port", str(port), "tests/fsdp_worker.py", *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, env=env)
+
+def run(n, bundle, out, *extra, fsdp=True, port=29640):
+    """train_text2image.py on n CPU processes (FSDP2 when n > 1), global batch 4; returns its losses."""
+    args = tiny_args(bundle, out, "--lr", "1e-4", *extra)
+    args[args.index("--batch_size") + 1] = str(GLOBAL_BATCH // n)  # extra --batch_size overrides
+    args[0] = "tests/run_patched.py"
+    if n == 1:
+        return losses_of(run_script(*args).stderr)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", COSMOS_TEST_FSDP="1" if fsdp else "0")
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                             str(n), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(port), *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert (f"sharded across {n} processes (FSDP2)" in result.stderr) == fsdp
+    return losses_of(result.stderr)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process on Linux")
-def test_fsdp_matches_one_process_and_resumes_on_another_count(tiny_bundle, tmp_path):
+def shards(out, iteration, prefix):
+    return ckpt.read_shards(ckpt.shards_dir(ckpt.checkpoint_dir(out, "posttraining", "text2image", "t"), iteration),
+                            prefix)
+
+
+def assert_close_dicts(a, b, tol=1e-5):
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=tol, atol=tol, msg=k)
+
+
+def test_fsdp_equals_one_process_and_resumes_on_other_counts(tiny_bundle, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    launch(1, tiny_bundle, one, 2, port=29611)
-    launch(2, tiny_bundle, two, 2, port=29612)
-    a, b = json.loads((one / "losses.json").read_text()), json.loads((two / "losses.json").read_text())
-    assert all(abs(x - y) < 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
-    ma, mb = torch.load(one / "model.pt", weights_only=True), torch.load(two / "model.pt", weights_only=True)
-    assert ma.keys() == mb.keys() and any(k.startswith("net_ema.") for k in ma)
-    for k in ma:  # gathered from shards: full shapes, same values
-        torch.testing.assert_close(ma[k].float(), mb[k].float(), rtol=1e-5, atol=1e-5)
-    # the file written from sharded state loads in one process for inference
-    model = load_dit(str(two / "model.pt"), load_ema=True, dtype=torch.float32)
+    a = run(1, tiny_bundle, one, "--max_iter", "3", "--save_iter", "3")
+    b = run(2, tiny_bundle, two, "--max_iter", "3", "--save_iter", "3", port=29641)
+    assert a.keys() == b.keys() == {1, 2, 3} and all(abs(a[i] - b[i]) < 1e-5 * abs(a[i]) for i in a), (a, b)
+    # what each process wrote is its own shards; read back whole they are the same state
+    written = list(ckpt.shards_dir(ckpt.checkpoint_dir(two, "posttraining", "text2image", "t"), 3).glob("*.distcp"))
+    assert len({f.name.split("_")[2] for f in written}) == 2  # __<rank>_<n>.distcp from both processes
+    for prefix in ("model", "optim", "ema"):
+        assert_close_dicts(shards(one, 3, prefix), shards(two, 3, prefix))
+    # the consolidated NVIDIA-layout model file, built from shards, loads in one process
+    fa = torch.load(ckpt.model_file(ckpt.checkpoint_dir(one, "posttraining", "text2image", "t"), 3), weights_only=True)
+    fb = torch.load(ckpt.model_file(ckpt.checkpoint_dir(two, "posttraining", "text2image", "t"), 3), weights_only=True)
+    assert_close_dicts(fa, fb)
+    assert fb["net.blocks.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    model = load_dit(str(two / "posttraining/text2image/t"), load_ema=True, dtype=torch.float32)
     assert model.transformer_blocks[0].attn1.to_q.weight.shape == (32, 32)
 
-    # resume the 2-process checkpoint on 1 process and the 1-process checkpoint on 2: the same next step
-    launch(1, tiny_bundle, tmp_path / "two_then_one", 1, two, port=29613)
-    launch(2, tiny_bundle, tmp_path / "one_then_two", 1, one, port=29614)
-    ra = torch.load(tmp_path / "two_then_one" / "optim.pt", weights_only=True)
-    rb = torch.load(tmp_path / "one_then_two" / "optim.pt", weights_only=True)
-    assert ra["iteration"] == rb["iteration"] == 3
-    for k in ra["master_weights"]:
-        torch.testing.assert_close(ra["master_weights"][k], rb["master_weights"][k], rtol=1e-5, atol=1e-5)
+    # 2 -> 1 and 1 -> 3 processes: the next two steps equal a straight 1-process run's
+    straight = tmp_path / "straight"
+    c = run(1, tiny_bundle, straight, "--max_iter", "5", "--save_iter", "5")
+    d = run(1, tiny_bundle, two, "--max_iter", "5", "--save_iter", "5")
+    assert [c[4], c[5]] == pytest.approx([d[4], d[5]], rel=1e-5)
+    # 1 -> 3: three processes of batch 1 resume the 1-process checkpoint like one process of batch 3
+    import shutil
+    three, single = tmp_path / "three", tmp_path / "single"
+    shutil.copytree(one, three)
+    shutil.copytree(one, single)
+    e = run(3, tiny_bundle, three, "--max_iter", "5", "--save_iter", "5", "--batch_size", "1", port=29642)
+    f = run(1, tiny_bundle, single, "--max_iter", "5", "--save_iter", "5", "--batch_size", "3")
+    assert set(e) == set(f) == {4, 5} and [e[4], e[5]] == pytest.approx([f[4], f[5]], rel=1e-5)
+    for prefix in ("model", "optim", "ema"):
+        assert_close_dicts(shards(three, 5, prefix), shards(single, 5, prefix))

@@ -1,0 +1,50 @@
+"""Run train_text2image.py with test-only patches, chosen by environment variables (production code has no hooks):
+
+    COSMOS_TEST_FSDP=1                 Accelerate enables FSDP only on accelerators: turn its FSDP2 on for CPU
+                                       processes, with the settings of accelerate_configs/fsdp_2b.yaml
+    COSMOS_TEST_KILL_IN_MODEL_FILE=N   SIGKILL the trainer while the background save of iteration N writes
+                                       the model file (half a file on disk, as a real kill leaves)
+
+    python tests/run_patched.py [train_text2image.py flags]   (or under accelerate launch / torch.distributed.run)
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if os.environ.get("COSMOS_TEST_FSDP") == "1":
+    import accelerate
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    original_init = accelerate.Accelerator.__init__
+
+    def fsdp_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.state.distributed_type = DistributedType.FSDP
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["CosmosTransformerBlock"], reshard_after_forward=True)
+
+    accelerate.Accelerator.__init__ = fsdp_init
+
+if os.environ.get("COSMOS_TEST_KILL_IN_MODEL_FILE"):
+    from cosmos_t2i import checkpoint
+
+    original_write = checkpoint.write_model_file
+
+    def write_then_die(folder, path, *args, **kwargs):
+        if Path(folder).name != f"iter_{int(os.environ['COSMOS_TEST_KILL_IN_MODEL_FILE']):09d}":
+            return original_write(folder, path, *args, **kwargs)
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+        tmp.write_bytes(b"partial")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.write_model_file = write_then_die
+
+import train_text2image  # noqa: E402
+
+if __name__ == "__main__":
+    train_text2image.main(sys.argv[1:])
