@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default="2b_custom_data")
     g.add_argument("--save_iter", type=int, default=500)
     g.add_argument("--keep_last", type=int, default=None, help="keep only the newest K checkpoints (default all)")
+    g.add_argument("--final_save", action=argparse.BooleanOptionalAction, default=True,
+                   help="save at --max_iter even when it is not a multiple of --save_iter")
     g.add_argument("--async_save", action=argparse.BooleanOptionalAction, default=True,
                    help="write checkpoints in the background (training stalls only while shards are copied to host "
                         "memory, which then holds a copy of this process's training state)")
@@ -423,7 +425,7 @@ def main(argv=None):
                 save_validation_images(accelerator, unwrapped, vae, validation,
                                        args, iteration, run_dir / "validation")
 
-        if iteration % args.save_iter == 0 or iteration == args.max_iter:
+        if iteration % args.save_iter == 0 or (iteration == args.max_iter and args.final_save):
             checkpointer.save(iteration, {
                 "skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
                 "data_position": {"global_batch_step": iteration * args.grad_accum,

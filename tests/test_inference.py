@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,3 +310,46 @@ def test_cli_errors(tiny_bundle, flags, message):
             "--dit_path", models / "transformer", *flags]
     result = run_script(*args, check=False)
     assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.parametrize("extra_state", ["uint8_tensor", "bytesio"])
+def test_transformer_engine_extra_state_loads_equal_to_diffusers_folder(base, tmp_path, extra_state):
+    """Transformer Engine adds `*._extra_state` per module: a uint8 tensor (newer) or an io.BytesIO (older)."""
+    import io
+    state = diffusers_to_nvidia(base.state_dict(), "net.")
+    for key in [k for k in state if k.endswith(".weight") and ("_proj." in k or ".layer" in k)]:
+        module = key.removesuffix(".weight")
+        if extra_state == "bytesio":
+            buffer = io.BytesIO()
+            torch.save({"fp8_meta": None}, buffer)
+            state[f"{module}._extra_state"] = buffer
+        else:
+            state[f"{module}._extra_state"] = torch.zeros(16, dtype=torch.uint8)
+    path = tmp_path / "model.pt"
+    torch.save(state, path)
+    with pytest.raises(Exception):  # what plain weights_only loading does with the old form
+        if extra_state == "bytesio":
+            torch.load(path, weights_only=True)
+        else:
+            raise RuntimeError("the tensor form loads anyway")
+    loaded = load_dit(str(path), dtype=torch.float32).state_dict()
+    reference = base.state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux /proc")
+def test_weights_files_are_memory_mapped_not_read(base, tmp_path):
+    """Weight files are mapped, so processes of one host share the page cache instead of each reading a copy."""
+    from safetensors.torch import save_file
+    from cosmos_t2i.models import read_weights
+    state = {k: v.contiguous() for k, v in diffusers_to_nvidia(base.state_dict(), "net.").items()}
+    save_file(state, tmp_path / "model.safetensors")
+    torch.save(state, tmp_path / "model.pt")
+    for name in ("model.safetensors", "model.pt"):
+        mapped = read_weights(tmp_path / name)
+        assert all(torch.equal(mapped[k], state[k]) for k in state)
+        pointer = mapped["net.blocks.0.self_attn.q_proj.weight"].data_ptr()
+        ranges = [[int(x, 16) for x in line.split()[0].split("-")] for line in open("/proc/self/maps")
+                  if line.rstrip().endswith(str(tmp_path / name))]
+        assert any(lo <= pointer < hi for lo, hi in ranges), name  # the tensor lives in a mapping of the file

@@ -171,8 +171,14 @@ def test_model_file_has_nvidia_keys_and_loads_in_diffusers_converter(tiny_bundle
     converted = convert_cosmos_transformer_checkpoint_to_diffusers(dict(net))
     reference = CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").state_dict()
     assert set(converted) == set(reference)
-    for f in ("optim", "scheduler", "trainer"):  # every file loads with weights_only=True
-        ckpt.load_part(ckpt.checkpoint_dir(out, "posttraining", "text2image", "t"), f, 3)
+    d = ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
+    for f in ("scheduler", "trainer"):  # every file loads with weights_only=True
+        ckpt.load_part(d, f, 3)
+    # the training state: fp32 masters, Adam moments and the EMA, keyed by parameter name
+    masters, optim, ema = (ckpt.read_shards(ckpt.shards_dir(d, 3), p) for p in ("model", "optim", "ema"))
+    assert masters["transformer_blocks.0.attn1.to_q.weight"].dtype == torch.float32
+    assert "transformer_blocks.0.attn1.to_q.weight.exp_avg_sq" in optim
+    torch.testing.assert_close(ema["proj_out.weight"], state["net_ema.final_layer.linear.weight"])
 
 
 def test_resume_is_exact_and_finished_run_exits(tiny_bundle, tmp_path):
@@ -183,59 +189,65 @@ def test_resume_is_exact_and_finished_run_exits(tiny_bundle, tmp_path):
     assert "resumed from" in resumed.stderr and "max_iter: 4 -> 8" in resumed.stderr
     a, b = losses_of(full.stderr), losses_of(resumed.stderr)
     assert [a[i] for i in range(5, 9)] == [b[i] for i in range(5, 9)]
-    for part in ("model", "optim"):
-        sa = ckpt.load_part(ckpt.checkpoint_dir(straight, "posttraining", "text2image", "t"), part, 8)
-        sb = ckpt.load_part(ckpt.checkpoint_dir(split, "posttraining", "text2image", "t"), part, 8)
-        flat_a, flat_b = _flatten(sa), _flatten(sb)
-        assert flat_a.keys() == flat_b.keys()
-        for k in flat_a:
-            if torch.is_tensor(flat_a[k]):
-                assert torch.equal(flat_a[k], flat_b[k]), k
-            else:  # a resumed optimizer may hold betas as a list rather than a tuple
-                assert (list(flat_a[k]) if isinstance(flat_a[k], tuple) else flat_a[k]) == (
-                    list(flat_b[k]) if isinstance(flat_b[k], tuple) else flat_b[k]), k
+    da, db = (ckpt.checkpoint_dir(o, "posttraining", "text2image", "t") for o in (straight, split))
+    fa, fb = (torch.load(ckpt.model_file(d, 8), weights_only=True) for d in (da, db))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    for prefix in ("model", "optim", "ema"):
+        sa, sb = (ckpt.read_shards(ckpt.shards_dir(d, 8), prefix) for d in (da, db))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), prefix
     again = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "8"))
     assert "already finished" in again.stdout + again.stderr
     changed = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "12", "--image_size", "32", "32"), check=False)
     assert changed.returncode != 0 and "image_size" in changed.stderr
 
 
-def _flatten(obj, prefix=""):
-    if isinstance(obj, dict):
-        return {k2: v2 for k, v in obj.items() for k2, v2 in _flatten(v, f"{prefix}{k}.").items()}
-    if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], (dict, list, tuple)):
-        return {k2: v2 for i, v in enumerate(obj) for k2, v2 in _flatten(v, f"{prefix}{i}.").items()}
-    return {prefix: obj}
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """A save that fails in the background leaves the previous checkpoint latest and raises on the next wait."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    saver = ckpt.Checkpointer(tmp_path, model, optimizer, scheduler, keep_last=1)
 
+    def step():
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
 
-def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
-    d = tmp_path / "checkpoints"
-    ckpt.save_checkpoint(d, 10, {"model": {"w": torch.ones(2)}, "trainer": {"iteration": 10}})
+    step()
+    saver.save(10, {"rng": {"torch": torch.get_rng_state()}})
+    saver.wait()
+    saved = model.weight.detach().clone()
+    step()
 
-    class Exploding:
-        def __reduce__(self):
-            raise RuntimeError("disk full")
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
 
-    with pytest.raises(RuntimeError, match="disk full"):
-        ckpt.save_checkpoint(d, 20, {"model": {"w": torch.zeros(2)}, "trainer": Exploding()}, keep_last=1)
-    assert ckpt.latest_iteration(d) == 10
-    assert torch.equal(ckpt.load_part(d, "model", 10)["w"], torch.ones(2))
-    assert not list(d.rglob(".*tmp*"))  # no half-written file left behind
-    ckpt.save_checkpoint(d, 30, {"model": {"w": torch.zeros(2)}, "trainer": {}}, keep_last=1)
-    assert ckpt.latest_iteration(d) == 30 and not (d / "model" / ckpt.iter_name(10)).exists()
+    monkeypatch.setattr(ckpt, "write_model_file", disk_full)
+    saver.save(20, {"rng": {"torch": torch.get_rng_state()}})
+    with pytest.raises(RuntimeError, match="No space left"):
+        saver.wait()
+    assert ckpt.latest_iteration(tmp_path) == 10 and ckpt.shards_dir(tmp_path, 10).is_dir()
+    assert not list(tmp_path.rglob(".*tmp*"))  # no half-written file left behind
+    trainer = saver.restore(10)
+    assert trainer["iteration"] == 10 and torch.equal(model.weight, saved)
+    monkeypatch.undo()
+    saver.save(30, {"rng": {"torch": torch.get_rng_state()}})
+    saver.wait()
+    assert ckpt.latest_iteration(tmp_path) == 30 and not ckpt.shards_dir(tmp_path, 10).exists()
+    assert not ckpt.model_file(tmp_path, 10).exists()
 
 
 def test_killed_during_save_leaves_a_usable_checkpoint(tiny_bundle, tmp_path):
-    """SIGKILL the trainer while it writes its second checkpoint; the first stays latest and resumes."""
+    """SIGKILL the trainer while its background save of iteration 4 writes; iteration 2 stays latest and resumes."""
     out = tmp_path / "ck"
-    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2"))
-    env = dict(os.environ, COSMOS_T2I_DIE_DURING_SAVE="trainer")
-    died = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "2"), check=False, env=env)
-    assert died.returncode != 0
+    env = dict(os.environ, COSMOS_TEST_KILL_IN_MODEL_FILE="4")
+    died = run_script("tests/run_patched.py", *tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "2")[1:],
+                      check=False, env=env)
+    assert died.returncode == -9, died.stderr[-2000:]
     d = ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
     assert ckpt.latest_iteration(d) == 2
     resumed = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "2"))
-    assert "resumed from" in resumed.stderr and ckpt.latest_iteration(d) == 4
+    assert "resumed from" in resumed.stderr and "at iteration 2" in resumed.stderr and ckpt.latest_iteration(d) == 4
 
 
 def test_lora_trains_only_adapters_and_reloads(tiny_bundle, tmp_path):
@@ -251,9 +263,10 @@ def test_lora_trains_only_adapters_and_reloads(tiny_bundle, tmp_path):
     assert "net_ema.blocks.0.cross_attn.output_proj.lora_B.weight" in state
     meta = state["lora_metadata"]
     assert meta["rank"] == 4 and meta["alpha"] == 8 and meta["base_fingerprint"]
-    # the base is untouched: master weights in the optim file hold only adapters
-    optim = ckpt.load_part(ckpt.checkpoint_dir(out, "posttraining", "text2image", "t"), "optim", 6)
-    assert all("lora_" in k for k in optim["master_weights"])
+    # the base is untouched: the training state holds only adapters
+    d = ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
+    masters = {ckpt.canonical_name(k): v for k, v in ckpt.read_shards(ckpt.shards_dir(d, 6), "model").items()}
+    assert masters and all("lora_" in k for k in masters)
 
     base = CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").eval()
     loaded = load_dit(str(ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")), dtype=torch.float32)
@@ -261,7 +274,7 @@ def test_lora_trains_only_adapters_and_reloads(tiny_bundle, tmp_path):
     from peft import LoraConfig, set_peft_model_state_dict
     trained = CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").eval()
     trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=ckpt.lora_target_modules(meta["target_modules"])))
-    set_peft_model_state_dict(trained, {k: v for k, v in optim["master_weights"].items()})
+    set_peft_model_state_dict(trained, masters)
     x, t, ctx = torch.randn(2, 16, 1, 8, 8), torch.tensor([0.3, 0.8]), torch.randn(2, 512, 1024)
     pm = torch.zeros(1, 1, 64, 64)
     with torch.no_grad():
@@ -289,7 +302,7 @@ def test_two_processes_match_one(tiny_bundle, tmp_path):
     for k in sa:
         if k.startswith("net_ema."):
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-5)
-    ma, mb = (ckpt.load_part(ckpt.checkpoint_dir(o, "posttraining", "text2image", "t"), "optim", 3)["master_weights"]
+    ma, mb = (ckpt.read_shards(ckpt.shards_dir(ckpt.checkpoint_dir(o, "posttraining", "text2image", "t"), 3), "model")
               for o in (one, two))
     for k in ma:  # fp32 weights after 3 AdamW steps
         torch.testing.assert_close(ma[k], mb[k], rtol=1e-5, atol=1e-5)
@@ -298,7 +311,7 @@ def test_two_processes_match_one(tiny_bundle, tmp_path):
     resumed = run_script(*tiny_args(tiny_bundle, two, *more))
     assert "resumed from" in resumed.stderr and "batch_size: 2 -> 4" in resumed.stderr
     run_script(*tiny_args(tiny_bundle, one, *more))
-    ma, mb = (ckpt.load_part(ckpt.checkpoint_dir(o, "posttraining", "text2image", "t"), "optim", 5)["master_weights"]
+    ma, mb = (ckpt.read_shards(ckpt.shards_dir(ckpt.checkpoint_dir(o, "posttraining", "text2image", "t"), 5), "model")
               for o in (one, two))
     for k in ma:
         torch.testing.assert_close(ma[k], mb[k], rtol=1e-5, atol=1e-5)
@@ -315,8 +328,9 @@ def test_validation_tensorboard_and_8bit_optimizer(tiny_bundle, tmp_path):
     assert sorted(p.name for p in (run / "validation").iterdir()) == [
         "iter_000000002_0.jpg", "iter_000000002_1.jpg", "iter_000000004_0.jpg", "iter_000000004_1.jpg"]
     assert list(run.rglob("events.out.tfevents*"))
-    optim = ckpt.load_part(run / "checkpoints", "optim", 4)["optimizer"]
-    assert any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in _flatten(optim["state"]).values())
+    optim = torch.load(ckpt.shards_dir(run / "checkpoints", 4) / "optimizer_8bit.pt", weights_only=True)
+    assert any(v.dtype == torch.uint8 for state in optim["state"].values() for v in state.values()
+               if torch.is_tensor(v))
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tiny_bundle, tmp_path):

@@ -1,0 +1,198 @@
+"""Multi-GPU training runs through the training script itself (accelerate launch), one JSON line per run.
+
+    python benchmarks/bench_multi_gpu.py --runs scaling            # 2B full fine-tune on 1, 2, 4 GPUs + resume
+    python benchmarks/bench_multi_gpu.py --runs 14b lora multinode
+
+Every run is `accelerate launch --config_file accelerate_configs/... train_text2image.py` on a synthetic dataset at
+768x1360 (random images, random T5 embeddings, latents cached once with a randomly initialised Wan2.1 VAE) and a
+randomly initialised DiT at the real shape. Timings, peak GPU memory, host RSS and checkpoint stalls are read off
+the training script's own log. The baseline for weak scaling is the plain single-GPU path (no FSDP) on the same
+machine in the same invocation. MFU = model FLOPs per sample (torch's FLOP counter, as bench_train.py) x samples
+per second per GPU / the bf16 matmul rate measured here.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def make_dataset(work: Path, n_images: int, height: int, width: int) -> tuple[Path, Path]:
+    """Random images + NVIDIA-format random T5 pickles + a random Wan2.1 VAE folder; returns (dataset, vae)."""
+    import torch
+    from PIL import Image
+
+    from cosmos_t2i.t5 import write_embedding
+
+    data, vae_dir = work / "dataset", work / "vae"
+    rng = np.random.default_rng(0)
+    for sub in ("images", "metas", "t5_xxl"):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        if not (data / "images" / f"{i:05d}.jpg").exists():
+            Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
+                data / "images" / f"{i:05d}.jpg")
+            (data / "metas" / f"{i:05d}.txt").write_text(f"synthetic image {i}")
+            write_embedding(data / "t5_xxl" / f"{i:05d}.pickle", rng.standard_normal((120, 1024)) * 0.1)
+    if not (vae_dir / "config.json").exists():
+        from diffusers import AutoencoderKLWan
+        AutoencoderKLWan().to(torch.bfloat16).save_pretrained(vae_dir)  # Wan2.1's shape, random weights
+    return data, vae_dir
+
+
+def parse_log(text: str, skip: int) -> dict:
+    """Seconds per iteration (median after `skip` warm-up iterations), losses, memory and checkpoint lines."""
+    speeds = [(int(i), float(s)) for i, s in re.findall(r"iter (\d+) loss \S+ lr \S+ grad_norm \S+ iter_speed ([\d.]+)",
+                                                        text)]
+    losses = {int(i): float(v) for i, v in re.findall(r"iter (\d+) loss ([-\d.eE+naif]+)", text)}
+    out = {"losses": losses}
+    steady = [s for i, s in speeds[skip:]] or [s for _, s in speeds]
+    if steady:
+        out["sec_per_iter"] = statistics.median(steady)
+    saves = re.findall(r"checkpoint \S+: stalled ([\d.]+) s, written in ([\d.]+) s", text)
+    if saves:
+        out["checkpoint_stall_s"], out["checkpoint_written_s"] = float(saves[-1][0]), float(saves[-1][1])
+    rss = re.findall(r"host RSS per process \(GB, now/peak\): ([^;\n]+)", text)
+    if rss:
+        out["host_rss_gb_startup"], out["host_rss_gb_end"] = rss[0].strip(), rss[-1].strip()
+    gpu = re.findall(r"GPU peak ([\d.]+) GB allocated, ([\d.]+) GB reserved", text)
+    if gpu:
+        out["gpu_peak_allocated_gb"], out["gpu_peak_reserved_gb"] = float(gpu[-1][0]), float(gpu[-1][1])
+    return out
+
+
+def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=None, machine=None) -> str:
+    """One accelerate launch of the training script; returns its combined log (raises with its tail on failure)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+           "--num_processes", str(n), "--main_process_port", str(port)]
+    if machine is not None:
+        cmd += ["--num_machines", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1"]
+    cmd += [str(ROOT / "train_text2image.py"), *map(str, flags)]
+    env = dict(os.environ, **(env_extra or {}))
+    with open(log, "w") as f:
+        result = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    text = log.read_text()
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
+    return text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=["scaling"], choices=["scaling", "14b", "lora", "multinode"])
+    parser.add_argument("--work", default="/tmp/cosmos_bench")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--batch_size", type=int, default=2, help="per GPU")
+    parser.add_argument("--iters", type=int, default=12)
+    parser.add_argument("--skip", type=int, default=4, help="warm-up iterations left out of the median")
+    parser.add_argument("--tiny", action="store_true", help="CPU check of this script: tiny model, 64x64, gloo")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    height, width = (64, 64) if args.tiny else (768, 1360)
+    n_images = max(args.gpus) * args.batch_size * (args.iters + 4)
+    data, vae = make_dataset(work, n_images, height, width)
+    peak, flops = None, {}
+    if not args.tiny:
+        import torch
+        from bench_train import step_flops
+        from common import matmul_peak_tflops
+        peak = matmul_peak_tflops()
+        for size in ("2B", "14B"):
+            flops[size] = step_flops(size)
+        torch.cuda.empty_cache()
+    size_2b = "tiny" if args.tiny else "2B"
+    common = ["--vae_path", vae, "--dataset_dir", data, "--image_size", height, width, "--num_workers", 4,
+              "--cache_latents", "--report_to", "none", "--logging_iter", 1, "--hit_thres", 0, "--scheduler", "constant",
+              "--lr", "1e-5", "--output_root", work / "runs"]
+    if args.tiny:
+        common += ["--mixed_precision", "no"]
+    else:
+        common += ["--compile"]
+    env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"} if args.tiny else {}
+    port = [29700]
+
+    def run(name, config, n, model_size, extra, machine=None, env_extra=None, batch=None, report=True):
+        port[0] += 1
+        batch = batch or args.batch_size
+        flags = common + ["--model_size", model_size, "--batch_size", batch, "--max_iter", args.iters,
+                          "--save_iter", args.iters, "--name", name, *extra]
+        start = time.perf_counter()
+        text = launch(config, n, flags, work / f"{name}.log", port[0], {**env, **(env_extra or {})}, machine)
+        result = dict(run=name, gpus=n, model_size=model_size, batch_per_gpu=batch, wall_s=time.perf_counter() - start,
+                      **parse_log(text, args.skip))
+        saved = work / "runs" / "posttraining" / "text2image" / name / "checkpoints"
+        if saved.is_dir():
+            result["checkpoints_on_disk_gb"] = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 2 ** 30
+        if "sec_per_iter" in result:
+            result["samples_per_s"] = n * batch / result["sec_per_iter"]
+            if model_size in flops:
+                result["mfu_per_gpu"] = flops[model_size] * batch / result["sec_per_iter"] / (peak * 1e12)
+        if report:
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
+                              if k != "losses"}), flush=True)
+        return result
+
+    single = "single_gpu.yaml" if not args.tiny else "multi_gpu.yaml"
+    if "scaling" in args.runs:
+        import shutil
+        base = run("2b_1gpu_plain", single, 1, size_2b, [])
+        for n in [g for g in args.gpus if g > 1]:
+            shutil.rmtree(work / "runs", ignore_errors=True)  # disk: a 2B checkpoint is about 44 GB
+            r = run(f"2b_fsdp_{n}gpu", "fsdp_2b.yaml", n, size_2b, [])
+            print(json.dumps({"run": f"2b_fsdp_{n}gpu", "weak_scaling_vs_1gpu_plain":
+                              round(r["samples_per_s"] / (n * base["samples_per_s"]), 4)}), flush=True)
+        n = max(args.gpus)
+        if n > 2:  # resume the widest run's checkpoint on 2 GPUs
+            r = run(f"2b_fsdp_{n}gpu", "fsdp_2b.yaml", 2, size_2b, ["--max_iter", args.iters + 4, "--no-final_save"])
+            shutil.rmtree(work / "runs", ignore_errors=True)
+            print(json.dumps({"run": f"resume {n}->2 GPUs", "resumed": bool(r["losses"]) and
+                              min(r["losses"]) == args.iters + 1}), flush=True)
+    if "14b" in args.runs:
+        # fits 4 x 80 GB: bf16 weights with stochastic rounding, fp32 EMA sharded, activation checkpointing
+        run("14b_fsdp_bf16", "fsdp_14b.yaml", max(args.gpus), "tiny" if args.tiny else "14B",
+            ["--weight_dtype", "bf16", "--max_iter", 8, "--save_iter", 1000, "--no-final_save"], batch=1)
+    if "lora" in args.runs:
+        n = max(args.gpus)
+        for size in ([size_2b] if args.tiny else ["2B", "14B"]):
+            for config in ("multi_gpu.yaml", "fsdp_2b.yaml" if size != "14B" else "fsdp_14b.yaml"):
+                run(f"lora_{size}_{config.split('_')[0].split('.')[0]}_{n}gpu", config, n, size,
+                    ["--train_architecture", "lora", "--gradient_checkpointing", "--save_iter", 1000, "--no-final_save"],
+                    batch=1)
+    if "multinode" in args.runs:
+        # two "machines" of 2 processes on one host against one 4-process launch: the same losses
+        one = run("multinode_reference", "fsdp_2b.yaml", 4, size_2b, ["--no-final_save"], batch=1, report=False)
+        results = {}
+
+        def side(machine, visible):
+            flags = common + ["--model_size", size_2b, "--batch_size", 1, "--max_iter", args.iters, "--no-final_save",
+                              "--name", "multinode_two_launches"]
+            results[machine] = launch("multi_node_fsdp.yaml", 4, flags, work / f"multinode_{machine}.log", 29690,
+                                      {**env, **({} if args.tiny else {"CUDA_VISIBLE_DEVICES": visible})}, machine)
+        threads = [threading.Thread(target=side, args=m) for m in ((0, "0,1"), (1, "2,3"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        logs = parse_log(results.get(0, ""), args.skip)["losses"]
+        same = bool(logs) and logs.keys() == one["losses"].keys() and all(
+            abs(logs[i] - one["losses"][i]) <= 1e-5 * abs(one["losses"][i]) for i in logs)
+        print(json.dumps({"run": "multinode 2 launches x 2 processes vs 1 launch x 4", "same_losses": same,
+                          "max_rel_diff": max((abs(logs[i] - one["losses"][i]) / abs(one["losses"][i])
+                                               for i in logs), default=None)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
