@@ -402,6 +402,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(iteration)
+        if iteration == start_iter + 1:
+            checkpointer.prepare_staging()  # once the optimizer state exists: later saves only copy into it
 
         window_iters += 1
         bar.update(1)

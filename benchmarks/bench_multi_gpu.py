@@ -73,12 +73,14 @@ def parse_log(text: str, skip: int) -> dict:
     return out
 
 
-def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=None, machine=None) -> str:
+def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=None, machine=None,
+           extra_launch=()) -> str:
     """One accelerate launch of the training script; returns its combined log (raises with its tail on failure)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
            "--num_processes", str(n), "--main_process_port", str(port)]
     if machine is not None:
         cmd += ["--num_machines", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1"]
+    cmd += list(extra_launch)
     cmd += [str(ROOT / "train_text2image.py"), *map(str, flags)]
     env = dict(os.environ, **(env_extra or {}))
     with open(log, "w") as f:
@@ -91,7 +93,8 @@ def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=Non
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=["scaling"], choices=["scaling", "14b", "lora", "multinode"])
+    parser.add_argument("--runs", nargs="+", default=["scaling"], choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "multinode"],
+                        help="run sets, in the order given")
     parser.add_argument("--work", default="/tmp/cosmos_bench")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch_size", type=int, default=2, help="per GPU")
@@ -124,13 +127,15 @@ def main():
     env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"} if args.tiny else {}
     port = [29700]
 
-    def run(name, config, n, model_size, extra, machine=None, env_extra=None, batch=None, report=True):
+    def run(name, config, n, model_size, extra, machine=None, env_extra=None, batch=None, report=True,
+            extra_launch=()):
         port[0] += 1
         batch = batch or args.batch_size
         flags = common + ["--model_size", model_size, "--batch_size", batch, "--max_iter", args.iters,
                           "--save_iter", args.iters, "--name", name, *extra]
         start = time.perf_counter()
-        text = launch(config, n, flags, work / f"{name}.log", port[0], {**env, **(env_extra or {})}, machine)
+        text = launch(config, n, flags, work / f"{name}.log", port[0], {**env, **(env_extra or {})}, machine,
+                      extra_launch)
         result = dict(run=name, gpus=n, model_size=model_size, batch_per_gpu=batch, wall_s=time.perf_counter() - start,
                       **parse_log(text, args.skip))
         saved = work / "runs" / "posttraining" / "text2image" / name / "checkpoints"
@@ -145,34 +150,46 @@ def main():
                               if k != "losses"}), flush=True)
         return result
 
+    import shutil
     single = "single_gpu.yaml" if not args.tiny else "multi_gpu.yaml"
-    if "scaling" in args.runs:
-        import shutil
+    size_14b = "tiny" if args.tiny else "14B"
+    widest = max(args.gpus)
+    no_save = ["--save_iter", 1000, "--no-final_save"]
+
+    def scaling():
         base = run("2b_1gpu_plain", single, 1, size_2b, [])
         for n in [g for g in args.gpus if g > 1]:
-            shutil.rmtree(work / "runs", ignore_errors=True)  # disk: a 2B checkpoint is about 44 GB
+            shutil.rmtree(work / "runs", ignore_errors=True)  # disk: a 2B checkpoint is about 40 GB
             r = run(f"2b_fsdp_{n}gpu", "fsdp_2b.yaml", n, size_2b, [])
             print(json.dumps({"run": f"2b_fsdp_{n}gpu", "weak_scaling_vs_1gpu_plain":
                               round(r["samples_per_s"] / (n * base["samples_per_s"]), 4)}), flush=True)
-        n = max(args.gpus)
-        if n > 2:  # resume the widest run's checkpoint on 2 GPUs
-            r = run(f"2b_fsdp_{n}gpu", "fsdp_2b.yaml", 2, size_2b, ["--max_iter", args.iters + 4, "--no-final_save"])
-            shutil.rmtree(work / "runs", ignore_errors=True)
-            print(json.dumps({"run": f"resume {n}->2 GPUs", "resumed": bool(r["losses"]) and
+        if widest > 2:  # resume the widest run's checkpoint on 2 GPUs
+            r = run(f"2b_fsdp_{widest}gpu", "fsdp_2b.yaml", 2, size_2b, ["--max_iter", args.iters + 4, "--no-final_save"])
+            print(json.dumps({"run": f"resume {widest}->2 GPUs", "resumed": bool(r["losses"]) and
                               min(r["losses"]) == args.iters + 1}), flush=True)
-    if "14b" in args.runs:
-        # fits 4 x 80 GB: bf16 weights with stochastic rounding, fp32 EMA sharded, activation checkpointing
-        run("14b_fsdp_bf16", "fsdp_14b.yaml", max(args.gpus), "tiny" if args.tiny else "14B",
-            ["--weight_dtype", "bf16", "--max_iter", 8, "--save_iter", 1000, "--no-final_save"], batch=1)
-    if "lora" in args.runs:
-        n = max(args.gpus)
-        for size in ([size_2b] if args.tiny else ["2B", "14B"]):
-            for config in ("multi_gpu.yaml", "fsdp_2b.yaml" if size != "14B" else "fsdp_14b.yaml"):
-                run(f"lora_{size}_{config.split('_')[0].split('.')[0]}_{n}gpu", config, n, size,
-                    ["--train_architecture", "lora", "--gradient_checkpointing", "--save_iter", 1000, "--no-final_save"],
-                    batch=1)
-    if "multinode" in args.runs:
-        # two "machines" of 2 processes on one host against one 4-process launch: the same losses
+        shutil.rmtree(work / "runs", ignore_errors=True)
+
+    def stall():  # two saves: the second shows the steady-state stall (pinned buffers allocated at the first step)
+        run("2b_1gpu_two_saves", single, 1, size_2b, ["--save_iter", args.iters // 2, "--keep_last", 1])
+        shutil.rmtree(work / "runs", ignore_errors=True)
+
+    def reshard():  # 2B: keep gathered blocks from forward to backward (no second all-gather)
+        run(f"2b_fsdp_{widest}gpu_no_reshard", "fsdp_2b.yaml", widest, size_2b, no_save,
+            extra_launch=["--fsdp_reshard_after_forward", "false"])
+
+    def fourteen():  # fits 4 x 80 GB: bf16 weights (stochastic rounding), fp32 EMA sharded, activation checkpointing
+        run("14b_fsdp_bf16", "fsdp_14b.yaml", widest, size_14b, ["--weight_dtype", "bf16", "--max_iter", 8, *no_save],
+            batch=1)
+
+    def fourteen_nvidia():  # NVIDIA's recipe: fp32 master weights and fp32 EMA (20 bytes per parameter)
+        run("14b_fsdp_fp32_nvidia", "fsdp_14b.yaml", widest, size_14b, ["--max_iter", 6, *no_save], batch=1)
+
+    def lora(size):
+        for config in ("multi_gpu.yaml", "fsdp_2b.yaml"):
+            run(f"lora_{size}_{config.split('_')[0].split('.')[0]}_{widest}gpu", config, widest, size,
+                ["--train_architecture", "lora", "--gradient_checkpointing", *no_save], batch=1)
+
+    def multinode():  # two "machines" of 2 processes on one host against one 4-process launch: the same losses
         one = run("multinode_reference", "fsdp_2b.yaml", 4, size_2b, ["--no-final_save"], batch=1, report=False)
         results = {}
 
@@ -192,6 +209,14 @@ def main():
         print(json.dumps({"run": "multinode 2 launches x 2 processes vs 1 launch x 4", "same_losses": same,
                           "max_rel_diff": max((abs(logs[i] - one["losses"][i]) / abs(one["losses"][i])
                                                for i in logs), default=None)}), flush=True)
+
+    sets = {"scaling": scaling, "stall": stall, "reshard": reshard, "14b": fourteen, "14b_nvidia": fourteen_nvidia,
+            "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "multinode": multinode}
+    for name in args.runs:
+        try:
+            sets[name]()
+        except RuntimeError as e:  # report and go on with the next set
+            print(json.dumps({"run": name, "failed": str(e)[-1500:]}), flush=True)
 
 
 if __name__ == "__main__":
