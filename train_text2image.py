@@ -196,7 +196,7 @@ def build_transformer(args, device, sharded: bool):
         meta = {"rank": args.lora_rank, "alpha": float(args.lora_alpha), "target_modules": targets,
                 "model_size": args.model_size, "base_path": str(args.dit_path),
                 "base_fingerprint": fingerprint(args.dit_path)}
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing and not sharded:  # under FSDP, Accelerate checkpoints inside each block
         model.enable_gradient_checkpointing()
     if args.compile:
         for block in model.transformer_blocks:
@@ -328,6 +328,12 @@ def main(argv=None):
     vae = prepare_latent_cache(args, dataset, accelerator) if args.cache_latents else None
     if vae is None and (not args.cache_latents or args.validation_prompts):
         vae = load_vae(args.vae_path, torch.bfloat16, device)
+    if accelerator.is_fsdp2 and args.gradient_checkpointing:
+        # checkpoint inside each sharded block (Accelerate's wrapper): diffusers' own wraps the block from outside,
+        # where FSDP does not cast the recomputed inputs to bf16 again and the recompute no longer matches
+        accelerator.state.fsdp_plugin.activation_checkpointing = True
+    if accelerator.is_fsdp2:  # our loading already gives each process only its shards (build_transformer)
+        accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
     model, weights, lora_meta = build_transformer(args, device, sharded=accelerator.is_fsdp2)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args, device.type)
     scheduler = make_scheduler(optimizer, args)

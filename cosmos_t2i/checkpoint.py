@@ -131,8 +131,8 @@ def prune(ckpt_dir, keep_last: int) -> None:
 
 # ---------------------------------------------------------------- sharded training state
 def canonical_name(name: str) -> str:
-    """Parameter name without compile wrappers or PEFT's adapter name, as stored in model files."""
-    return name.replace("_orig_mod.", "").replace(".default", "")
+    """Parameter name without compile or activation-checkpoint wrappers or PEFT's adapter name (model-file keys)."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "").replace(".default", "")
 
 
 def read_shards(folder, prefix: str, keys=None) -> dict:
@@ -242,7 +242,7 @@ class Checkpointer:
             return
         start = time.perf_counter()
         staged = self.writer.stage(self._state()[0])
-        size = sum(t.numel() * t.element_size() for t in _tensors(staged)) / 2 ** 30
+        size = sum(t.numel() * t.element_size() for t in tensors_in(staged)) / 2 ** 30
         logger.info("checkpoint: %.1f GB of pinned host memory per process for background saves, allocated in %.1f s",
                     size, time.perf_counter() - start)
 
@@ -318,12 +318,13 @@ class Checkpointer:
         return trainer
 
 
-def _tensors(obj):
+def tensors_in(obj):
+    """Every tensor in nested dicts."""
     if torch.is_tensor(obj):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
 
 
 def _to_cpu(obj):
@@ -337,27 +338,13 @@ def _to_cpu(obj):
 
 
 # ---------------------------------------------------------------- model-file formats
-def _model_file(net: dict, ema: dict | None, net_dtype) -> dict:
-    """`net.*` in net_dtype and `net_ema.*` in fp32, NVIDIA key names."""
-    out = diffusers_to_nvidia({k: v.to(net_dtype) for k, v in net.items()}, "net.")
-    if ema is not None:
-        out.update(diffusers_to_nvidia({k: v.float() for k, v in ema.items()}, "net_ema."))
-    return out
-
-
 def full_model_state(model_state: dict, ema_state: dict | None) -> dict:
-    """NVIDIA's post-training model file: `net.*` in bf16 and `net_ema.*` in fp32, NVIDIA key names."""
-    return _model_file(model_state, ema_state, torch.bfloat16)
-
-
-def lora_model_state(adapter_state: dict, ema_state: dict | None, metadata: dict) -> dict:
-    """Adapter-only file: `net.<NVIDIA module>.lora_A.weight` / `lora_B.weight` (fp32), `net_ema.` twins, metadata."""
-    return {**_model_file(adapter_state, ema_state, torch.float32), "lora_metadata": metadata}
-
-
-def ema_from_model_file(state: dict) -> dict:
-    """The `net_ema.*` entries of a model file in diffusers names (adapter names without `.default`)."""
-    return {nvidia_to_diffusers_key(k[len("net_ema."):]): v for k, v in state.items() if k.startswith("net_ema.")}
+    """NVIDIA's post-training model file in memory: `net.*` in bf16 and `net_ema.*` in fp32, NVIDIA key names
+    (for small models and tests; training runs build the file from their shards with write_model_file)."""
+    out = diffusers_to_nvidia({k: v.to(torch.bfloat16) for k, v in model_state.items()}, "net.")
+    if ema_state is not None:
+        out.update(diffusers_to_nvidia({k: v.float() for k, v in ema_state.items()}, "net_ema."))
+    return out
 
 
 def is_lora_file(state: dict) -> bool:

@@ -2,6 +2,7 @@
 
     COSMOS_TEST_FSDP=1                 Accelerate enables FSDP only on accelerators: turn its FSDP2 on for CPU
                                        processes, with the settings of accelerate_configs/fsdp_2b.yaml
+    COSMOS_TEST_FSDP_BF16=1            with it, FSDP computes in bf16 (mixed precision, as on GPUs)
     COSMOS_TEST_KILL_IN_MODEL_FILE=N   SIGKILL the trainer while the background save of iteration N writes
                                        the model file (half a file on disk, as a real kill leaves)
 
@@ -27,6 +28,11 @@ if os.environ.get("COSMOS_TEST_FSDP") == "1":
         self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=["CosmosTransformerBlock"], reshard_after_forward=True)
+        if os.environ.get("COSMOS_TEST_FSDP_BF16") == "1":  # bf16 all-gathers, as on GPUs with mixed_precision bf16
+            import torch
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+            self.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                                 reduce_dtype=torch.float32)
 
     accelerate.Accelerator.__init__ = fsdp_init
 

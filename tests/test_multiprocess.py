@@ -78,3 +78,47 @@ def test_fsdp_equals_one_process_and_resumes_on_other_counts(tiny_bundle, tmp_pa
     assert set(e) == set(f) == {4, 5} and [e[4], e[5]] == pytest.approx([f[4], f[5]], rel=1e-5)
     for prefix in ("model", "optim", "ema"):
         assert_close_dicts(shards(three, 5, prefix), shards(single, 5, prefix))
+
+
+def test_multi_node_config_two_launches_equal_one(tiny_bundle, tmp_path):
+    """accelerate_configs/multi_node_fsdp.yaml as two 'machines' of 2 processes (machine_rank 0 and 1, rendezvous
+    on 127.0.0.1) gives the losses and model file of one 4-process launch."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", COSMOS_TEST_FSDP="1")
+
+    def command(config, out, port, *machine):
+        args = tiny_args(tiny_bundle, out, "--lr", "1e-4", "--max_iter", "2", "--batch_size", "1")
+        args[0] = "tests/run_patched.py"
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" /
+                config), "--num_processes", "4", "--main_process_port", str(port), "--mixed_precision", "no", *machine,
+                *map(str, args)]
+
+    machines = [subprocess.Popen(command("multi_node_fsdp.yaml", tmp_path / "two", 29650, "--num_machines", "2",
+                                         "--machine_rank", str(m), "--main_process_ip", "127.0.0.1"),
+                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for m in (0, 1)]
+    outputs = [m.communicate(timeout=600) for m in machines]
+    assert all(m.returncode == 0 for m in machines), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    single = subprocess.run(command("fsdp_2b.yaml", tmp_path / "one", 29651), cwd=ROOT, env=env, capture_output=True,
+                            text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = losses_of(outputs[0][1]), losses_of(single.stderr)
+    assert a.keys() == b.keys() == {1, 2} and all(abs(a[i] - b[i]) <= 1e-6 * abs(b[i]) for i in a), (a, b)
+    assert "sharded across 4 processes" in outputs[0][1]
+    fa, fb = (torch.load(ckpt.model_file(ckpt.checkpoint_dir(tmp_path / o, "posttraining", "text2image", "t"), 2),
+                         weights_only=True) for o in ("two", "one"))
+    assert_close_dicts(fa, fb, tol=0)
+
+
+def test_fsdp_lora_with_gradient_checkpointing(tiny_bundle, tmp_path):
+    """LoRA under FSDP with --gradient_checkpointing (Accelerate's per-block checkpointing) equals one process with
+    diffusers' checkpointing, and its files carry the plain module names."""
+    a = run(1, tiny_bundle, tmp_path / "one", "--max_iter", "2", "--train_architecture", "lora",
+            "--gradient_checkpointing", "--lr", "1e-2")
+    b = run(2, tiny_bundle, tmp_path / "two", "--max_iter", "2", "--train_architecture", "lora",
+            "--gradient_checkpointing", "--lr", "1e-2", port=29652)
+    assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-5 * abs(a[i]) for i in a), (a, b)
+    fa, fb = (torch.load(ckpt.model_file(ckpt.checkpoint_dir(tmp_path / o, "posttraining", "text2image", "t"), 2),
+                         weights_only=True) for o in ("one", "two"))
+    assert "net.blocks.0.self_attn.q_proj.lora_A.weight" in fb and fa["lora_metadata"] == fb["lora_metadata"]
+    fa.pop("lora_metadata"), fb.pop("lora_metadata")
+    assert_close_dicts(fa, fb)
