@@ -9,6 +9,7 @@ latest_checkpoint.txt; running the same command again resumes from there. See RE
 """
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default="2b_custom_data")
     g.add_argument("--save_iter", type=int, default=500)
     g.add_argument("--keep_last", type=int, default=None, help="keep only the newest K checkpoints (default all)")
+    g.add_argument("--max_wall_time", help="save and exit (code 75) before this much time has passed, e.g. 3h50m "
+                                            "for a 4-hour job slot; uses the measured iteration and save times")
     g.add_argument("--final_save", action=argparse.BooleanOptionalAction, default=True,
                    help="save at --max_iter even when it is not a multiple of --save_iter")
     g.add_argument("--async_save", action=argparse.BooleanOptionalAction, default=True,
@@ -146,6 +149,12 @@ def validate(args, parser) -> None:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
             parser.error("--report_to wandb needs the wandb package: pip install wandb (or use tensorboard).")
+    if args.max_wall_time is not None:
+        from cosmos_t2i.run_control import parse_duration
+        try:
+            parse_duration(args.max_wall_time)
+        except ValueError as e:
+            parser.error(f"--max_wall_time: {e}")
     if args.validation_prompts and args.validation_iter < 1:
         parser.error("--validation_prompts needs --validation_iter N (sample every N iterations).")
     if not args.dryrun:
@@ -188,8 +197,10 @@ def build_transformer(args, device, sharded: bool):
         from peft import LoraConfig
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
         model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
-                                     target_modules=ckpt.lora_target_modules(targets)))
+        with torch.random.fork_rng(devices=[]):  # the same adapter init on every process (FSDP does not broadcast)
+            torch.manual_seed(args.seed)
+            model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
+                                         target_modules=ckpt.lora_target_modules(targets)))
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # adapters train in fp32, as NVIDIA
@@ -247,6 +258,33 @@ def check_resume_settings(args, run_dir) -> None:
                        "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
 
+def claim_run(accelerator, run_dir, ckpt_dir):
+    """Lock the run folder (main process) and find the checkpoint to resume from; every process gets the answer.
+
+    Returns (lock file or None, iteration to resume from or None); exits with the reason on every process if the
+    folder is taken or cannot be written.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    from cosmos_t2i.run_control import acquire_lock, release_lock
+
+    answer = [None]
+    lock = None
+    if accelerator.is_main_process:
+        try:
+            lock = acquire_lock(run_dir)
+            atexit.register(release_lock, lock)
+            ckpt.remove_leftovers(ckpt_dir)
+            answer = [{"latest": ckpt.resume_point(ckpt_dir)}]
+        except SystemExit as e:
+            answer = [{"error": str(e)}]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    if "error" in answer[0]:
+        raise SystemExit(answer[0]["error"])
+    return lock, answer[0]["latest"]
+
+
 def prepare_latent_cache(args, dataset, accelerator):
     """Encode what the cache lacks (split across processes) and switch the dataset to it.
 
@@ -286,6 +324,8 @@ def main(argv=None):
     from cosmos_t2i.ema import PowerEMA
     from cosmos_t2i.flow import draw_training_randomness, flow_loss
     from cosmos_t2i.models import encode_images, load_vae
+    from cosmos_t2i.run_control import (STOPPED_EXIT_CODE, StopRequest, WallClock, heartbeat, ignore_stop_signals,
+                                        parse_duration)
     from cosmos_t2i.schedule import make_optimizer, make_scheduler
 
     ckpt_dir = ckpt.checkpoint_dir(args.output_root, args.project, args.group, args.name)
@@ -297,9 +337,9 @@ def main(argv=None):
     set_seed(args.seed + accelerator.process_index)
     device = accelerator.device
 
-    # Resume bookkeeping first: a finished run exits before loading anything.
-    start_iter = latest = ckpt.latest_iteration(ckpt_dir)
-    start_iter = start_iter or 0
+    # Claim the run folder and find where to resume before loading anything: a finished run exits here.
+    lock, latest = claim_run(accelerator, run_dir, ckpt_dir)
+    start_iter = latest or 0
     if start_iter >= args.max_iter:
         accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
         return
@@ -323,6 +363,7 @@ def main(argv=None):
                                     accelerator.num_processes, args.seed, start_iter * args.grad_accum)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda", collate_fn=collate,
+                                         worker_init_fn=ignore_stop_signals,
                                          persistent_workers=args.num_workers > 0)
 
     vae = prepare_latent_cache(args, dataset, accelerator) if args.cache_latents else None
@@ -367,12 +408,31 @@ def main(argv=None):
     accelerator.init_trackers(args.name, config={k: str(v) for k, v in vars(args).items()})
 
     validation = encode_validation_prompts(args, device) if args.validation_prompts else None
+    stop = StopRequest()  # from here on a signal means: save at the end of this iteration, then exit
     data_iter = iter(loader)
     bar = tqdm(total=args.max_iter, initial=start_iter, desc="train", disable=not accelerator.is_main_process)
     nonfinite_run = skipped = 0
     window_start, window_iters = time.perf_counter(), 0
+    clock = WallClock(parse_duration(args.max_wall_time) if args.max_wall_time else None)
+
+    def trainer_state(iteration):
+        return {"skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
+                "data_position": {"global_batch_step": iteration * args.grad_accum,
+                                  "batches_per_epoch": sampler.per_epoch}}
+
+    def stop_and_exit(iteration):
+        """Every process stops here together: a complete checkpoint of this iteration, then exit code 75."""
+        checkpointer.save(iteration, trainer_state(iteration))
+        checkpointer.wait()
+        accelerator.print(f"stopped ({stop.reason or '--max_wall_time'}) at iteration {iteration}: checkpoint saved in "
+                          f"{ckpt_dir}; run the same command again to resume (exit code {STOPPED_EXIT_CODE}).")
+        accelerator.end_training()
+        raise SystemExit(STOPPED_EXIT_CODE)
+
     for iteration in range(start_iter + 1, args.max_iter + 1):
         tick = time.perf_counter()
+        if lock is not None:
+            heartbeat(lock)
         total_loss = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             batch = next(data_iter)
@@ -391,7 +451,10 @@ def main(argv=None):
             else:
                 accelerator.backward(loss / args.grad_accum)
             total_loss += loss.detach() / args.grad_accum
-        mean_loss = accelerator.reduce(total_loss, reduction="mean")
+        # the loss and each process's stop request in one reduction: every process decides alike, no extra sync
+        wants_stop = float(stop.requested or clock.out_of_time())
+        summed = accelerator.reduce(torch.stack([total_loss.float(), torch.tensor(wants_stop, device=device)]), "sum")
+        mean_loss, stop_here = summed[0] / accelerator.num_processes, bool(summed[1] > 0)
         if not torch.isfinite(mean_loss):  # the same decision on every process: no deadlock
             optimizer.zero_grad(set_to_none=True)
             nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
@@ -399,6 +462,8 @@ def main(argv=None):
             if nonfinite_run >= args.max_nonfinite:
                 raise SystemExit(f"{nonfinite_run} non-finite losses in a row: stopping. The last checkpoint in "
                                  f"{ckpt_dir} is intact; lower --lr or check the data.")
+            if stop_here:
+                stop_and_exit(iteration)
             continue
         nonfinite_run = 0
         nan_to_zero_([p.grad for p in params if p.grad is not None])
@@ -433,11 +498,12 @@ def main(argv=None):
                 save_validation_images(accelerator, unwrapped, vae, validation,
                                        args, iteration, run_dir / "validation")
 
+        if stop_here:
+            stop_and_exit(iteration)
         if iteration % args.save_iter == 0 or (iteration == args.max_iter and args.final_save):
-            checkpointer.save(iteration, {
-                "skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
-                "data_position": {"global_batch_step": iteration * args.grad_accum,
-                                  "batches_per_epoch": sampler.per_epoch}})
+            checkpointer.save(iteration, trainer_state(iteration))
+        clock.record_iteration(time.perf_counter() - tick)
+        clock.record_save(checkpointer.last_save_s)
     checkpointer.wait()
     accelerator.wait_for_everyone()
     logger.info("%s", memory_report(accelerator))

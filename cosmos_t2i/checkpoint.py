@@ -129,6 +129,77 @@ def prune(ckpt_dir, keep_last: int) -> None:
         shutil.rmtree(shards_dir(ckpt_dir, old), ignore_errors=True)
 
 
+def checkpoint_problem(ckpt_dir, iteration: int) -> str | None:
+    """Why the checkpoint of `iteration` cannot be resumed from (a part missing, truncated or unreadable), or None.
+
+    Cheap: files are opened and their indexes read, tensor data is not (the model file is memory-mapped).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    for part in ("trainer", "scheduler", "model"):
+        path = ckpt_dir / part / iter_name(iteration)
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=part == "model")
+        except Exception as e:
+            return f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]})"
+    folder = shards_dir(ckpt_dir, iteration)
+    try:
+        storage = dcp.FileSystemReader(str(folder)).read_metadata().storage_data
+    except Exception as e:
+        return f"{folder} has no readable .metadata ({type(e).__name__})"
+    for info in storage.values():
+        path = folder / info.relative_path
+        if not path.is_file() or path.stat().st_size < info.offset + info.length:
+            return f"{path} is missing or truncated"
+    return None
+
+
+def resume_point(ckpt_dir) -> int | None:
+    """The newest complete checkpoint no newer than latest_checkpoint.txt (or the newest at all if the pointer is
+    gone); each newer one that is incomplete is named in a warning. None for a fresh run."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        pointer = latest_iteration(ckpt_dir)
+    except ValueError as e:
+        logger.warning("%s; looking for the newest complete checkpoint instead", e)
+        pointer = None
+    found = {int(p.name.removeprefix("iter_").removesuffix(".pt")) for part in ("model", "trainer")
+             for p in (ckpt_dir / part).glob("iter_*.pt")} | ({pointer} if pointer is not None else set())
+    for iteration in sorted((i for i in found if pointer is None or i <= pointer), reverse=True):
+        problem = checkpoint_problem(ckpt_dir, iteration)
+        if problem is None:
+            if iteration != pointer:
+                logger.warning("resuming from the newest complete checkpoint, iteration %d", iteration)
+            return iteration
+        logger.warning("checkpoint of iteration %d cannot be used: %s", iteration, problem)
+    return None
+
+
+def remove_leftovers(ckpt_dir) -> None:
+    """Delete what interrupted saves left: temporary files, and parts of checkpoints newer than the one
+    latest_checkpoint.txt names (a save that never completed). Complete or damaged older ones are left alone."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return
+    for tmp in [*ckpt_dir.glob(".*.tmp*"), *ckpt_dir.glob("*/.*.tmp*")]:
+        logger.info("removing %s, left by an interrupted save", tmp)
+        tmp.unlink(missing_ok=True)
+    try:
+        pointer = latest_iteration(ckpt_dir)
+    except ValueError:
+        return
+    incomplete = {}  # with no pointer yet, only parts of saves that never completed go
+    for part in ("model", "scheduler", "trainer", "optim"):
+        for path in (ckpt_dir / part).glob("iter_*"):
+            iteration = int(path.name.removeprefix("iter_").removesuffix(".pt"))
+            if pointer is None and iteration not in incomplete:
+                incomplete[iteration] = checkpoint_problem(ckpt_dir, iteration) is not None
+            if (iteration > pointer) if pointer is not None else incomplete[iteration]:
+                logger.info("removing %s, part of a save that did not complete", path)
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------- sharded training state
 def canonical_name(name: str) -> str:
     """Parameter name without compile or activation-checkpoint wrappers or PEFT's adapter name (model-file keys)."""
@@ -219,6 +290,7 @@ class Checkpointer:
         self._future = None
         self._finisher = None
         self._error = None
+        self.last_save_s = 0.0  # how long the last save took from start to latest_checkpoint.txt
 
     def _state(self) -> tuple[dict, list]:
         from .distributed import optimizer_state, trainable_state
@@ -282,8 +354,9 @@ class Checkpointer:
             atomic_write_text(self.dir / LATEST, iter_name(iteration))
             if self.keep_last:
                 prune(self.dir, self.keep_last)
+            self.last_save_s = time.perf_counter() - start
             logger.info("checkpoint %s: stalled %.2f s, written in %.1f s", iter_name(iteration), stalled,
-                        time.perf_counter() - start)
+                        self.last_save_s)
         except BaseException as e:  # reported by the next wait() on the training thread
             self._error = e
 

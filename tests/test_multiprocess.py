@@ -121,4 +121,6 @@ def test_fsdp_lora_with_gradient_checkpointing(tiny_bundle, tmp_path):
                          weights_only=True) for o in ("one", "two"))
     assert "net.blocks.0.self_attn.q_proj.lora_A.weight" in fb and fa["lora_metadata"] == fb["lora_metadata"]
     fa.pop("lora_metadata"), fb.pop("lora_metadata")
-    assert_close_dicts(fa, fb)
+    # lora_A gets near-zero gradients in its first steps (B starts at 0), where Adam's g / (sqrt(v) + eps) magnifies
+    # the last bits of a different reduction order: equal to a few 1e-4
+    assert_close_dicts(fa, fb, tol=5e-4)

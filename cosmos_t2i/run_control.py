@@ -1,0 +1,172 @@
+"""What a long run needs from its surroundings: a stop on request (signals, wall time, a dead launcher) and one
+run per folder.
+
+A stop is agreed by every process at the same iteration: each process's request flag travels with the loss it
+already reduces every step, so a signal to any of them stops all of them, and they save together.
+"""
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - a stopped run that saved and can be resumed by rerunning
+LOCK = ".run.lock"
+LOCK_STALE_S = 15 * 60  # a lock whose heartbeat is older than this is left by a dead run, wherever it ran
+
+
+def parse_duration(text: str) -> float:
+    """'3h50m', '90m', '1h', '45s', '2d' or plain seconds -> seconds."""
+    import re
+
+    text = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{text!r} is not a duration; write e.g. 3h50m, 90m or 5400.")
+    return sum(float(n) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+class StopRequest:
+    """Set by SIGTERM, SIGINT or SIGUSR1 (and by the launcher's death); a second signal aborts at once."""
+
+    def __init__(self):
+        self.reason, self.pid = None, os.getpid()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+        if sys.platform.startswith("linux"):
+            # the kernel sends us SIGTERM when the process that started us (accelerate launch) dies
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() == 1:  # the launcher died before we asked
+                self.reason = "launcher gone"
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked helper process: the training process ends it after its save
+            signal.signal(signum, signal.SIG_IGN)
+            return
+        name = signal.Signals(signum).name
+        if self.reason is not None:
+            sys.stderr.write(f"\n{name} again: aborting now; the last complete checkpoint stays the latest.\n")
+            os._exit(128 + signum)
+        self.reason = name
+        sys.stderr.write(f"\n{name} received: saving a checkpoint at the end of this iteration, then exiting "
+                         f"(send it again to abort without saving).\n")
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+
+def ignore_stop_signals(_worker_id=None) -> None:
+    """DataLoader worker_init_fn: workers leave stop signals to the training process, which ends them after its
+    save (by default a worker dies on SIGTERM and takes the run down before it can save)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class WallClock:
+    """--max_wall_time: stop while there is still time for one more iteration and a synchronous save."""
+
+    def __init__(self, limit_s: float | None):
+        self.start, self.limit = time.monotonic() - _process_age(), limit_s  # a job's limit counts from its start
+        self.iteration_s, self.save_s = 0.0, 0.0
+
+    def record_iteration(self, seconds: float) -> None:
+        self.iteration_s = max(self.iteration_s * 0.9, seconds)  # decays, but a slow iteration counts at once
+
+    def record_save(self, seconds: float) -> None:
+        self.save_s = max(self.save_s, seconds)
+
+    def out_of_time(self) -> bool:
+        if self.limit is None:
+            return False
+        margin = 2 * self.iteration_s + 1.5 * self.save_s + 30  # the stop save itself, with room to spare
+        return time.monotonic() - self.start + margin >= self.limit
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux), else 0."""
+    try:
+        start_ticks = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def acquire_lock(run_dir) -> Path:
+    """Claim `run_dir` for this run, or raise SystemExit naming the run that holds it.
+
+    The lock is a file created exclusively (works on shared file systems) holding host, pid and start time; its
+    modification time is a heartbeat (`heartbeat`). A lock whose process is gone (same host) or whose heartbeat
+    stopped LOCK_STALE_S ago (any host) is taken over with a warning. Creating it also proves the folder writable.
+    """
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create the run folder {run_dir} ({e.strerror}); choose another --output_root.")
+    path = run_dir / LOCK
+    me = f"{socket.gethostname()} {os.getpid()} {time.time():.0f}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+            if holder is None or not _is_stale(path, holder):
+                host, pid = holder[:2] if holder else ("?", "?")
+                raise SystemExit(f"{run_dir} is in use by another training run (host {host}, pid {pid}). Wait for "
+                                 f"it to end, or choose another --name. If that run is dead, delete {path}.")
+            logger.warning("taking over %s left by a run that is gone (host %s, pid %s)", path, *holder[:2])
+            path.unlink(missing_ok=True)
+            continue
+        except OSError as e:
+            raise SystemExit(f"cannot write in the run folder {run_dir} ({e.strerror}); checkpoints could not be "
+                             "saved there. Fix its permissions or choose another --output_root.")
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return path
+    raise SystemExit(f"{path}: could not take the lock; another run started at the same moment?")
+
+
+def heartbeat(lock: Path) -> None:
+    try:
+        os.utime(lock)
+    except OSError:
+        pass
+
+
+def release_lock(lock: Path | None) -> None:
+    if lock is not None and _read_holder(lock) is not None and _read_holder(lock)[:2] == (socket.gethostname(),
+                                                                                        str(os.getpid())):
+        lock.unlink(missing_ok=True)
+
+
+def _read_holder(path):
+    try:
+        parts = Path(path).read_text().split()
+    except OSError:
+        return None
+    return tuple(parts) if len(parts) >= 2 else ("?", "?")
+
+
+def _is_stale(path, holder) -> bool:
+    host, pid = holder[:2]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    try:
+        return time.time() - Path(path).stat().st_mtime > LOCK_STALE_S
+    except OSError:
+        return True

@@ -1,0 +1,156 @@
+"""Runs that survive schedulers and damage: signals, wall-time limits, a dead launcher, damaged checkpoints, and
+two runs on one folder."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+from test_training import losses_of, tiny_args
+
+from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i.run_control import LOCK, STOPPED_EXIT_CODE, parse_duration
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals and /proc")
+
+
+def start(args, launcher=None):
+    """The trainer in its own process group, output in files (no pipe to fill)."""
+    log = open(args[args.index("--output_root") + 1] + ".log", "w")
+    command = [sys.executable, *map(str, args)]
+    if launcher:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision",
+                   "no", "--dynamo_backend", "no", *map(str, args)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1")), log.name
+
+
+def wait_for_iteration(log, n, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = losses_of(open(log).read())
+        if found and max(found) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no iteration {n} in {log}:\n{open(log).read()[-3000:]}")
+
+
+def run_dir(out):
+    return ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
+
+
+def test_sigterm_to_the_group_saves_where_it_stopped_and_resumes_exactly(tiny_bundle, tmp_path):
+    straight = run_script(*tiny_args(tiny_bundle, tmp_path / "straight", "--max_iter", "400", "--save_iter", "100",
+                                     "--max_iter", "60"))
+    out = str(tmp_path / "ck")
+    proc, log = start(tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "100", "--num_workers", "2"))
+    wait_for_iteration(log, 8)
+    os.killpg(proc.pid, signal.SIGTERM)  # what SLURM and Kubernetes do before preemption
+    assert proc.wait(timeout=120) == STOPPED_EXIT_CODE, open(log).read()[-3000:]
+    text = open(log).read()
+    stopped = ckpt.latest_iteration(run_dir(out))
+    assert stopped is not None and stopped >= 8 and f"stopped (SIGTERM) at iteration {stopped}" in text
+    assert ckpt.checkpoint_problem(run_dir(out), stopped) is None
+    assert not (run_dir(out).parent / LOCK).exists()
+    resumed = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "100", "--max_iter",
+                                    str(stopped + 3)))
+    a, b = losses_of(straight.stderr), losses_of(resumed.stderr)
+    assert [a[i] for i in range(stopped + 1, stopped + 4)] == [b[i] for i in range(stopped + 1, stopped + 4)]
+
+
+def test_second_signal_aborts_and_keeps_the_previous_checkpoint(tiny_bundle, tmp_path):
+    out = str(tmp_path / "ck")
+    proc, log = start(tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "4"))
+    wait_for_iteration(log, 6)
+    before = ckpt.latest_iteration(run_dir(out))
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT
+    after = ckpt.latest_iteration(run_dir(out))
+    assert after is not None and after >= before and ckpt.checkpoint_problem(run_dir(out), after) is None
+
+
+def test_trainer_stops_and_saves_when_its_launcher_dies(tiny_bundle, tmp_path):
+    out = str(tmp_path / "ck")
+    launcher, log = start(tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "100"), launcher=True)
+    wait_for_iteration(log, 4)
+    trainer = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == launcher.pid]
+    assert trainer
+    launcher.send_signal(signal.SIGKILL)  # the launcher alone, as when its own job step is killed
+    launcher.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _parent(p) is not None for p in trainer):
+        time.sleep(0.5)
+    assert not any(os.path.exists(f"/proc/{p}") and _parent(p) is not None for p in trainer), "trainer orphaned"
+    assert "stopped (SIGTERM)" in open(log).read()
+    assert ckpt.latest_iteration(run_dir(out)) >= 4
+
+
+def _parent(pid):
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])
+
+
+def test_max_wall_time_saves_and_exits_in_time(tiny_bundle, tmp_path):
+    assert parse_duration("3h50m") == 13800 and parse_duration("90") == 90
+    out = tmp_path / "ck"
+    start_time = time.time()
+    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "100000", "--save_iter", "100000",
+                                   "--max_wall_time", "45s"), check=False)
+    assert result.returncode == STOPPED_EXIT_CODE, result.stderr[-2000:]
+    assert time.time() - start_time < 45 + 5  # the limit counts from the process's start
+    assert "stopped (--max_wall_time)" in result.stdout + result.stderr
+    assert ckpt.latest_iteration(run_dir(out)) > 0
+    bad = run_script(*tiny_args(tiny_bundle, out, "--max_wall_time", "soon"), check=False)
+    assert bad.returncode != 0 and "--max_wall_time" in bad.stderr
+
+
+def test_damaged_newest_checkpoint_falls_back_and_leftovers_are_removed(tiny_bundle, tmp_path):
+    out = tmp_path / "ck"
+    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "2"))
+    d = run_dir(out)
+    model = ckpt.model_file(d, 4)
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # truncated, as a full disk leaves it
+    leftover = d / "model" / ".iter_000000006.pt.tmp1234"
+    leftover.write_bytes(b"partial")
+    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "2"))
+    assert f"{model} is unreadable" in result.stderr and "resumed from" in result.stderr
+    assert "at iteration 2" in result.stderr and not leftover.exists()
+    assert ckpt.latest_iteration(d) == 6 and ckpt.checkpoint_problem(d, 4) is None  # rewritten on the way
+
+    # a pointer naming an iteration that is not there never reads as "already finished"
+    (d / "latest_checkpoint.txt").write_text("iter_000000099.pt")
+    again = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "8", "--save_iter", "2"))
+    assert "already finished" not in again.stdout + again.stderr
+    assert "iteration 99 cannot be used" in again.stderr and ckpt.latest_iteration(d) == 8
+
+
+def test_second_run_on_the_same_folder_is_refused_and_stale_locks_taken_over(tiny_bundle, tmp_path):
+    out = str(tmp_path / "ck")
+    proc, log = start(tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "100"))
+    wait_for_iteration(log, 2)
+    second = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "400"), check=False)
+    assert second.returncode != 0 and "in use by another training run" in second.stderr
+    assert f"pid {proc.pid}" in second.stderr
+    os.killpg(proc.pid, signal.SIGKILL)  # dies holding the lock
+    proc.wait()
+    lock = run_dir(out).parent / LOCK
+    assert lock.exists()
+    third = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2"), check=False)
+    assert third.returncode == 0 and "taking over" in third.stderr and not lock.exists()
+
+
+def test_unwritable_output_is_refused_before_loading(tiny_bundle, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run_script(*tiny_args(tiny_bundle, blocker / "runs", "--max_iter", "2"), check=False)
+    assert result.returncode != 0 and "--output_root" in result.stderr and "Traceback" not in result.stderr
+    assert "trainable parameters" not in result.stderr  # nothing was loaded
+    torch.manual_seed(0)
