@@ -27,7 +27,7 @@ logger = logging.getLogger("train")
 NVIDIA_LORA_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
 SHAPE_KEYS = ("weight_dtype", "model_size", "train_architecture", "lora_rank", "lora_target_modules", "image_size", "ema",
-              "aspect_buckets", "resolution", "bucket_fit")
+              "aspect_buckets", "resolution", "bucket_fit", "optimizer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +138,12 @@ def validate(args, parser) -> None:
     for name in ("batch_size", "grad_accum", "max_iter", "save_iter", "lora_rank", "logging_iter"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1.")
+    if not args.lr > 0 or not args.eps > 0 or args.weight_decay < 0:
+        parser.error("--lr and --eps must be positive and --weight_decay not negative.")
+    if not all(0 <= b < 1 for b in args.betas):
+        parser.error(f"--betas {args.betas}: each must be in [0, 1).")
+    if not 0 < args.ema_rate < 1 or not args.clip_grad_norm > 0:
+        parser.error("--ema_rate must be in (0, 1) and --clip_grad_norm positive.")
     if not 0 <= args.caption_dropout <= 1:
         parser.error("--caption_dropout is a probability in [0, 1].")
     if args.keep_last is not None and args.keep_last < 1:
@@ -158,6 +164,10 @@ def validate(args, parser) -> None:
     if args.validation_prompts and args.validation_iter < 1:
         parser.error("--validation_prompts needs --validation_iter N (sample every N iterations).")
     if not args.dryrun:
+        if args.dit_path is not None and not Path(args.dit_path).exists() and (
+                args.dit_path.startswith(("/", ".", "~")) or args.dit_path.count("/") != 1 or
+                Path(args.dit_path).suffix in (".pt", ".pth", ".safetensors")):  # not a Hub id: never sent there
+            parser.error(f"--dit_path {args.dit_path}: no such file or folder.")
         if not args.vae_path:
             parser.error("--vae_path is required.")
         if bool(args.dataset_dir) == bool(args.dataset_name):
@@ -239,8 +249,9 @@ def encode_validation_prompts(args, device):
     return torch.stack([pad_embedding(a)[0] for a in arrays])
 
 
-def check_resume_settings(args, run_dir) -> None:
-    """On resume: list changed settings; refuse a changed model or data shape."""
+def check_resume_settings(args, run_dir, iteration: int, write_history: bool) -> None:
+    """On resume: refuse a changed model or data shape; list what else changed (it applies from here on, the
+    optimizer and schedule settings included) and append it to the run's config_history.yaml."""
     import yaml
 
     path = run_dir / "config.yaml"
@@ -254,8 +265,23 @@ def check_resume_settings(args, run_dir) -> None:
                          + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in fatal.items())
                          + ". Use a new --name, or restore the original flags.")
     if changed:
-        logger.warning("resuming with changed settings: %s",
+        logger.warning("resuming with changed settings, applied from iteration %d on: %s", iteration + 1,
                        "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+        if write_history:
+            with open(run_dir / "config_history.yaml", "a") as f:
+                yaml.safe_dump([{"resumed_at_iteration": iteration, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "changed": {k: {"from": a, "to": b} for k, (a, b) in changed.items()}}], f,
+                               sort_keys=False)
+
+
+def apply_optimizer_settings(optimizer, scheduler, args) -> None:
+    """After restoring a checkpoint: the optimizer and schedule settings of this command, not the saved ones."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    scheduler.base_lrs = [args.lr for _ in scheduler.base_lrs]
+    for group, lr_lambda in zip(inner.param_groups, scheduler.lr_lambdas):
+        group.update(betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay, initial_lr=args.lr,
+                     lr=args.lr * lr_lambda(scheduler.last_epoch))
+    scheduler._last_lr = [group["lr"] for group in inner.param_groups]
 
 
 def claim_run(accelerator, run_dir, ckpt_dir):
@@ -344,7 +370,7 @@ def main(argv=None):
         accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
         return
     if latest is not None:
-        check_resume_settings(args, run_dir)
+        check_resume_settings(args, run_dir, latest, write_history=accelerator.is_main_process)
 
     source = HFSource(args.dataset_name, args.image_column, args.split) if args.dataset_name else None
     fit = {"crop": "center_crop", "pad": "pad"}[args.bucket_fit] if args.aspect_buckets else args.resize_mode
@@ -399,6 +425,7 @@ def main(argv=None):
                                      args.async_save, accelerator.is_main_process)
     if latest is not None:
         state = checkpointer.restore(latest)
+        apply_optimizer_settings(optimizer, scheduler, args)
         torch.set_rng_state(state["rng"]["torch"])
         logger.info("resumed from %s at iteration %d", ckpt_dir, latest)
     logger.info("%s", memory_report(accelerator))

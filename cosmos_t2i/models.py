@@ -313,13 +313,23 @@ def load_vae(vae_path: str, dtype=torch.bfloat16, device="cpu"):
     from diffusers import AutoencoderKLWan
 
     path = Path(vae_path)
+    not_a_vae = ("pass the Wan2.1 VAE as --vae_path: a diffusers AutoencoderKLWan folder (a pipeline's vae/) or "
+                 "NVIDIA's tokenizer/tokenizer.pth.")
     if path.is_dir():
+        import json
+
         folder = path / "vae" if (path / "vae" / "config.json").exists() else path
+        config = folder / "config.json"
+        kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+        if kind != "AutoencoderKLWan":
+            raise ValueError(f"{folder} holds {'a ' + kind if kind else 'no config.json'}, not a VAE: " + not_a_vae)
         vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype)
     elif path.is_file():
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
         state = read_weights(path)
+        if size_of_state(state) is not None:
+            raise ValueError(f"{path} is a DiT weight file, not a VAE: " + not_a_vae)
         state = convert_wan_vae_to_diffusers(state) if not any(k.startswith("encoder.conv_in") for k in state) \
             else state
         vae = AutoencoderKLWan()  # the default config is Wan2.1's

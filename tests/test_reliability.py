@@ -68,8 +68,12 @@ def test_second_signal_aborts_and_keeps_the_previous_checkpoint(tiny_bundle, tmp
     wait_for_iteration(log, 6)
     before = ckpt.latest_iteration(run_dir(out))
     os.killpg(proc.pid, signal.SIGINT)
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) == 128 + signal.SIGINT
+    deadline = time.time() + 30
+    while "SIGINT received" not in open(log).read() and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # while the stop save is being written
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT, open(log).read()[-2000:]
+    assert "SIGINT again: aborting now" in open(log).read()
     after = ckpt.latest_iteration(run_dir(out))
     assert after is not None and after >= before and ckpt.checkpoint_problem(run_dir(out), after) is None
 

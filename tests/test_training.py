@@ -103,6 +103,12 @@ def test_lambda_linear_schedule():
     (["--keep_last", "0"], "--keep_last"),
     (["--batch_size", "0"], "--batch_size"),
     (["--caption_dropout", "1.5"], "probability"),
+    (["--lr", "0"], "--lr"),
+    (["--betas", "0.9", "1.0"], "--betas"),
+    (["--ema_rate", "1.5"], "--ema_rate"),
+    (["--dit_path", "/weights/nowhere/model.pt"], "no such file or folder"),
+    (["--dit_path", "checkpoints/not/here"], "no such file or folder"),
+    (["--max_wall_time", "tomorrow"], "--max_wall_time"),
 ])
 def test_invalid_combinations_fail_before_loading(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -120,6 +126,31 @@ def test_config_file_and_cli_precedence(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_text2image.main(["--config", str(config), "--dryrun"])
     assert "not_a_flag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("image_size: 64\n", "--image_size: expected 2 arguments"),
+    ("lr: [0.001]\n", "lr: expected one value"),
+    ("max_iter: 4.5\n", "invalid int value: '4.5'"),
+    ("ema: 'false'\n", "ema: expected true or false"),
+    ("scheduler: cosine\n", "invalid choice"),
+])
+def test_yaml_values_are_checked_like_flags(tmp_path, capsys, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit):
+        train_text2image.main(["--config", str(config), "--dryrun"])
+    assert message in capsys.readouterr().err
+    config.write_text("ema: false\nbetas: [0.8, 0.95]\nmax_iter: 500\ncycle_lengths: 500\n")
+    train_text2image.main(["--config", str(config), "--dryrun", "--max_iter", "400"])
+    out = capsys.readouterr().out
+    assert "ema: false" in out and "- 0.8" in out and "max_iter: 400" in out and "cycle_lengths:\n- 500" in out
+
+
+def test_vae_path_given_the_dit_says_so(tiny_bundle):
+    from cosmos_t2i.models import load_vae
+    with pytest.raises(ValueError, match="CosmosTransformer3DModel, not a VAE"):
+        load_vae(str(tiny_bundle / "models" / "transformer"))
 
 
 def test_seed_example_configs_parse(capsys):
@@ -197,6 +228,14 @@ def test_resume_is_exact_and_finished_run_exits(tiny_bundle, tmp_path):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), prefix
     again = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "8"))
     assert "already finished" in again.stdout + again.stderr
+    # a changed learning rate on resume is what runs from there on, and the run folder records the change
+    changed_lr = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "10", "--lr", "1e-4"))
+    assert "lr: 0.001 -> 0.0001" in changed_lr.stderr
+    assert re.search(r"iter 9 loss \S+ lr 1\.000e-04", changed_lr.stderr), changed_lr.stderr[-2000:]
+    run = split / "posttraining" / "text2image" / "t"
+    assert "lr: 0.0001" in (run / "config.yaml").read_text()
+    history = (run / "config_history.yaml").read_text()
+    assert "resumed_at_iteration: 8" in history and "from: 0.001" in history
     changed = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "12", "--image_size", "32", "32"), check=False)
     assert changed.returncode != 0 and "image_size" in changed.stderr
 
