@@ -4,8 +4,8 @@
 
 Each pickle holds a list with one float16 array (n_tokens, 1024), trimmed to the caption's true token count
 (</s> included), so files load both here and in NVIDIA's repository. Captions are sorted by length and batched,
-so a batch pads only to its longest caption. Files already written are skipped (a killed run resumes) unless
---overwrite. Under `accelerate launch` with several processes the files are split across processes.
+so a batch pads only to its longest caption. Files already written and well-formed are skipped (a killed run resumes; unreadable or malformed
+ones are encoded again) unless --overwrite re-encodes all. Under `accelerate launch` with several processes the files are split across processes.
 """
 
 import argparse
@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from cosmos_t2i.data import list_images
-from cosmos_t2i.t5 import MAX_LENGTH, encode_prompts, load_text_encoder, write_embedding
+from cosmos_t2i.t5 import MAX_LENGTH, encode_prompts, load_text_encoder, read_embedding, write_embedding
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -127,6 +127,17 @@ def precompute_hf(args, device, dtype) -> None:
     print(f"wrote {len(ds)} rows with a {EMBEDDING_COLUMN} column to {out}")
 
 
+def is_valid_embedding(path) -> bool:
+    """Done already: the file exists and reads as a well-formed, finite embedding (else it is encoded again)."""
+    if not path.exists():
+        return False
+    try:
+        read_embedding(path)
+        return True
+    except ValueError:
+        return False
+
+
 def main(argv=None):
     from cosmos_t2i.models import quiet_library_logs
 
@@ -145,7 +156,7 @@ def main(argv=None):
     dataset = Path(args.dataset_path)
     captions = read_captions(dataset, args.prompt)
     out_dir = dataset / "t5_xxl"
-    todo = [s for s in sorted(captions) if args.overwrite or not (out_dir / f"{s}.pickle").exists()]
+    todo = [s for s in sorted(captions) if args.overwrite or not is_valid_embedding(out_dir / f"{s}.pickle")]
     skipped = len(captions) - len(todo)
     if state.is_main_process:
         print(f"{dataset}: {len(captions)} captions, {skipped} already encoded, {len(todo)} to encode")

@@ -7,6 +7,7 @@ Either source yields NVIDIA's sample dict (notes section 6): images [3,H,W] in [
 import io
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,19 @@ def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
     """
     root = Path(dataset_dir)
     samples, problems = [], []
-    for image in list_images(root):
+    images = list_images(root)
+    stems = {}
+    for image in images:
+        stems.setdefault(image.stem, []).append(image.name)
+    clashes = [" and ".join(names) for names in stems.values() if len(names) > 1]
+    if clashes:
+        raise ValueError(f"{root / 'images'}: images share a name, so they would share one caption and embedding: "
+                         f"{_listing(clashes)}. Rename or remove one of each.")
+    unreadable = check_images(images, root / ".image_check.json")
+    for image in images:
+        if image.name in unreadable:
+            problems.append(unreadable[image.name])
+            continue
         caption = root / "metas" / f"{image.stem}.txt"
         embedding = root / "t5_xxl" / f"{image.stem}.pickle"
         if not caption.is_file():
@@ -63,10 +76,10 @@ def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
                 continue
             samples.append({"name": image.stem, "image": image, "caption": caption, "embedding": embedding})
     if problems and not skip_incomplete:
-        raise ValueError(f"{root}: {len(problems)} of {len(problems) + len(samples)} samples are incomplete: "
-                         f"{_listing(problems)}. Fix: write a caption per image in metas/<name>.txt, run "
-                         f"`python precompute_t5.py --dataset_path {root}`, or pass --skip_incomplete to train "
-                         "on the complete ones.")
+        raise ValueError(f"{root}: {len(problems)} of {len(problems) + len(samples)} samples are incomplete or "
+                         f"unreadable: {_listing(problems)}. Fix: replace unreadable images, write a caption per "
+                         f"image in metas/<name>.txt, run `python precompute_t5.py --dataset_path {root}`, or pass "
+                         "--skip_incomplete to train on the complete ones.")
     if problems:
         logger.warning("%s: skipping %d incomplete samples (%s)", root, len(problems), _listing(problems, 3))
     if not samples:
@@ -168,14 +181,63 @@ def _image_feature(decode):
 
 
 # ---------------------------------------------------------------- images
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
 def load_image(path, name=None) -> torch.Tensor:
-    """Decode an image to uint8 [3, H, W]; a corrupt file raises an error naming it."""
+    """Decode an image to uint8 [3, H, W]; a corrupt file raises an error naming it.
+
+    EXIF orientation is applied; 16-bit greyscale is scaled to 8 bits (not clipped to white); images with
+    transparency are composited on BACKGROUND.
+    """
+    from PIL import ImageOps
+
     try:
         with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                grey = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.clip(grey / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                img = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+                img.alpha_composite(rgba)
             array = np.asarray(img.convert("RGB"))
     except Exception as e:
         raise ValueError(f"{name or path}: cannot decode image ({e}). Replace or remove the file.") from e
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def check_images(paths, cache_file) -> dict[str, str]:
+    """Decode every image once; returns {file name: problem} for those that fail. Images already decoded with the same
+    size and modification time (recorded in `cache_file`, skipped if it cannot be written) are not decoded again."""
+    import json
+
+    cache_file = Path(cache_file)
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    def key(p):
+        stat = p.stat()
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+    todo = [p for p in paths if known.get(p.name) != key(p)]
+    problems = {}
+    if todo:
+        from tqdm import tqdm
+        for path in tqdm(todo, desc="checking images", disable=len(todo) < 500):
+            try:
+                load_image(path)
+                known[path.name] = key(path)
+            except ValueError as e:
+                problems[path.name] = str(e).split(" Replace")[0]
+        try:
+            tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only dataset is checked again next time
+    return problems
 
 
 def fit_image(image: torch.Tensor, size: tuple[int, int], mode: str = "resize"):

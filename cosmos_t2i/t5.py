@@ -53,13 +53,17 @@ def read_embedding(path) -> np.ndarray:
     except UnsafePickleError:
         raise
     except Exception as e:  # truncated or not a pickle at all
-        raise ValueError(f"{path}: unreadable embedding ({e}). Rerun precompute_t5.py with --overwrite.") from e
+        raise ValueError(f"{path}: unreadable embedding ({e}). Rerun precompute_t5.py (it encodes unreadable "
+                         "files again).") from e
     array = obj[0] if isinstance(obj, (list, tuple)) and len(obj) == 1 else obj
     if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != EMBED_DIM or not (
             1 <= array.shape[0] <= MAX_LENGTH) or array.dtype not in (np.float16, np.float32):
         desc = f"{type(array).__name__} {getattr(array, 'shape', '')} {getattr(array, 'dtype', '')}"
         raise ValueError(f"{path}: expected a list holding one float16 array of shape (n_tokens<=512, 1024), "
-                         f"found {desc}. Rerun precompute_t5.py with --overwrite.")
+                         f"found {desc}. Rerun precompute_t5.py (it encodes malformed files again).")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{path}: the embedding holds NaN or Inf values. Rerun precompute_t5.py (it encodes "
+                         "malformed files again); with --dtype fp32 if the T5 overflows in 16 bits.")
     return array
 
 

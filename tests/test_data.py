@@ -187,3 +187,64 @@ def test_extract_frames(tmp_path):
     assert [p.name for p in images] == [f"{v}_{i:06d}.jpg" for v in "ab" for i in (0, 30, 60)]
     assert Image.open(images[0]).size == (64, 48)
     assert (tmp_path / "ds" / "metas" / "b_000030.txt").read_text().strip() == "An image of sks teal robot."
+
+
+# ---------------------------------------------------------------- data checked before training starts
+def test_unreadable_images_and_missing_captions_are_one_error_or_skipped(dataset_copy):
+    images = sorted((dataset_copy / "images").iterdir())
+    broken = images[0]
+    broken.write_bytes(broken.read_bytes()[:200])  # a truncated file: the header reads, the pixels do not
+    (dataset_copy / "metas" / f"{images[1].stem}.txt").unlink()
+    with pytest.raises(ValueError) as error:
+        ImageDataset(dataset_copy, (64, 64))
+    message = str(error.value)
+    assert f"{broken.name}: cannot decode image" in message and f"{images[1].name}: no caption" in message
+    assert len(ImageDataset(dataset_copy, (64, 64), skip_incomplete=True)) == len(images) - 2
+    # good images were decoded once and recorded by size and modification time; a repaired one is checked again
+    checked = json.loads((dataset_copy / ".image_check.json").read_text())
+    assert images[2].name in checked and broken.name not in checked
+    shutil.copy(images[2], broken)
+    assert len(ImageDataset(dataset_copy, (64, 64), skip_incomplete=True)) == len(images) - 1
+
+
+def test_image_modes_sixteen_bit_exif_and_alpha(tmp_path):
+    from cosmos_t2i.data import BACKGROUND, load_image
+    grey = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # 0..61380 of 65535
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    decoded = load_image(tmp_path / "g16.png")[0].double()
+    assert abs(decoded.mean().item() - (grey / 257).mean()) < 0.6 and decoded.max() < 255  # scaled, not white
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    clear.save(tmp_path / "clear.png")
+    assert load_image(tmp_path / "clear.png")[:, 0, 0].tolist() == list(BACKGROUND)
+    tall = Image.new("RGB", (20, 10), (0, 0, 0))
+    tall.paste((255, 255, 255), (0, 0, 10, 10))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    tall.save(tmp_path / "rotated.jpg", exif=exif)
+    shown = load_image(tmp_path / "rotated.jpg")
+    assert shown.shape == (3, 20, 10) and shown[:, :8].float().mean() > 200 and shown[:, 12:].float().mean() < 50
+
+
+def test_two_images_with_one_name_are_an_error(dataset_copy):
+    first = sorted((dataset_copy / "images").iterdir())[0]
+    Image.open(first).save(first.with_suffix(".png"))
+    with pytest.raises(ValueError, match=f"{first.name} and {first.stem}.png|{first.stem}.png and {first.name}"):
+        ImageDataset(dataset_copy, (64, 64))
+
+
+def test_non_finite_embeddings_are_named_and_re_encoded(dataset_copy, tiny_bundle):
+    import pickle
+    target = sorted((dataset_copy / "t5_xxl").iterdir())[0]
+    array = pickle.loads(target.read_bytes())[0].copy()
+    array[3, 5] = np.nan
+    target.write_bytes(pickle.dumps([array], protocol=4))
+    with pytest.raises(ValueError, match=f"{target}: the embedding holds NaN or Inf"):
+        ImageDataset(dataset_copy, (64, 64))
+    # the hint works: precompute_t5.py without --overwrite encodes malformed files again, and only those
+    others = {p: p.stat().st_mtime_ns for p in (dataset_copy / "t5_xxl").iterdir() if p != target}
+    run_script("precompute_t5.py", "--dataset_path", dataset_copy, "--text_encoder",
+               tiny_bundle / "models" / "text_encoder")
+    assert np.isfinite(pickle.loads(target.read_bytes())[0]).all()
+    assert all(p.stat().st_mtime_ns == t for p, t in others.items())
+    ImageDataset(dataset_copy, (64, 64))
