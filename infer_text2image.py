@@ -12,6 +12,7 @@ gives NVIDIA's image); `--sampler euler` reproduces diffusers' Cosmos2TextToImag
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def build_parser():
     a("--dit_path", help="NVIDIA model.pt/.safetensors, a training run folder or its model/iter_*.pt (full or "
                          "LoRA), NVIDIA LoRA checkpoints, or a diffusers transformer folder")
     a("--load_ema", action="store_true", help="use the EMA weights (net_ema.*) of a post-training checkpoint")
-    a("--base_dit_path", help="base weights for a LoRA checkpoint whose recorded base is elsewhere")
+    a("--base_dit_path", help="base weights for a LoRA checkpoint whose recorded base is elsewhere; overrides the "
+                              "recorded base path (a base whose content differs from the one trained against is "
+                              "still used, with a warning)")
     a("--lora_path", help="an extra LoRA (ours, diffusers adapter folder, or ComfyUI safetensors) merged in")
     a("--lora_scale", type=float, default=1.0)
     a("--vae_path", required=False, help="diffusers AutoencoderKLWan folder or NVIDIA tokenizer/tokenizer.pth")
@@ -83,6 +86,14 @@ def resolve_jobs(args, parser) -> list[dict]:
             job["path"] = job["path"].with_suffix(".jpg")
         elif suffix not in (".jpg", ".jpeg", ".png", ".webp"):
             parser.error(f"{job['path']}: unsupported extension; use .jpg or .png.")
+    for folder in sorted({j["path"].parent for j in jobs}):  # fail now, not after minutes of loading models
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write_test_{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            parser.error(f"cannot write images to {folder} ({e.strerror}); choose another --save_path.")
     if args.num_images > 1:
         jobs = [{"prompt": j["prompt"], "path": j["path"].with_name(f"{j['path'].stem}_{i}{j['path'].suffix}"),
                  "index": i} for j in jobs for i in range(args.num_images)]

@@ -541,4 +541,13 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from torch.distributed.elastic.multiprocessing.errors import record  # the error in torchrun's summary
+
+    try:
+        record(main)()
+    except Exception as error:  # the traceback, then one line that says what failed, last
+        import sys
+        import traceback
+        traceback.print_exc()
+        sys.stderr.write(f"\ntrain_text2image.py failed: {type(error).__name__}: {error}\n")
+        sys.exit(1)

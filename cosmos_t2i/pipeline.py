@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from . import flow
-from .models import decode_latents, load_transformer, load_vae, read_weights
+from .models import decode_latents, fingerprint, load_transformer, load_vae, read_weights
 
 SAMPLERS = ("ab2", "euler")
 
@@ -39,6 +39,12 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
             if not Path(base).exists():
                 raise FileNotFoundError(f"{path}: its base weights {base} are not there; pass --base_dit_path.")
             model_size = model_size or meta.get("model_size")
+            recorded = meta.get("base_fingerprint")
+            if recorded and fingerprint(base) != recorded:
+                import logging
+                logging.getLogger(__name__).warning(
+                    "%s was trained against a base whose content differs from %s (fingerprint mismatch): the "
+                    "adapter is applied anyway; pass the original base as --base_dit_path if you have it.", path, base)
             adapters.append((adapter_from_state(state, meta.get("alpha"), load_ema, path), 1.0))
             path, load_ema, state = Path(base), False, None
     model = load_transformer(str(path) if path else None, model_size, load_ema, torch.float32, "cpu", state)

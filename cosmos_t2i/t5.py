@@ -2,11 +2,14 @@
 
 import importlib
 import io
+import logging
 import os
 import pickle
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 EMBED_DIM = 1024
 MAX_LENGTH = 512
@@ -129,7 +132,12 @@ def encode_prompts(tokenizer, encoder, prompts: list[str], max_length: int = MAX
     """
     import torch
 
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]]
+    full = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
+    for prompt, n in zip(prompts, full):
+        if n > max_length:
+            logger.warning("prompt of %d tokens (%r...): the T5 encoder reads the first %d, the rest is dropped", n,
+                           prompt[:60], max_length)
+    lengths = [min(n, max_length) for n in full]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     device = next(encoder.parameters()).device
     results: list[np.ndarray | None] = [None] * len(prompts)

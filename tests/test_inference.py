@@ -221,6 +221,37 @@ def lora_run(tiny_bundle, tmp_path_factory):
     return out / "posttraining/text2image/lora"
 
 
+def test_lora_on_a_different_base_warns(lora_run, tmp_path, caplog):
+    import logging
+    import shutil
+    from cosmos_t2i import checkpoint as ckpt
+    other = tmp_path / "other_base"
+    shutil.copytree(ckpt.load_part(lora_run / "checkpoints", "model", 4)["lora_metadata"]["base_path"], other)
+    weights = next(other.glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+    state = load_file(weights)
+    key = sorted(state)[0]
+    state[key] = state[key] + 1  # the same shapes, other content
+    save_file(state, weights)
+    with caplog.at_level(logging.WARNING):
+        load_dit(str(lora_run), base_dit_path=str(other), dtype=torch.float32)
+    assert "fingerprint mismatch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_dit(str(lora_run), dtype=torch.float32)  # the recorded base itself
+    assert "fingerprint mismatch" not in caplog.text
+
+
+def test_prompts_beyond_512_tokens_warn(tiny_bundle, caplog):
+    import logging
+    from cosmos_t2i.t5 import encode_prompts, load_text_encoder
+    tokenizer, encoder = load_text_encoder(str(tiny_bundle / "models" / "text_encoder"), "cpu", torch.float32)
+    with caplog.at_level(logging.WARNING):
+        short, long = encode_prompts(tokenizer, encoder, ["a red circle", "red circle " * 400])
+    assert "the T5 encoder reads the first 512" in caplog.text and "a red circle" not in caplog.text
+    assert long.shape[0] == 512 and short.shape[0] < 10
+
+
 def test_lora_exports_load_back_and_in_diffusers(lora_run, base, probe, tmp_path):
     import copy
     from safetensors.torch import load_file
@@ -303,6 +334,7 @@ def test_distilled_mode_runs_the_listed_sigmas():
     (["--height", "50"], "multiples of 16"),
     (["--save_path", "x.bmp"], "unsupported extension"),
     (["--load_ema"], "no EMA weights"),
+    (["--save_path", "/proc/no_images_here/x.jpg"], "cannot write images to /proc/no_images_here"),
 ])
 def test_cli_errors(tiny_bundle, flags, message):
     models = tiny_bundle / "models"

@@ -158,3 +158,14 @@ def test_unwritable_output_is_refused_before_loading(tiny_bundle, tmp_path):
     assert result.returncode != 0 and "--output_root" in result.stderr and "Traceback" not in result.stderr
     assert "trainable parameters" not in result.stderr  # nothing was loaded
     torch.manual_seed(0)
+
+
+def test_trainer_error_is_the_last_line_under_accelerate_launch(tiny_bundle, tmp_path):
+    args = tiny_args(tiny_bundle, tmp_path / "ck", "--max_iter", "2")
+    args[args.index("--vae_path") + 1] = tiny_bundle / "models" / "transformer"  # a mistake found after launch
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("train_text2image.py failed: ValueError:") and "not a VAE" in last
