@@ -230,7 +230,7 @@ def check_images(paths, cache_file) -> dict[str, str]:
                 load_image(path)
                 known[path.name] = key(path)
             except ValueError as e:
-                problems[path.name] = str(e).split(" Replace")[0]
+                problems[path.name] = str(e).split(" Replace")[0].rstrip(".")
         try:
             tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
             tmp.write_text(json.dumps(known))

@@ -70,10 +70,8 @@ def test_incomplete_samples_are_listed_in_one_error_or_skipped(dataset_copy, cap
 
 def test_corrupt_image_error_names_the_file(dataset_copy):
     (dataset_copy / "images" / "sample_004_1.jpg").write_bytes(b"not a jpeg")
-    ds = ImageDataset(dataset_copy, image_size=(32, 32))
-    index = [s["name"] for s in ds.source.samples].index("sample_004_1")
-    with pytest.raises(ValueError, match="sample_004_1.jpg"):
-        ds[index]
+    with pytest.raises(ValueError, match="sample_004_1.jpg: cannot decode image"):  # at start, not mid-training
+        ImageDataset(dataset_copy, image_size=(32, 32))
 
 
 def test_resize_modes():
