@@ -1,6 +1,6 @@
 """Training data: the seed's folder layout or a Hugging Face dataset, one size or aspect-ratio buckets.
 
-Either source yields NVIDIA's sample dict (notes section 6): images [3,H,W] in [-1,1], t5_text_embeddings
+Either source yields NVIDIA's sample dict: images [3,H,W] in [-1,1], t5_text_embeddings
 [512,1024], t5_text_mask, padding_mask [1,H,W], ... With a latent cache it yields `latents` instead of images.
 """
 

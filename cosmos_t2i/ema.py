@@ -1,4 +1,4 @@
-"""NVIDIA's power EMA (EDM2 style): an fp32 copy updated with beta(n) = (1 - 1/(n+1))^(gamma+1) (notes 7)."""
+"""NVIDIA's power EMA (EDM2 style): an fp32 copy updated with beta(n) = (1 - 1/(n+1))^(gamma+1) (docs/training.md)."""
 
 import contextlib
 

@@ -1,4 +1,4 @@
-"""Rectified flow in EDM notation: NVIDIA's training objective and its samplers (notes 3-4, sampler.md)."""
+"""Rectified flow in EDM notation: NVIDIA's training objective and its samplers (docs/training.md, docs/sampling.md)."""
 
 import hashlib
 import math
@@ -35,7 +35,7 @@ def draw_training_randomness(seed: int, iteration: int, sample_ids, latent_shape
 def flow_loss(transformer, latents, text_embeddings, sigma, noise, keep_text, padding_mask, loss_scale=10.0):
     """Velocity MSE x loss_scale. x_t = (1-t) x0 + t eps with t = sigma/(1+sigma); target v = eps - x0.
 
-    Equals NVIDIA's (1+sigma)^2/sigma^2-weighted x0 loss (notes section 3). Latents, noise and loss in fp32.
+    Equals NVIDIA's (1+sigma)^2/sigma^2-weighted x0 loss (docs/training.md). Latents, noise and loss in fp32.
     """
     t = (sigma / (1 + sigma)).float()
     tb = t.view(-1, 1, 1, 1, 1)
@@ -118,7 +118,7 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
 def sample_ab2(denoise, x, sigmas, progress=None) -> torch.Tensor:
     """NVIDIA's RectifiedFlowAB2: Euler first step, then 2nd-order multistep in log-sigma; final clean pass.
 
-    State in fp32, each step's arithmetic in float64 (sampler.md). Returns x0 at sigma_min.
+    State in fp32, each step's arithmetic in float64 (docs/sampling.md). Returns x0 at sigma_min.
     """
     x0_prev = None
     for i in range(len(sigmas) - 1):

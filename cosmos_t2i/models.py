@@ -1,4 +1,4 @@
-"""Loading the DiT and the Wan2.1 VAE from every form users hold, and NVIDIA <-> diffusers key names (notes 2, 5)."""
+"""Loading the DiT and the Wan2.1 VAE from every form users hold, and NVIDIA <-> diffusers key names (docs/checkpoints.md)."""
 
 import hashlib
 import re
@@ -9,7 +9,7 @@ import torch
 from .registry import check_size_matches, transformer_config
 
 # NVIDIA name fragment -> diffusers name fragment, applied in this order (the inverse runs it backwards).
-# Checked against diffusers' convert_cosmos_transformer_checkpoint_to_diffusers in tests/test_models.py.
+# Checked against diffusers' convert_cosmos_transformer_checkpoint_to_diffusers by the tests.
 _RENAMES = [
     ("t_embedder.1", "time_embed.t_embedder"),
     ("t_embedding_norm", "time_embed.norm"),

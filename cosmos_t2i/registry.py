@@ -1,6 +1,6 @@
 """Model sizes (DiT configs and per-size defaults) and NVIDIA's resolution tables."""
 
-# Shared by every Cosmos-Predict2 Text2Image DiT (notes section 1), in diffusers' config names.
+# Shared by every Cosmos-Predict2 Text2Image DiT, in diffusers' config names.
 COMMON_CONFIG = dict(
     in_channels=16,
     out_channels=16,
@@ -27,7 +27,7 @@ MODEL_SIZES = {
                  params=None, fsdp_config="accelerate_configs/fsdp_2b.yaml"),
 }
 
-# NVIDIA's IMAGE_RES_SIZE_INFO, (width, height) per resolution class and aspect ratio (notes section 4).
+# NVIDIA's IMAGE_RES_SIZE_INFO, (width, height) per resolution class and aspect ratio (docs/sampling.md).
 RESOLUTIONS = {
     "1024": {"1:1": (1024, 1024), "4:3": (1168, 880), "3:4": (880, 1168), "16:9": (1360, 768), "9:16": (768, 1360)},
     "720": {"1:1": (960, 960), "4:3": (960, 704), "3:4": (704, 960), "16:9": (1280, 704), "9:16": (704, 1280)},

@@ -1,4 +1,4 @@
-"""NVIDIA's LambdaLinear learning-rate multiplier and the optimizer factory (notes section 7)."""
+"""NVIDIA's LambdaLinear learning-rate multiplier and the optimizer factory (docs/training.md)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""T5 embeddings in NVIDIA's pickle format: safe reading, atomic writing, fast batched encoding (notes section 6)."""
+"""T5 embeddings in NVIDIA's pickle format: safe reading, atomic writing, fast batched encoding (docs/checkpoints.md)."""
 
 import importlib
 import io
