@@ -76,7 +76,8 @@ def parse_log(text: str, skip: int) -> dict:
 def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=None, machine=None,
            extra_launch=()) -> str:
     """One accelerate launch of the training script; returns its combined log (raises with its tail on failure)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "accelerate_configs" / config),
            "--num_processes", str(n), "--main_process_port", str(port)]
     if machine is not None:
         cmd += ["--num_machines", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1"]
@@ -93,7 +94,8 @@ def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=Non
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=["scaling"], choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "multinode"],
+    parser.add_argument("--runs", nargs="+", default=["scaling"],
+                        choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "multinode"],
                         help="run sets, in the order given")
     parser.add_argument("--work", default="/tmp/cosmos_bench")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
@@ -118,7 +120,8 @@ def main():
         torch.cuda.empty_cache()
     size_2b = "tiny" if args.tiny else "2B"
     common = ["--vae_path", vae, "--dataset_dir", data, "--image_size", height, width, "--num_workers", 4,
-              "--cache_latents", "--report_to", "none", "--logging_iter", 1, "--hit_thres", 0, "--scheduler", "constant",
+              "--cache_latents", "--report_to", "none", "--logging_iter", 1, "--hit_thres", 0,
+              "--scheduler", "constant",
               "--lr", "1e-5", "--output_root", work / "runs"]
     if args.tiny:
         common += ["--mixed_precision", "no"]
@@ -164,7 +167,8 @@ def main():
             print(json.dumps({"run": f"2b_fsdp_{n}gpu", "weak_scaling_vs_1gpu_plain":
                               round(r["samples_per_s"] / (n * base["samples_per_s"]), 4)}), flush=True)
         if widest > 2:  # resume the widest run's checkpoint on 2 GPUs
-            r = run(f"2b_fsdp_{widest}gpu", "fsdp_2b.yaml", 2, size_2b, ["--max_iter", args.iters + 4, "--no-final_save"])
+            r = run(f"2b_fsdp_{widest}gpu", "fsdp_2b.yaml", 2, size_2b,
+                    ["--max_iter", args.iters + 4, "--no-final_save"])
             print(json.dumps({"run": f"resume {widest}->2 GPUs", "resumed": bool(r["losses"]) and
                               min(r["losses"]) == args.iters + 1}), flush=True)
         shutil.rmtree(work / "runs", ignore_errors=True)

@@ -277,8 +277,9 @@ class Checkpointer:
                  async_save=True, is_main=True):
         from .distributed import is_portable
 
-        self.dir, self.model, self.optimizer, self.scheduler, self.ema = Path(ckpt_dir), model, optimizer, scheduler, ema
-        self.lora_metadata, self.keep_last, self.async_save, self.is_main = lora_metadata, keep_last, async_save, is_main
+        self.dir, self.model, self.optimizer = Path(ckpt_dir), model, optimizer
+        self.scheduler, self.ema, self.lora_metadata = scheduler, ema, lora_metadata
+        self.keep_last, self.async_save, self.is_main = keep_last, async_save, is_main
         self.portable = is_portable(optimizer)
         self.group = None
         if dist.is_available() and dist.is_initialized() and torch.device("cpu") not in getattr(

@@ -1,4 +1,7 @@
-"""Loading the DiT and the Wan2.1 VAE from every form users hold, and NVIDIA <-> diffusers key names (docs/checkpoints.md)."""
+"""Loading the DiT and the Wan2.1 VAE from every form users hold; NVIDIA <-> diffusers key names.
+
+See docs/checkpoints.md for the accepted files and the key mapping.
+"""
 
 import hashlib
 import re

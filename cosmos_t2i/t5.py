@@ -1,4 +1,7 @@
-"""T5 embeddings in NVIDIA's pickle format: safe reading, atomic writing, fast batched encoding (docs/checkpoints.md)."""
+"""T5 embeddings in NVIDIA's pickle format: safe reading, atomic writing, fast batched encoding.
+
+The format is described in docs/checkpoints.md.
+"""
 
 import importlib
 import io
