@@ -46,6 +46,7 @@ def build_parser():
     a("--negative_prompt", default=None, help="default: none, i.e. a zero text embedding (as NVIDIA)")
     a("--batch_input_json", help="JSON list of {prompt, output_image} (NVIDIA's batch mode)")
     a("--save_path", default="output/generated_image.jpg", help=".jpg or .png (.mp4 is written as .jpg)")
+    a("--jpeg_quality", type=int, default=95, help="JPEG quality of saved .jpg images (1-100)")
     a("--aspect_ratio", choices=["1:1", "4:3", "3:4", "16:9", "9:16"], default="16:9")
     a("--resolution", choices=list(RESOLUTIONS), default="1024")
     a("--height", type=int, help="override the table's height (multiple of 16)")
@@ -146,7 +147,7 @@ def main(argv=None):
         bar.close()
         image = pipe.decode(latents)[0]
         job["path"].parent.mkdir(parents=True, exist_ok=True)
-        image.save(job["path"])
+        image.save(job["path"], quality=args.jpeg_quality)  # (PIL's default JPEG quality is 75)
         settings = {k: getattr(args, k) for k in ("dit_path", "load_ema", "lora_path", "lora_scale", "guidance",
                                                   "num_steps", "sampler", "distill_steps", "dtype")}
         job["path"].with_suffix(".txt").write_text(

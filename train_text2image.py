@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", help="YAML file with any of these flags (command-line flags override it)")
     g = p.add_argument_group("model")
     g.add_argument("--model_size", choices=list(MODEL_SIZES), default="2B", help="DiT shape (registry key)")
-    g.add_argument("--dit_path", help="NVIDIA model.pt/.safetensors, a diffusers transformer folder, or a hub id; "
-                                      "none = random init (benchmarks only)")
+    g.add_argument("--dit_path", help="NVIDIA model.pt/.safetensors, a diffusers transformer folder, or a hub id "
+                                      "(required); 'random' = a randomly initialised --model_size (benchmarks)")
     g.add_argument("--vae_path", required=False, help="diffusers AutoencoderKLWan folder or NVIDIA tokenizer.pth")
     g.add_argument("--train_architecture", choices=["full", "lora"], default="full")
     g.add_argument("--lora_rank", type=int, default=16)
@@ -164,7 +164,12 @@ def validate(args, parser) -> None:
     if args.validation_prompts and args.validation_iter < 1:
         parser.error("--validation_prompts needs --validation_iter N (sample every N iterations).")
     if not args.dryrun:
-        if args.dit_path is not None and not Path(args.dit_path).exists() and (
+        if args.dit_path is None:
+            parser.error("--dit_path is required: NVIDIA's model.pt, a diffusers transformer folder, or 'random' "
+                         "for a randomly initialised --model_size (benchmarks only).")
+        if args.dit_path == "random":
+            args.dit_path = None  # from here on: no weights to load
+        elif not Path(args.dit_path).exists() and (
                 args.dit_path.startswith(("/", ".", "~")) or args.dit_path.count("/") != 1 or
                 Path(args.dit_path).suffix in (".pt", ".pth", ".safetensors")):  # not a Hub id: never sent there
             parser.error(f"--dit_path {args.dit_path}: no such file or folder.")

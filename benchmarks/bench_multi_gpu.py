@@ -119,7 +119,7 @@ def main():
             flops[size] = step_flops(size)
         torch.cuda.empty_cache()
     size_2b = "tiny" if args.tiny else "2B"
-    common = ["--vae_path", vae, "--dataset_dir", data, "--image_size", height, width, "--num_workers", 4,
+    common = ["--dit_path", "random", "--vae_path", vae, "--dataset_dir", data, "--image_size", height, width, "--num_workers", 4,
               "--cache_latents", "--report_to", "none", "--logging_iter", 1, "--hit_thres", 0,
               "--scheduler", "constant",
               "--lr", "1e-5", "--output_root", work / "runs"]

@@ -159,7 +159,7 @@ def save_validation_images(accelerator, transformer, vae, embeddings, args, iter
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, (image, prompt) in enumerate(zip(images, args.validation_prompts)):
-        image.save(out_dir / f"iter_{iteration:09d}_{i}.jpg")
+        image.save(out_dir / f"iter_{iteration:09d}_{i}.jpg", quality=95)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), iteration,

@@ -385,3 +385,14 @@ def test_weights_files_are_memory_mapped_not_read(base, tmp_path):
         ranges = [[int(x, 16) for x in line.split()[0].split("-")] for line in open("/proc/self/maps")
                   if line.rstrip().endswith(str(tmp_path / name))]
         assert any(lo <= pointer < hi for lo, hi in ranges), name  # the tensor lives in a mapping of the file
+
+
+def test_cli_saves_jpeg_at_quality_95(tiny_bundle, tmp_path):
+    from PIL import JpegImagePlugin  # noqa: F401
+    models = tiny_bundle / "models"
+    out = tmp_path / "q.jpg"
+    run_script("infer_text2image.py", "--dit_path", models / "transformer", "--vae_path", models / "vae",
+               "--text_encoder", models / "text_encoder", "--height", "64", "--width", "64", "--dtype", "fp32",
+               "--num_steps", "2", "--prompt", "a red circle", "--save_path", out)
+    tables = Image.open(out).quantization
+    assert max(tables[0]) <= 15  # quality 95 (PIL's default 75 has luminance entries up to about 60)
