@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from .files import atomic_write, fsync_dir, temporary_name
 from .models import diffusers_to_nvidia, diffusers_to_nvidia_key, nvidia_to_diffusers_key
 
 PARTS = ("model", "optim", "scheduler", "trainer")
@@ -55,40 +56,16 @@ def shards_dir(ckpt_dir, iteration: int) -> Path:
     return Path(ckpt_dir) / "optim" / iter_name(iteration).removesuffix(".pt")
 
 
-def _fsync_dir(folder) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj, path) -> None:
     """torch.save to a temporary name in the same folder, fsync, then rename: never a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def atomic_write_text(path, text: str) -> None:
     """Write a small text file atomically and durably."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def latest_iteration(ckpt_dir) -> int | None:
@@ -244,7 +221,7 @@ def write_model_file(folder, path, lora_metadata: dict | None = None) -> None:
         skeleton["lora_metadata"] = lora_metadata
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         with torch.serialization.skip_data():
             torch.save(skeleton, tmp)
@@ -265,7 +242,7 @@ def write_model_file(folder, path, lora_metadata: dict | None = None) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

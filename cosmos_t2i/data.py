@@ -7,13 +7,13 @@ Either source yields NVIDIA's sample dict: images [3,H,W] in [-1,1], t5_text_emb
 import io
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .files import atomic_write
 from .registry import RESOLUTIONS
 from .t5 import pad_embedding, read_embedding
 
@@ -232,9 +232,8 @@ def check_images(paths, cache_file) -> dict[str, str]:
             except ValueError as e:
                 problems[path.name] = str(e).split(" Replace")[0].rstrip(".")
         try:
-            tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, cache_file)
+            with atomic_write(cache_file, "w") as f:
+                f.write(json.dumps(known))
         except OSError:
             pass  # a read-only dataset is checked again next time
     return problems

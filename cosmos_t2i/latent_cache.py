@@ -7,14 +7,14 @@ the dataset fingerprint), so a changed image, size or VAE is re-encoded, never s
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
+from .files import atomic_write
 from .models import encode_images, fingerprint
 
 
@@ -65,7 +65,6 @@ class LatentCache:
                 fitted = [fit_image(self.dataset.source.image(i), size, self.dataset.resize_mode) for i in group]
                 latents = encode_images(vae, torch.stack([f[0] for f in fitted]).to(device))
                 for i, latent, (_, mask) in zip(group, latents.cpu(), fitted):
-                    tmp = self.path(i).with_suffix(f".tmp{os.getpid()}")
-                    save_file({"latents": latent.contiguous(), "padding_mask": mask.contiguous()}, str(tmp),
-                              metadata={"image_version": self.dataset.source.version(i)})
-                    os.replace(tmp, self.path(i))
+                    with atomic_write(self.path(i)) as f:
+                        f.write(save({"latents": latent.contiguous(), "padding_mask": mask.contiguous()},
+                                     metadata={"image_version": self.dataset.source.version(i)}))

@@ -6,7 +6,6 @@ The format is described in docs/checkpoints.md.
 import importlib
 import io
 import logging
-import os
 import pickle
 from pathlib import Path
 
@@ -75,13 +74,10 @@ def read_embedding(path) -> np.ndarray:
 
 def write_embedding(path, array: np.ndarray) -> None:
     """Write NVIDIA's format (list of one float16 array, pickle protocol 4) atomically: temp file, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    from .files import atomic_write
+
+    with atomic_write(path) as f:
         pickle.dump([np.ascontiguousarray(array, dtype=np.float16)], f, protocol=4)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def pad_embedding(array: np.ndarray, max_length: int = MAX_LENGTH):

@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny bundle is built once per test session in a temporary folder."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,19 @@ def run_script(*args, check=True, env=None):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def tiny_args(bundle, out, *extra):
+    """Command-line of a short training run on the tiny bundle (extra flags override, being later)."""
+    return ["train_text2image.py", "--model_size", "tiny", "--dit_path", bundle / "models" / "transformer",
+            "--vae_path", bundle / "models" / "vae", "--dataset_dir", bundle / "dataset", "--image_size", "64", "64",
+            "--batch_size", "4", "--num_workers", "0", "--mixed_precision", "no", "--lr", "1e-3",
+            "--scheduler", "constant", "--report_to", "none", "--output_root", out, "--name", "t",
+            "--logging_iter", "1", "--hit_thres", "0", *map(str, extra)]
+
+
+def losses_of(output: str) -> dict[int, float]:
+    return {int(i): float(v) for i, v in re.findall(r"iter (\d+) loss ([-\d.eE+naif]+)", output)}
 
 
 @pytest.fixture(scope="session")

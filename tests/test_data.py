@@ -7,13 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import losses_of, run_script, tiny_args
 from PIL import Image
 
 from cosmos_t2i.data import (ImageDataset, ResumableBatchSampler, fit_image, global_batches, load_hf_dataset,
                              nearest_bucket)
 from cosmos_t2i.flow import run_transformer
-from test_training import losses_of, tiny_args
 
 
 def test_nearest_bucket():

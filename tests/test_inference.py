@@ -388,7 +388,6 @@ def test_weights_files_are_memory_mapped_not_read(base, tmp_path):
 
 
 def test_cli_saves_jpeg_at_quality_95(tiny_bundle, tmp_path):
-    from PIL import JpegImagePlugin  # noqa: F401
     models = tiny_bundle / "models"
     out = tmp_path / "q.jpg"
     run_script("infer_text2image.py", "--dit_path", models / "transformer", "--vae_path", models / "vae",

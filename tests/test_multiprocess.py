@@ -7,8 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
-from test_training import losses_of, tiny_args
+from conftest import ROOT, losses_of, run_script, tiny_args
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.pipeline import load_dit

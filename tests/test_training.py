@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, losses_of, run_script, tiny_args
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.ema import power_ema_beta, power_ema_gamma
@@ -15,19 +15,6 @@ from cosmos_t2i.flow import draw_training_randomness, flow_loss
 from cosmos_t2i.schedule import lambda_linear
 
 import train_text2image  # noqa: E402
-
-
-def tiny_args(bundle, out, *extra):
-    """Command-line for a short tiny run on the session bundle."""
-    return ["train_text2image.py", "--model_size", "tiny", "--dit_path", bundle / "models" / "transformer",
-            "--vae_path", bundle / "models" / "vae", "--dataset_dir", bundle / "dataset", "--image_size", "64", "64",
-            "--batch_size", "4", "--num_workers", "0", "--mixed_precision", "no", "--lr", "1e-3",
-            "--scheduler", "constant", "--report_to", "none", "--output_root", out, "--name", "t",
-            "--logging_iter", "1", "--hit_thres", "0", *map(str, extra)]
-
-
-def losses_of(output: str) -> dict[int, float]:
-    return {int(i): float(v) for i, v in re.findall(r"iter (\d+) loss ([-\d.eE+naif]+)", output)}
 
 
 def load_model_file(out, iteration, name="t"):
