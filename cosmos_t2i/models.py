@@ -180,11 +180,15 @@ def merge_nvidia_lora(state: dict, alpha: float | None = None) -> dict:
     return out
 
 
-def check_keys(model_state: dict, loaded: dict, source) -> None:
-    """Strict key and shape check with a readable list of what is missing, unknown or mis-shaped."""
-    missing = sorted(set(model_state) - set(loaded))
-    unexpected = sorted(set(loaded) - set(model_state))
-    wrong = sorted(f"{k} {tuple(loaded[k].shape)} vs {tuple(model_state[k].shape)}" for k in set(loaded) & set(
+def check_keys(model_state: dict, loaded: dict, source, file_name=None) -> None:
+    """Strict key and shape check with a readable list of what is missing, unknown or mis-shaped.
+
+    `file_name` turns a model key into the name the user's file uses (NVIDIA's), so the list can be searched for.
+    """
+    name = file_name or (lambda k: k)
+    missing = sorted(name(k) for k in set(model_state) - set(loaded))
+    unexpected = sorted(name(k) for k in set(loaded) - set(model_state))
+    wrong = sorted(f"{name(k)} {tuple(loaded[k].shape)} vs {tuple(model_state[k].shape)}" for k in set(loaded) & set(
         model_state) if tuple(loaded[k].shape) != tuple(model_state[k].shape))
     if missing or unexpected or wrong:
         def show(keys):
@@ -213,7 +217,7 @@ def new_transformer(model_size: str, dtype=torch.float32, device="cpu", **overri
 def transformer_weights(path, model_size: str | None = None, load_ema: bool = False, state: dict | None = None):
     """(model size, {diffusers name: CPU tensor}) from a weight file or a diffusers transformer folder, key- and
     shape-checked against the model. Tensors stay memory-mapped: no process holds a copy until it uses one."""
-    path = Path(path)
+    path, file_name = Path(path), None
     if path.is_dir():
         import json
         from .registry import size_of_config
@@ -235,8 +239,11 @@ def transformer_weights(path, model_size: str | None = None, load_ema: bool = Fa
         weights = select_weights(state, load_ema, path)
         if any(".base_layer." in k for k in weights):
             weights = merge_nvidia_lora(weights)
+        if any(k.startswith(_NVIDIA_TOP) for k in weights):  # errors name keys as the file does
+            prefix = "net_ema." if load_ema else "net." if any(k.startswith("net.") for k in state) else ""
+            file_name = lambda k: prefix + diffusers_to_nvidia_key(k)  # noqa: E731
         weights = nvidia_to_diffusers(weights, path)  # diffusers-named keys pass through unchanged
-    check_keys(new_transformer(model_size, torch.float32, "meta").state_dict(), weights, path)
+    check_keys(new_transformer(model_size, torch.float32, "meta").state_dict(), weights, path, file_name)
     return model_size, weights
 
 

@@ -127,6 +127,15 @@ def test_load_errors_are_clear(base, tmp_path):
     base.save_pretrained(tmp_path / "folder")
     with pytest.raises(ValueError, match="does not hold a 2B model"):
         load_dit(str(tmp_path / "folder"), "2B")
+    # keys are named as the file names them (NVIDIA's, with its prefix), so the list can be searched for
+    sd = diffusers_to_nvidia(base.state_dict(), "net.")
+    del sd["net.blocks.1.self_attn.q_proj.weight"]
+    sd["net.blocks.0.mlp.layer2.weight"] = torch.zeros(3, 3)
+    torch.save(sd, path)
+    with pytest.raises(ValueError) as error:
+        load_dit(str(path), "tiny")
+    assert "missing 1: net.blocks.1.self_attn.q_proj.weight" in str(error.value)
+    assert "wrong shape 1 (file vs model): net.blocks.0.mlp.layer2.weight (3, 3)" in str(error.value)
 
 
 # ---------------------------------------------------------------- samplers
