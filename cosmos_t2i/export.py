@@ -32,6 +32,8 @@ def main(argv=None):
     parser.add_argument("--base_dit_path", help="base weights when the LoRA's recorded base moved")
     parser.add_argument("--model_size", choices=list(MODEL_SIZES))
     parser.add_argument("--load_ema", action="store_true", help="export the EMA weights")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="merged export: bf16 as NVIDIA's files, or fp32 to keep the merge exact over an fp32 base")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     quiet_library_logs()
@@ -49,8 +51,8 @@ def main(argv=None):
         if args.format == "merged":
             model = load_dit(str(lora_file), args.model_size, args.load_ema, base_dit_path=args.base_dit_path,
                              dtype=torch.float32)
-            atomic_save(diffusers_to_nvidia({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()},
-                                            "net."), out)
+            dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+            atomic_save(diffusers_to_nvidia({k: v.to(dtype) for k, v in model.state_dict().items()}, "net."), out)
         else:
             adapter, _ = read_lora(lora_file, use_ema=args.load_ema)
             if args.format == "lora-diffusers":

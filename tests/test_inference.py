@@ -290,6 +290,10 @@ def test_lora_exports_load_back_and_in_diffusers(lora_run, base, probe, tmp_path
         torch.testing.assert_close(outputs(again, probe), expected, rtol=1e-4, atol=1e-5)
     back = load_dit(str(tmp_path / "merged.pt"), "tiny", dtype=torch.float32)
     assert_relative_close(outputs(back, probe), expected)  # the merged file is bf16
+    run_script("-m", "cosmos_t2i.export", "merged", "--lora_path", lora_run, "--dtype", "fp32", "--output",
+               tmp_path / "merged32.pt")
+    exact = load_dit(str(tmp_path / "merged32.pt"), "tiny", dtype=torch.float32)
+    torch.testing.assert_close(outputs(exact, probe), expected, rtol=1e-4, atol=1e-5)  # fp32: the merge is exact
 
 
 def test_export_diffusers_folder(tiny_bundle, tmp_path, base, probe):
