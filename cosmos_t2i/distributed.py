@@ -22,8 +22,8 @@ def inner_optimizer(optimizer):
 
 def is_portable(optimizer) -> bool:
     """torch's optimizers have per-parameter state that DCP can re-shard; bitsandbytes' 8-bit state does not."""
-    return type(inner_optimizer(optimizer)).__module__.startswith("torch.") or \
-        type(inner_optimizer(optimizer)).__name__ == "StochasticAdamW"
+    kind = type(inner_optimizer(optimizer))
+    return kind.__module__.startswith("torch.") or kind.__name__ == "StochasticAdamW"
 
 
 @torch.no_grad()

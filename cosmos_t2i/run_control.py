@@ -135,7 +135,16 @@ def acquire_lock(run_dir) -> Path:
     raise SystemExit(f"{path}: could not take the lock; another run started at the same moment?")
 
 
+HEARTBEAT_S = 60  # far below LOCK_STALE_S, and no file-system call on every training step
+_last_beat = [0.0]
+
+
 def heartbeat(lock: Path) -> None:
+    """Touch the lock (at most once a minute: it is called every iteration, on possibly networked storage)."""
+    now = time.monotonic()
+    if now - _last_beat[0] < HEARTBEAT_S:
+        return
+    _last_beat[0] = now
     try:
         os.utime(lock)
     except OSError:
@@ -143,8 +152,8 @@ def heartbeat(lock: Path) -> None:
 
 
 def release_lock(lock: Path | None) -> None:
-    if lock is not None and _read_holder(lock) is not None and _read_holder(lock)[:2] == (socket.gethostname(),
-                                                                                        str(os.getpid())):
+    holder = _read_holder(lock) if lock is not None else None
+    if holder is not None and holder[:2] == (socket.gethostname(), str(os.getpid())):
         lock.unlink(missing_ok=True)
 
 
