@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_iter", type=int, default=0, help="sample validation prompts every N iterations")
     g.add_argument("--validation_steps", type=int, default=35)
     g.add_argument("--text_encoder", default="google-t5/t5-11b", help="T5 for validation prompts (freed after)")
+    g.add_argument("--profile_iters", type=int, default=0,
+                   help="profile N iterations after 3 warm-up ones: per-phase times in the log, a trace per process "
+                        "in <run>/profile/ (chrome://tracing or ui.perfetto.dev)")
     g.add_argument("--dryrun", action="store_true", help="print the resolved config and exit")
     return p
 
@@ -229,6 +232,27 @@ def build_transformer(args, device, sharded: bool):
             block.compile()
     model.train()
     return model, weights, meta
+
+
+def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteration: int) -> torch.Tensor:
+    """NVIDIA's order after backward: non-finite gradient entries to 0, clip the global norm, AdamW, schedule,
+    EMA. Returns the gradient norm before clipping."""
+    from torch.profiler import record_function
+
+    from cosmos_t2i.distributed import clip_grad_norm_, nan_to_zero_
+
+    with record_function("grad_nan_to_zero"):
+        nan_to_zero_([p.grad for p in params if p.grad is not None])
+    with record_function("clip_grad_norm"):
+        grad_norm = clip_grad_norm_(params, max_norm)
+    with record_function("optimizer_step"):
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        with record_function("ema_update"):
+            ema.update(iteration)
+    return grad_norm
 
 
 def memory_report(accelerator) -> str:
@@ -350,7 +374,9 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from cosmos_t2i.distributed import is_sharded, materialize_, nan_to_zero_
+    from torch.profiler import record_function
+
+    from cosmos_t2i.distributed import is_sharded, materialize_
     from cosmos_t2i.data import HFSource, ImageDataset, ResumableBatchSampler
     from cosmos_t2i.ema import PowerEMA
     from cosmos_t2i.flow import draw_training_randomness, flow_loss
@@ -461,8 +487,12 @@ def main(argv=None):
         accelerator.end_training()
         raise SystemExit(STOPPED_EXIT_CODE)
 
+    profile, profile_from = None, start_iter + 4
     for iteration in range(start_iter + 1, args.max_iter + 1):
         tick = time.perf_counter()
+        if args.profile_iters and iteration == profile_from:
+            from cosmos_t2i.profiling import start_profile
+            profile = start_profile()
         if lock is not None:
             heartbeat(lock)
         total_loss = torch.zeros((), device=device)
@@ -473,14 +503,12 @@ def main(argv=None):
             first = micro * global_batch + accelerator.process_index * args.batch_size
             sigma, noise, keep = draw_training_randomness(args.seed, iteration, range(first, first + args.batch_size),
                                                           latents.shape[1:], args.caption_dropout)
-            with accelerator.autocast():
+            with accelerator.autocast(), record_function("forward"):
                 loss = flow_loss(model, latents, batch["t5_text_embeddings"].to(device), sigma.to(device),
                                  noise.to(device), keep.to(device), batch["padding_mask"].to(device),
                                  args.loss_scale)
-            if micro < args.grad_accum - 1:
-                with accelerator.no_sync(model):
-                    accelerator.backward(loss / args.grad_accum)
-            else:
+            with record_function("backward"), \
+                    accelerator.no_sync(model) if micro < args.grad_accum - 1 else contextlib.nullcontext():
                 accelerator.backward(loss / args.grad_accum)
             total_loss += loss.detach() / args.grad_accum
         # the loss and each process's stop request in one reduction: every process decides alike, no extra sync
@@ -498,13 +526,7 @@ def main(argv=None):
                 stop_and_exit(iteration)
             continue
         nonfinite_run = 0
-        nan_to_zero_([p.grad for p in params if p.grad is not None])
-        grad_norm = accelerator.clip_grad_norm_(params, args.clip_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(iteration)
+        grad_norm = apply_gradients(params, optimizer, scheduler, ema, args.clip_grad_norm, iteration)
         if iteration == start_iter + 1:
             checkpointer.prepare_staging()  # once the optimizer state exists: later saves only copy into it
 
@@ -530,6 +552,10 @@ def main(argv=None):
                 save_validation_images(accelerator, unwrapped, vae, validation,
                                        args, iteration, run_dir / "validation")
 
+        if profile is not None and iteration >= profile_from + args.profile_iters - 1:
+            from cosmos_t2i.profiling import finish_profile
+            finish_profile(profile, args.profile_iters, run_dir / "profile", accelerator.process_index)
+            profile = None
         if stop_here:
             stop_and_exit(iteration)
         if iteration % args.save_iter == 0 or (iteration == args.max_iter and args.final_save):

@@ -74,8 +74,42 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, inner_optimizer(optimizer), state)
 
 
+def local_parts(tensors) -> list:
+    """Each tensor's part on this process: the local shard of a DTensor (sharing its storage), else the tensor.
+
+    In-place work on these changes the DTensors themselves without DTensor's per-operation dispatch, which costs
+    tens of microseconds per tensor: with hundreds of parameters, every step, that is most of FSDP's overhead.
+    """
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
+def _fully_sharded(tensors) -> bool:
+    """DTensors sharded over every mesh dimension (FSDP2's 1-D mesh): local sums add up to the global sum."""
+    from torch.distributed.tensor import Shard
+    return bool(tensors) and all(hasattr(t, "placements") and all(isinstance(pl, Shard) for pl in t.placements)
+                                 and t.device_mesh is tensors[0].device_mesh for t in tensors)
+
+
 @torch.no_grad()
 def nan_to_zero_(grads) -> None:
     """NVIDIA's GradClip(force_finite=True): non-finite gradient entries become 0."""
-    for g in grads:
+    for g in local_parts(grads):
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Scale gradients so that their global L2 norm is at most `max_norm`; returns the norm before clipping.
+
+    torch.nn.utils.clip_grad_norm_'s arithmetic. For FSDP2's sharded gradients it works on the local shards: one
+    foreach norm, one all-reduce of the squared sum, one foreach multiply.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not _fully_sharded(grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    local = local_parts(grads)
+    squared = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum()
+    torch.distributed.all_reduce(squared, group=grads[0].device_mesh.get_group())
+    total = squared.sqrt()
+    torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total

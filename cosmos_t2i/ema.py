@@ -5,6 +5,8 @@ import contextlib
 import numpy as np
 import torch
 
+from .distributed import local_parts
+
 
 def power_ema_gamma(rate: float = 0.1) -> float:
     """gamma: the largest real root of x^3 + 7x^2 + (16 - s^-2) x + (12 - s^-2) for relative width s = rate."""
@@ -31,7 +33,7 @@ class PowerEMA:
     def update(self, iteration: int) -> None:
         """shadow = beta * shadow + (1 - beta) * param."""
         beta = power_ema_beta(iteration, self.gamma)
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - beta)
+        torch._foreach_lerp_(local_parts(self.shadow), [p.float() for p in local_parts(self.params)], 1 - beta)
 
     def tensors(self) -> dict:
         """{name: live fp32 shadow} (DTensor shards under FSDP): what checkpoints save and restore in place."""

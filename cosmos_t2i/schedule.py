@@ -2,6 +2,8 @@
 
 import torch
 
+from .distributed import local_parts
+
 
 def lambda_linear(step: int, warm_up_steps, cycle_lengths, f_start, f_max, f_min) -> float:
     """Multiplier at `step` (0-based, as LambdaLR counts): linear warm-up f_start -> f_max, then linear to f_min
@@ -74,15 +76,17 @@ class StochasticAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
                 state["step"] += 1
                 step = float(state["step"])
-                grad = p.grad.float()
-                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                stochastic_round_(state["exp_avg"], exp_avg)
-                stochastic_round_(state["exp_avg_sq"], exp_avg_sq)
+                # the arithmetic on this process's shards: plain tensors, no DTensor dispatch per operation
+                param, grad, avg, avg_sq = local_parts([p, p.grad, state["exp_avg"], state["exp_avg_sq"]])
+                grad = grad.float()
+                exp_avg = avg.float().lerp_(grad, 1 - beta1)
+                exp_avg_sq = avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                stochastic_round_(avg, exp_avg)
+                stochastic_round_(avg_sq, exp_avg_sq)
                 denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-                weight = p.float().mul_(1 - group["lr"] * group["weight_decay"])
+                weight = param.float().mul_(1 - group["lr"] * group["weight_decay"])
                 weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1 ** step))
-                if p.dtype == torch.bfloat16:
-                    stochastic_round_(p, weight)
+                if param.dtype == torch.bfloat16:
+                    stochastic_round_(param, weight)
                 else:
-                    p.copy_(weight)
+                    param.copy_(weight)
