@@ -123,3 +123,50 @@ def test_fsdp_lora_with_gradient_checkpointing(tiny_bundle, tmp_path):
     # lora_A gets near-zero gradients in its first steps (B starts at 0), where Adam's g / (sqrt(v) + eps) magnifies
     # the last bits of a different reduction order: equal to a few 1e-4
     assert_close_dicts(fa, fb, tol=5e-4)
+
+
+def _sharded_gradients_worker(rank, world, port, out):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from cosmos_t2i.distributed import clip_grad_norm_, nan_to_zero_
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    params = []
+    for full in _gradients():  # uneven shards included: 5 rows over 2 processes
+        p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(full), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(full, mesh, [Shard(0)])
+        params.append(p)
+    nan_to_zero_([p.grad for p in params])
+    norm = clip_grad_norm_(params, 1.0)
+    grads = [p.grad.full_tensor() for p in params]
+    if rank == 0:
+        torch.save({"norm": norm, "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+def _gradients():
+    gradients = [t * 3 for t in torch.randn(40, generator=torch.Generator().manual_seed(0)).split([24, 10, 6])]
+    gradients = [gradients[0].view(6, 4), gradients[1].view(5, 2), gradients[2]]
+    gradients[1][2, 1] = float("nan")
+    gradients[2][0] = float("inf")
+    return gradients
+
+
+def test_sharded_gradient_zeroing_and_clipping_equal_torch_on_full_tensors(tmp_path):
+    """FSDP's gradients are clipped on local shards with one all-reduce: same norm and gradients as torch's
+    clip_grad_norm_ over the full tensors (non-finite entries zeroed first, as NVIDIA)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_sharded_gradients_worker, args=(2, 29653, tmp_path / "out.pt"), nprocs=2)
+    got = torch.load(tmp_path / "out.pt")
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in _gradients()]
+    for p, g in zip(params, _gradients()):
+        p.grad = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    assert norm > 1  # clipping happened
+    torch.testing.assert_close(got["norm"], norm)
+    for a, p in zip(got["grads"], params):
+        torch.testing.assert_close(a, p.grad)
