@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", help="YAML file with any of these flags (command-line flags override it)")
     g = p.add_argument_group("model")
     g.add_argument("--model_size", choices=list(MODEL_SIZES), default="2B", help="DiT shape (registry key)")
-    g.add_argument("--dit_path", help="NVIDIA model.pt/.safetensors, a diffusers transformer folder, or a hub id "
-                                      "(required); 'random' = a randomly initialised --model_size (benchmarks)")
+    g.add_argument("--dit_path", help="the DiT to start from (required): NVIDIA's model.pt/.safetensors, a diffusers "
+                                      "folder, a hub id, a training run folder (its latest checkpoint) or a LoRA "
+                                      "file (its base with the adapter merged); 'random' = a randomly initialised "
+                                      "--model_size (benchmarks)")
     g.add_argument("--vae_path", required=False, help="diffusers AutoencoderKLWan folder or NVIDIA tokenizer.pth")
     g.add_argument("--train_architecture", choices=["full", "lora"], default="full")
     g.add_argument("--lora_rank", type=int, default=16)
@@ -193,44 +195,67 @@ def collate(samples):
             for k in samples[0]}
 
 
+def base_dtype(train_architecture: str, mixed_precision: str, weight_dtype: str) -> torch.dtype:
+    """The one precision decision: what the model's weights are stored in while training.
+
+    LoRA under bf16 autocast: a bf16 frozen base (adapters are fp32). Full fine-tune: fp32 master weights under
+    bf16 autocast (NVIDIA's recipe), or bf16 weights with --weight_dtype bf16 (StochasticAdamW).
+    """
+    if (train_architecture == "lora" and mixed_precision == "bf16") or weight_dtype == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradient_checkpointing: bool = False,
+                         compile: bool = False):
+    """LoRA injection (lora = {"rank", "alpha", "targets"}: NVIDIA module names), diffusers' gradient checkpointing
+    and per-block torch.compile, then train mode. Shared with benchmarks/bench_train.py."""
+    from cosmos_t2i.lora import add_lora
+
+    if lora is not None:
+        add_lora(model, lora["rank"], lora["alpha"], lora["targets"], seed)
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if compile:
+        for block in model.transformer_blocks:
+            block.compile()
+    return model.train()
+
+
 def build_transformer(args, device, sharded: bool):
-    """The DiT with LoRA injected when asked; returns (model, weights to load after sharding, LoRA metadata).
+    """The DiT ready to train; returns (model, weights to load after sharding, LoRA metadata).
 
     A full fine-tune under FSDP is built on the meta device: Accelerate shards it empty and each process then
     copies in only its own shards from the memory-mapped weights (weights is None: random init). Otherwise the
     model is loaded here, on `device`, and the returned weights are None.
     """
-    from cosmos_t2i.models import fingerprint, load_transformer, new_transformer, transformer_weights
+    from cosmos_t2i.models import (fingerprint, load_dit, load_transformer, lora_file_state, new_transformer,
+                                   resolve_dit_path, transformer_weights)
+    from cosmos_t2i.registry import size_of_config
 
-    base_dtype = torch.bfloat16 if (args.train_architecture == "lora" and args.mixed_precision == "bf16") or \
-        args.weight_dtype == "bf16" else torch.float32
-    weights, meta = None, None
-    if sharded and args.train_architecture == "full":
-        if args.dit_path is not None:
-            args.model_size, weights = transformer_weights(args.dit_path, args.model_size)
-        model = new_transformer(args.model_size, base_dtype, "meta")
+    dtype = base_dtype(args.train_architecture, args.mixed_precision, args.weight_dtype)
+    weights, meta, lora = None, None, None
+    path = resolve_dit_path(args.dit_path) if args.dit_path else None  # a run folder: its latest model file
+    if path is not None and lora_file_state(path) is not None:  # a LoRA file: its base with the adapter merged
+        merged = load_dit(path, args.model_size, dtype=torch.float32)
+        args.model_size = size_of_config(dict(merged.config))
+        if sharded and args.train_architecture == "full":
+            weights, model = merged.state_dict(), new_transformer(args.model_size, dtype, "meta")
+        else:
+            model = merged.to(device=device, dtype=dtype).requires_grad_(True)
+    elif sharded and args.train_architecture == "full":
+        if path is not None:
+            args.model_size, weights = transformer_weights(path, args.model_size)
+        model = new_transformer(args.model_size, dtype, "meta")
     else:
-        model = load_transformer(args.dit_path, args.model_size, dtype=base_dtype, device=device)
+        model = load_transformer(path, args.model_size, dtype=dtype, device=device)
     if args.train_architecture == "lora":
-        from peft import LoraConfig
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
-        model.requires_grad_(False)
-        with torch.random.fork_rng(devices=[]):  # the same adapter init on every process (FSDP does not broadcast)
-            torch.manual_seed(args.seed)
-            model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
-                                         target_modules=ckpt.lora_target_modules(targets)))
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # adapters train in fp32, as NVIDIA
+        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets}
         meta = {"rank": args.lora_rank, "alpha": float(args.lora_alpha), "target_modules": targets,
-                "model_size": args.model_size, "base_path": str(args.dit_path),
-                "base_fingerprint": fingerprint(args.dit_path)}
-    if args.gradient_checkpointing and not sharded:  # under FSDP, Accelerate checkpoints inside each block
-        model.enable_gradient_checkpointing()
-    if args.compile:
-        for block in model.transformer_blocks:
-            block.compile()
-    model.train()
+                "model_size": args.model_size, "base_path": str(path), "base_fingerprint": fingerprint(path)}
+    # under FSDP Accelerate checkpoints inside each sharded block instead (see main)
+    model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile)
     return model, weights, meta
 
 
@@ -433,8 +458,10 @@ def main(argv=None):
     if accelerator.is_fsdp2:  # our loading already gives each process only its shards (build_transformer)
         accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
     model, weights, lora_meta = build_transformer(args, device, sharded=accelerator.is_fsdp2)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args, device.type)
-    scheduler = make_scheduler(optimizer, args)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args.betas, args.eps,
+                               args.weight_decay, args.optimizer, args.weight_dtype == "bf16", device.type)
+    scheduler = make_scheduler(optimizer, args.scheduler, args.warm_up_steps, args.cycle_lengths, args.f_start,
+                               args.f_max, args.f_min)
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaces parameters with sharded ones: refer to those from here on
     unwrapped = accelerator.unwrap_model(model)

@@ -3,8 +3,9 @@
     python benchmarks/bench_train.py --model_size 2B --mode compile_ckpt --batch_size 4
 
 Baseline, measured in the same run: the same step eager (no compile; diffusers defaults), fp32 weights under
-bf16 autocast, fused AdamW, fp32 EMA, batch 1. Ours: the training script's step (cosmos_t2i.flow.flow_loss,
-GradClip, fused AdamW, PowerEMA) in the chosen mode. MFU = model FLOPs of one eager step without
+bf16 autocast, fused AdamW, fp32 EMA, batch 1. Ours: the training script's own functions (its model preparation
+`prepare_for_training`, precision decision, optimizer factory, `flow_loss` and `apply_gradients`: GradClip, AdamW,
+schedule, PowerEMA) in the chosen mode. MFU = model FLOPs of one eager step without
 checkpointing (torch's FLOP counter on 1- and 2-block models, extrapolated to the depth, times the batch) / (seconds x bf16 matmul peak measured here).
 """
 
@@ -19,11 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cuda_time, matmul_peak_tflops, peak_gb, report, reset_peak  # noqa: E402
 
-from cosmos_t2i.checkpoint import lora_target_modules  # noqa: E402
 from cosmos_t2i.ema import PowerEMA  # noqa: E402
 from cosmos_t2i.flow import flow_loss  # noqa: E402
 from cosmos_t2i.models import new_transformer  # noqa: E402
-from cosmos_t2i.schedule import StochasticAdamW  # noqa: E402
+from cosmos_t2i.schedule import make_optimizer, make_scheduler  # noqa: E402
+from train_text2image import NVIDIA_LORA_TARGETS, apply_gradients, base_dtype, prepare_for_training  # noqa: E402
 
 MODES = {
     "eager": dict(),
@@ -37,29 +38,17 @@ MODES = {
 
 
 def build(model_size, compile=False, checkpointing=False, lora=False, bf16_weights=False):
-    """Model, optimizer, EMA and trainable params as train_text2image.py builds them."""
-    model = new_transformer(model_size, torch.bfloat16 if lora or bf16_weights else torch.float32, "cuda")
-    if lora:
-        from peft import LoraConfig
-        model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=lora_target_modules(
-            ["q_proj", "k_proj", "v_proj", "output_proj", "mlp.layer1", "mlp.layer2"])))
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    if compile:
-        for block in model.transformer_blocks:
-            block.compile()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if bf16_weights:
-        optimizer = StochasticAdamW(params, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.2)
-        return model, optimizer, None, params
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.2, fused=True)
-    ema = PowerEMA([(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    return model, optimizer, ema, params
+    """(model, optimizer, scheduler, EMA or None, trainable params) as train_text2image.py builds them."""
+    dtype = base_dtype("lora" if lora else "full", "bf16", "bf16" if bf16_weights else "fp32")
+    model = prepare_for_training(
+        new_transformer(model_size, dtype, "cuda"),
+        {"rank": 16, "alpha": 16, "targets": NVIDIA_LORA_TARGETS.split(",")} if lora else None,
+        gradient_checkpointing=checkpointing, compile=compile)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
+    optimizer = make_optimizer(params, lr=1e-5, bf16_weights=bf16_weights)
+    ema = None if bf16_weights else PowerEMA(trainable)  # the 24 GB recipe runs --no-ema
+    return model, optimizer, make_scheduler(optimizer, "constant"), ema, params
 
 
 def make_batch(batch, height=768, width=1360):
@@ -72,16 +61,12 @@ def make_batch(batch, height=768, width=1360):
                 padding_mask=torch.zeros(batch, 1, height, width, device="cuda"))
 
 
-def train_step(model, optimizer, ema, params, batch, iteration):
+def train_step(model, optimizer, scheduler, ema, params, batch, iteration):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = flow_loss(model, batch["latents"], batch["text"], batch["sigma"], batch["noise"], batch["keep"],
                          batch["padding_mask"])
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if ema is not None:
-        ema.update(iteration)
+    apply_gradients(params, optimizer, scheduler, ema, 1.0, iteration)
 
 
 def step_flops(model_size):
@@ -109,14 +94,14 @@ def step_flops(model_size):
 def measure(model_size, mode, batch, steps, vae=None):
     """Time the step; with a VAE, also the step that encodes its images on the fly (no latent cache)."""
     reset_peak()
-    model, optimizer, ema, params = build(model_size, **MODES[mode])
+    parts = build(model_size, **MODES[mode])
     data = make_batch(batch)
     counter = iter(range(1, 10 ** 6))
     start = time.perf_counter()
-    train_step(model, optimizer, ema, params, data, next(counter))
+    train_step(*parts, data, next(counter))
     torch.cuda.synchronize()
     first = time.perf_counter() - start
-    seconds = cuda_time(lambda: train_step(model, optimizer, ema, params, data, next(counter)), 2, steps)
+    seconds = cuda_time(lambda: train_step(*parts, data, next(counter)), 2, steps)
     result = dict(sec_per_iter=seconds, samples_per_s=batch / seconds, peak_gb=peak_gb(), first_step_s=first)
     if vae is not None:
         from cosmos_t2i.models import encode_images
@@ -124,10 +109,10 @@ def measure(model_size, mode, batch, steps, vae=None):
 
         def step_with_encode():
             data["latents"] = encode_images(vae, images)
-            train_step(model, optimizer, ema, params, data, next(counter))
+            train_step(*parts, data, next(counter))
         result["sec_per_iter_encoding_on_the_fly"] = cuda_time(step_with_encode, 1, steps)
         result["latent_cache_speedup"] = result["sec_per_iter_encoding_on_the_fly"] / seconds
-    del model, optimizer, ema, params, data
+    parts = data = None  # free the model before the next measurement
     gc.collect()
     return result
 

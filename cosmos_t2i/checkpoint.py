@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from .files import atomic_write, fsync_dir, temporary_name
-from .models import diffusers_to_nvidia, diffusers_to_nvidia_key, nvidia_to_diffusers_key
+from .models import diffusers_to_nvidia, diffusers_to_nvidia_key
 
 PARTS = ("model", "optim", "scheduler", "trainer")
 LATEST = "latest_checkpoint.txt"
@@ -402,8 +402,3 @@ def is_lora_file(state: dict) -> bool:
     """True for this project's adapter-only LoRA files (and ComfyUI-style adapter files)."""
     return "lora_metadata" in state or (
         any(".lora_A." in k for k in state) and not any(".base_layer." in k for k in state))
-
-
-def lora_target_modules(nvidia_names) -> list[str]:
-    """NVIDIA module names (q_proj, mlp.layer1, ...) -> diffusers suffixes PEFT matches (to_q, ff.net.0.proj, ...)."""
-    return [nvidia_to_diffusers_key(n) for n in nvidia_names]

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import atomic_save, resolve_model_file
 from .lora import read_lora, save_diffusers_adapter, to_comfyui
 from .models import diffusers_to_nvidia, quiet_library_logs
-from .pipeline import load_dit
+from .models import load_dit
 from .registry import MODEL_SIZES
 
 
@@ -54,7 +54,7 @@ def main(argv=None):
             dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
             atomic_save(diffusers_to_nvidia({k: v.to(dtype) for k, v in model.state_dict().items()}, "net."), out)
         else:
-            adapter, _ = read_lora(lora_file, use_ema=args.load_ema)
+            adapter, _ = read_lora(lora_file, load_ema=args.load_ema)
             if args.format == "lora-diffusers":
                 save_diffusers_adapter(adapter, out)
             else:

@@ -8,29 +8,46 @@ from pathlib import Path
 
 import torch
 
-from .models import diffusers_to_nvidia_key, nvidia_to_diffusers_key, read_weights
+from .models import diffusers_to_nvidia_key, nvidia_to_diffusers_key, read_weights, select_weights
 
 COMFY_PREFIX = "diffusion_model."
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
-def adapter_from_state(state: dict, alpha=None, use_ema: bool = False, source="adapter") -> dict:
-    """{module: {"A", "B", "alpha"}} in diffusers names from any of the three key layouts."""
-    if use_ema and not any(k.startswith("net_ema.") for k in state):
-        raise ValueError(f"{source}: --load_ema was given but this LoRA file holds no EMA adapter (no 'net_ema.*').")
-    prefix = "net_ema." if use_ema else "net."
+def lora_target_modules(nvidia_names) -> list[str]:
+    """NVIDIA module names (q_proj, mlp.layer1, ...) -> diffusers suffixes PEFT matches (to_q, ff.net.0.proj, ...)."""
+    return [nvidia_to_diffusers_key(n) for n in nvidia_names]
+
+
+def add_lora(model, rank: int, alpha: float, nvidia_targets, seed: int) -> None:
+    """Freeze the model and inject PEFT LoRA adapters (fp32, as NVIDIA trains them) into the named modules.
+
+    The adapters' random init is drawn from `seed` alone, so every process builds the same ones (FSDP does not
+    broadcast them).
+    """
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
+                                     target_modules=lora_target_modules(nvidia_targets)))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def adapter_from_state(state: dict, alpha=None, load_ema: bool = False, source="adapter") -> dict:
+    """{module: {"A", "B", "alpha"}} in diffusers names from any key layout: ours and NVIDIA's (`net.`/`net_ema.`,
+    NVIDIA's PEFT `lora_A.default`), diffusers' (`transformer.`) and ComfyUI's (`diffusion_model.`).
+
+    alpha: from the file's `.alpha` entries, else `alpha`, else the rank (scale 1, NVIDIA's default).
+    """
     modules: dict = {}
-    for key, value in state.items():
-        if not torch.is_tensor(value):
-            continue
+    for key, value in select_weights(state, load_ema, source).items():
         k = key
-        for p in (prefix, COMFY_PREFIX, "transformer."):
-            if k.startswith(p):
-                k = k[len(p):]
-                break
-        else:
-            if key.startswith(("net.", "net_ema.")):
-                continue  # the other of net./net_ema.
+        for p in (COMFY_PREFIX, "transformer."):
+            k = k.removeprefix(p)
         if k.endswith(".alpha"):
             modules.setdefault(nvidia_to_diffusers_key(k[:-len(".alpha")]), {})["alpha"] = float(value)
             continue
@@ -47,7 +64,25 @@ def adapter_from_state(state: dict, alpha=None, use_ema: bool = False, source="a
     return modules
 
 
-def read_lora(path, use_ema: bool = False):
+def merged_weight(weight: torch.Tensor, entry: dict, scale: float = 1.0) -> torch.Tensor:
+    """W + scale * (alpha / rank) * B @ A, computed in fp32, in W's dtype."""
+    a, b = entry["A"].float().to(weight.device), entry["B"].float().to(weight.device)
+    return (weight.float() + scale * entry["alpha"] / a.shape[0] * (b @ a)).to(weight.dtype)
+
+
+def merge_peft_state(weights: dict) -> dict:
+    """Fold a PEFT-injected state dict (NVIDIA's LoRA post-training files: `q_proj.base_layer.weight` with
+    `q_proj.lora_A.default.weight`, ...) into plain weights of the same names. NVIDIA stores no alpha: scale 1."""
+    lora = {k: v for k, v in weights.items() if ".lora_A." in k or ".lora_B." in k}
+    plain = {k.replace(".base_layer.", "."): v for k, v in weights.items()
+             if k not in lora and ".lora_embedding" not in k}
+    by_nvidia_name = {diffusers_to_nvidia_key(m): e for m, e in adapter_from_state(lora, source="PEFT state").items()}
+    for module, entry in by_nvidia_name.items():
+        plain[module + ".weight"] = merged_weight(plain[module + ".weight"], entry)
+    return plain
+
+
+def read_lora(path, load_ema: bool = False):
     """(adapter, metadata) from our .pt file, a diffusers adapter folder/file, or a ComfyUI safetensors file."""
     path = Path(path)
     if path.is_dir():
@@ -62,7 +97,7 @@ def read_lora(path, use_ema: bool = False):
         if "lora_adapter_metadata" in header:
             config = {k.removeprefix("transformer."): v for k, v in json.loads(header["lora_adapter_metadata"]).items()}
             alpha, metadata = config.get("lora_alpha"), {"rank": config.get("r"), "alpha": config.get("lora_alpha")}
-    return adapter_from_state(state, alpha, use_ema, path), metadata
+    return adapter_from_state(state, alpha, load_ema, path), metadata
 
 
 @torch.no_grad()
@@ -74,9 +109,7 @@ def merge_adapter(model, adapter: dict, scale: float = 1.0) -> None:
         raise ValueError(f"LoRA modules not in the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
                          "Is this adapter for this model size?")
     for name, entry in adapter.items():
-        weight = modules[name].weight
-        a, b = entry["A"].float().to(weight.device), entry["B"].float().to(weight.device)
-        weight.copy_((weight.float() + scale * entry["alpha"] / a.shape[0] * (b @ a)).to(weight.dtype))
+        modules[name].weight.copy_(merged_weight(modules[name].weight, entry, scale))
 
 
 def to_comfyui(adapter: dict) -> dict:

@@ -158,28 +158,6 @@ def diffusers_to_nvidia(state: dict, prefix: str = "") -> dict:
     return {prefix + diffusers_to_nvidia_key(k): v for k, v in state.items()}
 
 
-def merge_nvidia_lora(state: dict, alpha: float | None = None) -> dict:
-    """Fold an NVIDIA LoRA post-training state dict (PEFT `base_layer` / `lora_A.default` keys) into plain weights.
-
-    NVIDIA's own inference cannot load these files; here W = W_base + (alpha / rank) * B @ A. NVIDIA does not
-    store alpha; its default is alpha = rank (scale 1), which `alpha=None` assumes.
-    """
-    out = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key or ".lora_embedding" in key:
-            continue
-        if ".base_layer." in key:
-            module = key.split(".base_layer.")[0]
-            a = next((state[k] for k in state if k.startswith(module + ".lora_A.")), None)
-            b = next((state[k] for k in state if k.startswith(module + ".lora_B.")), None)
-            key = key.replace(".base_layer.", ".")
-            if a is not None and b is not None and key.endswith("weight"):
-                scale = (alpha if alpha is not None else a.shape[0]) / a.shape[0]
-                value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
-        out[key] = value
-    return out
-
-
 def check_keys(model_state: dict, loaded: dict, source, file_name=None) -> None:
     """Strict key and shape check with a readable list of what is missing, unknown or mis-shaped.
 
@@ -238,7 +216,8 @@ def transformer_weights(path, model_size: str | None = None, load_ema: bool = Fa
                                  "--model_size (0.6B, 2B, 14B or tiny).")
         weights = select_weights(state, load_ema, path)
         if any(".base_layer." in k for k in weights):
-            weights = merge_nvidia_lora(weights)
+            from .lora import merge_peft_state
+            weights = merge_peft_state(weights)
         if any(k.startswith(_NVIDIA_TOP) for k in weights):  # errors name keys as the file does
             prefix = "net_ema." if load_ema else "net." if any(k.startswith("net.") for k in state) else ""
             file_name = lambda k: prefix + diffusers_to_nvidia_key(k)  # noqa: E731
@@ -299,6 +278,60 @@ def load_transformer(dit_path: str | None, model_size: str | None = None, load_e
     model = CosmosTransformer3DModel.from_pretrained(dit_path, subfolder="transformer", torch_dtype=dtype)
     check_size_matches(model_size, dict(model.config), dit_path)
     return model.to(device)
+
+
+def resolve_dit_path(dit_path: str) -> str:
+    """A training run folder (or its checkpoints/ folder) stands for its latest model file; the rest as given."""
+    path = Path(dit_path)
+    if path.is_dir() and not (path / "config.json").exists() and not (path / "transformer").is_dir():
+        from .checkpoint import resolve_model_file
+        return str(resolve_model_file(path))
+    return dit_path
+
+
+def lora_file_state(dit_path: str) -> dict | None:
+    """The contents of an adapter-only LoRA file (ours, ComfyUI's), memory-mapped; None for anything else."""
+    from .checkpoint import is_lora_file
+
+    path = Path(dit_path)
+    if not (path.is_file() and path.suffix in (".pt", ".pth", ".safetensors")):
+        return None
+    state = read_weights(path)
+    return state if is_lora_file(state) else None
+
+
+def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_scale=1.0, base_dit_path=None,
+             dtype=torch.bfloat16, device="cpu"):
+    """The DiT from any accepted form, LoRA adapters merged in, in eval mode without gradients.
+
+    dit_path: a weight file, a diffusers folder, a hub id, a training run folder (its latest model file), or a
+    LoRA file, which stands for its recorded base (or `base_dit_path`) with the adapter merged (recursively: the
+    base may itself be a LoRA file). `lora_path` is merged on top with `lora_scale`.
+    """
+    from .lora import adapter_from_state, merge_adapter, read_lora
+
+    dit_path = resolve_dit_path(dit_path) if dit_path else None
+    lora_state = lora_file_state(dit_path) if dit_path else None
+    if lora_state is not None:
+        meta = lora_state.get("lora_metadata") or {}
+        base = base_dit_path or meta.get("base_path")
+        if not base or base == "None":
+            raise ValueError(f"{dit_path} is a LoRA adapter without a recorded base: pass --base_dit_path.")
+        if not Path(base).exists():
+            raise FileNotFoundError(f"{dit_path}: its base weights {base} are not there; pass --base_dit_path.")
+        recorded = meta.get("base_fingerprint")
+        if recorded and fingerprint(base) != recorded:
+            import logging
+            logging.getLogger(__name__).warning(
+                "%s was trained against a base whose content differs from %s (fingerprint mismatch): the adapter "
+                "is applied anyway; pass the original base as --base_dit_path if you have it.", dit_path, base)
+        model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32)
+        merge_adapter(model, adapter_from_state(lora_state, meta.get("alpha"), load_ema, dit_path))
+    else:
+        model = load_transformer(dit_path, model_size, load_ema, torch.float32, "cpu")
+    if lora_path:
+        merge_adapter(model, read_lora(lora_path)[0], lora_scale)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def fingerprint(path) -> str | None:

@@ -13,46 +13,9 @@ import torch
 from PIL import Image
 
 from . import flow
-from .models import decode_latents, fingerprint, load_transformer, load_vae, read_weights
+from .models import decode_latents, load_dit, load_vae
 
 SAMPLERS = ("ab2", "euler")
-
-
-def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_scale=1.0, base_dit_path=None,
-             dtype=torch.bfloat16, device="cpu"):
-    """The DiT from any accepted form, with LoRA adapters merged in (eval mode, no gradients)."""
-    from .checkpoint import is_lora_file, resolve_model_file
-    from .lora import adapter_from_state, merge_adapter, read_lora
-
-    path = Path(dit_path) if dit_path else None
-    if path is not None and path.is_dir() and not (path / "config.json").exists() and not (
-            path / "transformer").is_dir():
-        path = resolve_model_file(path)  # a training run folder: its latest model file
-    adapters, state = [], None
-    if path is not None and path.is_file() and path.suffix in (".pt", ".pth", ".safetensors"):
-        state = read_weights(path)
-        if is_lora_file(state):
-            meta = state.get("lora_metadata") or {}
-            base = base_dit_path or meta.get("base_path")
-            if not base or base == "None":
-                raise ValueError(f"{path} is a LoRA adapter without a recorded base: pass --base_dit_path.")
-            if not Path(base).exists():
-                raise FileNotFoundError(f"{path}: its base weights {base} are not there; pass --base_dit_path.")
-            model_size = model_size or meta.get("model_size")
-            recorded = meta.get("base_fingerprint")
-            if recorded and fingerprint(base) != recorded:
-                import logging
-                logging.getLogger(__name__).warning(
-                    "%s was trained against a base whose content differs from %s (fingerprint mismatch): the "
-                    "adapter is applied anyway; pass the original base as --base_dit_path if you have it.", path, base)
-            adapters.append((adapter_from_state(state, meta.get("alpha"), load_ema, path), 1.0))
-            path, load_ema, state = Path(base), False, None
-    model = load_transformer(str(path) if path else None, model_size, load_ema, torch.float32, "cpu", state)
-    if lora_path:
-        adapters.append((read_lora(lora_path, use_ema=False)[0], lora_scale))
-    for adapter, scale in adapters:
-        merge_adapter(model, adapter, scale)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 class CosmosText2Image:

@@ -22,20 +22,23 @@ def lambda_linear(step: int, warm_up_steps, cycle_lengths, f_start, f_max, f_min
     return f_min[cycle] + (f_max[cycle] - f_min[cycle]) * (length - n) / (length - warm)
 
 
-def make_scheduler(optimizer, args):
-    """LambdaLR with lambda_linear (or a constant multiplier of 1)."""
-    if args.scheduler == "constant":
+def make_scheduler(optimizer, kind: str = "lambdalinear", warm_up_steps=(0,), cycle_lengths=(1000,), f_start=(1e-6,),
+                   f_max=(0.4,), f_min=(0.0,)):
+    """LambdaLR with lambda_linear (kind "lambdalinear") or a constant multiplier of 1 (kind "constant")."""
+    if kind == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    lists = [args.warm_up_steps, args.cycle_lengths, args.f_start, args.f_max, args.f_min]
+    lists = [list(warm_up_steps), list(cycle_lengths), list(f_start), list(f_max), list(f_min)]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lambda_linear(step, *lists))
 
 
-def make_optimizer(params, args, device_type: str):
-    """AdamW (fused on CUDA, foreach elsewhere), bitsandbytes' AdamW8bit, or, for bf16 weights, StochasticAdamW."""
-    kwargs = dict(lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay)
-    if getattr(args, "weight_dtype", "fp32") == "bf16":
+def make_optimizer(params, lr: float, betas=(0.9, 0.99), eps: float = 1e-8, weight_decay: float = 0.2,
+                   kind: str = "adamw", bf16_weights: bool = False, device_type: str = "cuda"):
+    """AdamW (fused on CUDA, foreach elsewhere), bitsandbytes' AdamW8bit (kind "adamw8bit"), or, for bf16
+    weights, StochasticAdamW."""
+    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if bf16_weights:
         return StochasticAdamW(params, **kwargs)
-    if args.optimizer == "adamw8bit":
+    if kind == "adamw8bit":
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, **kwargs)
     fused = device_type == "cuda"

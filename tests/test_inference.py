@@ -13,7 +13,8 @@ from PIL import Image
 from cosmos_t2i import flow
 from cosmos_t2i.checkpoint import atomic_save, full_model_state
 from cosmos_t2i.models import diffusers_to_nvidia, diffusers_to_nvidia_key
-from cosmos_t2i.pipeline import CosmosText2Image, load_dit
+from cosmos_t2i.models import load_dit
+from cosmos_t2i.pipeline import CosmosText2Image
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, losses_of, run_script, tiny_args
 
 from cosmos_t2i import checkpoint as ckpt
-from cosmos_t2i.pipeline import load_dit
+from cosmos_t2i.models import load_dit
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process on Linux")
 GLOBAL_BATCH = 4

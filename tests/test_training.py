@@ -12,6 +12,7 @@ from conftest import ROOT, losses_of, run_script, tiny_args
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.ema import power_ema_beta, power_ema_gamma
 from cosmos_t2i.flow import draw_training_randomness, flow_loss
+from cosmos_t2i.lora import lora_target_modules
 from cosmos_t2i.schedule import lambda_linear
 
 import train_text2image  # noqa: E402
@@ -278,7 +279,7 @@ def test_killed_during_save_leaves_a_usable_checkpoint(tiny_bundle, tmp_path):
 
 def test_lora_trains_only_adapters_and_reloads(tiny_bundle, tmp_path):
     from diffusers import CosmosTransformer3DModel
-    from cosmos_t2i.pipeline import load_dit
+    from cosmos_t2i.models import load_dit
     out = tmp_path / "ck"
     run_script(*tiny_args(tiny_bundle, out, "--train_architecture", "lora", "--lora_rank", "4", "--lora_alpha", "8",
                           "--max_iter", "6", "--save_iter", "6", "--lr", "1e-2"))
@@ -299,7 +300,7 @@ def test_lora_trains_only_adapters_and_reloads(tiny_bundle, tmp_path):
     # reference: the trained adapter through PEFT itself, unmerged
     from peft import LoraConfig, set_peft_model_state_dict
     trained = CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").eval()
-    trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=ckpt.lora_target_modules(meta["target_modules"])))
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_modules(meta["target_modules"])))
     set_peft_model_state_dict(trained, masters)
     x, t, ctx = torch.randn(2, 16, 1, 8, 8), torch.tensor([0.3, 0.8]), torch.randn(2, 512, 1024)
     pm = torch.zeros(1, 1, 64, 64)
@@ -419,3 +420,23 @@ def test_bf16_weight_training_runs(tiny_bundle, tmp_path):
     bad = run_script(*tiny_args(tiny_bundle, tmp_path / "x", "--weight_dtype", "bf16", "--optimizer", "adamw8bit"),
                      check=False)
     assert bad.returncode != 0 and "stochastic-rounding" in bad.stderr
+
+
+def test_training_starts_from_a_run_folder_or_lora_file_like_inference(tiny_bundle, tmp_path):
+    """--dit_path takes the forms inference takes: a LoRA run folder (or its model file) is its base with the
+    adapter merged, so a full fine-tune continues from exactly what load_dit gives."""
+    from cosmos_t2i.models import load_dit
+    lora_run = tmp_path / "lora"
+    run_script(*tiny_args(tiny_bundle, lora_run, "--train_architecture", "lora", "--max_iter", "2", "--lr", "1e-2"))
+    lora_dir = ckpt.checkpoint_dir(lora_run, "posttraining", "text2image", "t")
+    expected = load_dit(str(lora_dir.parent), dtype=torch.float32).state_dict()
+    for source in (lora_dir.parent, ckpt.model_file(lora_dir, 2)):
+        out = tmp_path / f"full_{source.name}"
+        run_script(*tiny_args(tiny_bundle, out, "--dit_path", source, "--max_iter", "1", "--lr", "1e-12", "--no-ema"))
+        d = ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
+        start = {ckpt.canonical_name(k): v for k, v in ckpt.read_shards(ckpt.shards_dir(d, 1), "model").items()}
+        assert start.keys() == expected.keys()
+        for k in expected:  # one AdamW step at lr 1e-12 moves nothing visible
+            torch.testing.assert_close(start[k], expected[k], rtol=0, atol=1e-9, msg=k)
+    base = load_dit(str(tiny_bundle / "models" / "transformer"), dtype=torch.float32).state_dict()
+    assert any((base[k] - expected[k]).abs().max() > 1e-4 for k in expected)  # the adapter is in there
