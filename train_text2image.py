@@ -15,9 +15,9 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from tqdm import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.config import parse_with_config, to_yaml
@@ -27,7 +27,7 @@ logger = logging.getLogger("train")
 NVIDIA_LORA_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
 SHAPE_KEYS = ("weight_dtype", "model_size", "train_architecture", "lora_rank", "lora_target_modules", "image_size", "ema",
-              "aspect_buckets", "resolution", "bucket_fit", "optimizer")
+              "aspect_buckets", "resolution", "optimizer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,14 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bucket images by aspect ratio (the five of --resolution) instead of one --image_size")
     g.add_argument("--resolution", choices=["1024", "720", "512", "480"], default="1024",
                    help="resolution class of the buckets (NVIDIA's table)")
-    g.add_argument("--bucket_fit", choices=["crop", "pad"], default="crop",
-                   help="fit into the bucket by centre crop, or by reflection padding with padding_mask = 1")
+    g.add_argument("--bucket_fit", choices=["crop", "pad"], help=argparse.SUPPRESS)  # older spelling of --resize_mode
     g.add_argument("--cache_latents", action="store_true",
                    help="encode each image once with the VAE and train from the cache (no VAE encoder at all)")
     g.add_argument("--latent_cache_dir", help="default: <dataset>/latents_cache")
     g.add_argument("--image_size", type=int, nargs=2, default=[768, 1360], metavar=("HEIGHT", "WIDTH"))
-    g.add_argument("--resize_mode", choices=["resize", "center_crop", "pad"], default="resize",
-                   help="resize = NVIDIA's (distorts other aspects); center_crop and pad keep the aspect")
+    g.add_argument("--resize_mode", choices=["resize", "center_crop", "pad"],
+                   help="how an image fits --image_size or its aspect bucket: resize = NVIDIA's (distorts other "
+                        "aspects), center_crop, or pad (reflection padding, padding_mask = 1 there); default resize, "
+                        "center_crop with --aspect_buckets")
     g.add_argument("--skip_incomplete", action="store_true", help="drop samples lacking caption or embedding")
     g.add_argument("--batch_size", type=int, default=1, help="per process")
     g.add_argument("--num_workers", type=int, default=8)
@@ -166,6 +167,10 @@ def validate(args, parser) -> None:
             parse_duration(args.max_wall_time)
         except ValueError as e:
             parser.error(f"--max_wall_time: {e}")
+    if args.bucket_fit is not None:
+        args.resize_mode = {"crop": "center_crop", "pad": "pad"}[args.bucket_fit]
+    if args.resize_mode is None:
+        args.resize_mode = "center_crop" if args.aspect_buckets else "resize"
     if args.validation_prompts and args.validation_iter < 1:
         parser.error("--validation_prompts needs --validation_iter N (sample every N iterations).")
     if not args.dryrun:
@@ -280,19 +285,6 @@ def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteratio
     return grad_norm
 
 
-def memory_report(accelerator) -> str:
-    """Host RSS (now and peak) of every process, and this process's peak GPU memory."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line) \
-        if Path("/proc/self/status").exists() else {}
-    rss = [float(status.get(k, "0 kB").split()[0]) / 2 ** 20 for k in ("VmRSS", "VmHWM")]
-    every = accelerator.gather(torch.tensor([rss], device=accelerator.device)).cpu().tolist()
-    text = "host RSS per process (GB, now/peak): " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in every)
-    if accelerator.device.type == "cuda":
-        text += (f"; GPU peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB allocated, "
-                 f"{torch.cuda.max_memory_reserved() / 2 ** 30:.1f} GB reserved")
-    return text
-
-
 def encode_validation_prompts(args, device):
     """Validation prompt embeddings, computed once; the T5 is freed right after."""
     from cosmos_t2i.t5 import encode_prompts, load_text_encoder, pad_embedding
@@ -385,72 +377,43 @@ def prepare_latent_cache(args, dataset, accelerator):
     return vae if args.validation_prompts else None
 
 
-def main(argv=None):
-    from cosmos_t2i.models import quiet_library_logs
-
-    quiet_library_logs()
-    parser = build_parser()
-    args = parse_with_config(parser, argv)
-    validate(args, parser)
-    if args.dryrun:
-        print(to_yaml(args))
-        return
-
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from torch.profiler import record_function
-
-    from cosmos_t2i.distributed import is_sharded, materialize_
+def build_data(args, accelerator, start_iter: int):
+    """(dataset, resumable batch sampler, loader, VAE or None): the VAE is loaded when images are encoded on the fly
+    or validation decodes; with --cache_latents only to fill what the cache lacks."""
     from cosmos_t2i.data import HFSource, ImageDataset, ResumableBatchSampler
-    from cosmos_t2i.ema import PowerEMA
-    from cosmos_t2i.flow import draw_training_randomness, flow_loss
-    from cosmos_t2i.models import encode_images, load_vae
-    from cosmos_t2i.run_control import (STOPPED_EXIT_CODE, StopRequest, WallClock, heartbeat, ignore_stop_signals,
-                                        parse_duration)
-    from cosmos_t2i.schedule import make_optimizer, make_scheduler
-
-    ckpt_dir = ckpt.checkpoint_dir(args.output_root, args.project, args.group, args.name)
-    run_dir = ckpt_dir.parent
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=str(run_dir),
-                              log_with=None if args.report_to == "none" else args.report_to)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    set_seed(args.seed + accelerator.process_index)
-    device = accelerator.device
-
-    # Claim the run folder and find where to resume before loading anything: a finished run exits here.
-    lock, latest = claim_run(accelerator, run_dir, ckpt_dir)
-    start_iter = latest or 0
-    if start_iter >= args.max_iter:
-        accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
-        return
-    if latest is not None:
-        check_resume_settings(args, run_dir, latest, write_history=accelerator.is_main_process)
+    from cosmos_t2i.models import load_vae
+    from cosmos_t2i.run_control import ignore_stop_signals
 
     source = HFSource(args.dataset_name, args.image_column, args.split) if args.dataset_name else None
-    fit = {"crop": "center_crop", "pad": "pad"}[args.bucket_fit] if args.aspect_buckets else args.resize_mode
-    dataset = ImageDataset(args.dataset_dir, tuple(args.image_size), fit, args.skip_incomplete,
+    dataset = ImageDataset(args.dataset_dir, tuple(args.image_size), args.resize_mode, args.skip_incomplete,
                            args.resolution if args.aspect_buckets else None, source)
     if args.aspect_buckets:
-        logger.info("aspect buckets (%s, %s): %s", args.resolution, args.bucket_fit, ", ".join(
+        logger.info("aspect buckets (%s, %s): %s", args.resolution, args.resize_mode, ", ".join(
             f"{k} {RESOLUTIONS[args.resolution][k][0]}x{RESOLUTIONS[args.resolution][k][1]}: {n}"
             for k, n in dataset.histogram.items()))
     global_batch = args.batch_size * accelerator.num_processes
     dropped = sum(len(g) % global_batch for g in dataset.groups)
     if dropped:
-        logger.info("each epoch drops %d samples (incomplete global batches of %d per bucket)", dropped,
-                    global_batch)
+        logger.info("each epoch drops %d samples (incomplete global batches of %d per bucket)", dropped, global_batch)
     sampler = ResumableBatchSampler(dataset.groups, args.batch_size, accelerator.process_index,
                                     accelerator.num_processes, args.seed, start_iter * args.grad_accum)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                         pin_memory=device.type == "cuda", collate_fn=collate,
-                                         worker_init_fn=ignore_stop_signals,
-                                         persistent_workers=args.num_workers > 0)
-
+                                         pin_memory=accelerator.device.type == "cuda", collate_fn=collate,
+                                         worker_init_fn=ignore_stop_signals, persistent_workers=args.num_workers > 0)
     vae = prepare_latent_cache(args, dataset, accelerator) if args.cache_latents else None
     if vae is None and (not args.cache_latents or args.validation_prompts):
-        vae = load_vae(args.vae_path, torch.bfloat16, device)
+        vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device)
+    return dataset, sampler, loader, vae
+
+
+def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
+    """Model, optimizer, schedule and EMA prepared by Accelerate (sharded under FSDP): a namespace of model (as
+    prepared, for forward/backward), unwrapped, params (what trains), optimizer, scheduler, ema, lora_meta."""
+    from cosmos_t2i.distributed import is_sharded, materialize_
+    from cosmos_t2i.ema import PowerEMA
+    from cosmos_t2i.schedule import make_optimizer, make_scheduler
+
+    device = accelerator.device
     if accelerator.is_fsdp2 and args.gradient_checkpointing:
         # checkpoint inside each sharded block (Accelerate's wrapper): diffusers' own wraps the block from outside,
         # where FSDP does not cast the recomputed inputs to bf16 again and the recompute no longer matches
@@ -472,18 +435,82 @@ def main(argv=None):
         # Accelerate matched the optimizer's parameters to the sharded ones by storage address, which every meta
         # tensor shares: point it at the sharded parameters (the same order: one group, built from the model)
         getattr(optimizer, "optimizer", optimizer).param_groups[0]["params"] = params
-    del weights
     ema = PowerEMA([(ckpt.canonical_name(n), p) for n, p in trainable], args.ema_rate) if args.ema else None
-    n_trainable = sum(p.numel() for p in params)  # DTensors report their full size
     logger.info("model %s (%s): %.1fM trainable parameters%s; %d samples; global batch %d x %d accumulation",
-                args.model_size, args.train_architecture, n_trainable / 1e6,
+                args.model_size, args.train_architecture, sum(p.numel() for p in params) / 1e6,  # DTensors: full
                 f", sharded across {accelerator.num_processes} processes (FSDP2)" if is_sharded(unwrapped) else "",
-                len(dataset), global_batch, args.grad_accum)
-    checkpointer = ckpt.Checkpointer(ckpt_dir, unwrapped, optimizer, scheduler, ema, lora_meta, args.keep_last,
-                                     args.async_save, accelerator.is_main_process)
+                n_samples, args.batch_size * accelerator.num_processes, args.grad_accum)
+    return SimpleNamespace(model=model, unwrapped=unwrapped, params=params, optimizer=optimizer, scheduler=scheduler,
+                           ema=ema, lora_meta=lora_meta)
+
+
+def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -> torch.Tensor:
+    """NVIDIA's loss over --grad_accum micro-batches, backward through each; returns this process's mean loss."""
+    from torch.profiler import record_function
+
+    from cosmos_t2i.flow import draw_training_randomness, flow_loss
+    from cosmos_t2i.models import encode_images
+
+    device, total = accelerator.device, torch.zeros((), device=accelerator.device)
+    for micro in range(args.grad_accum):
+        batch = next(data_iter)
+        latents = batch["latents"].to(device, non_blocking=True) if "latents" in batch else \
+            encode_images(vae, batch["images"].to(device, non_blocking=True))
+        # each sample's noise, sigma and dropout depend on its place in the global batch, not on the process count
+        first = (micro * accelerator.num_processes + accelerator.process_index) * args.batch_size
+        sigma, noise, keep = draw_training_randomness(args.seed, iteration, range(first, first + args.batch_size),
+                                                      latents.shape[1:], args.caption_dropout)
+        with accelerator.autocast(), record_function("forward"):
+            loss = flow_loss(model, latents, batch["t5_text_embeddings"].to(device), sigma.to(device),
+                             noise.to(device), keep.to(device), batch["padding_mask"].to(device), args.loss_scale)
+        with record_function("backward"), \
+                accelerator.no_sync(model) if micro < args.grad_accum - 1 else contextlib.nullcontext():
+            accelerator.backward(loss / args.grad_accum)
+        total += loss.detach() / args.grad_accum
+    return total
+
+
+def main(argv=None):
+    from cosmos_t2i.models import quiet_library_logs
+
+    quiet_library_logs()
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
+    validate(args, parser)
+    if args.dryrun:
+        print(to_yaml(args))
+        return
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from cosmos_t2i.monitor import IterationProfiler, Progress, memory_report
+    from cosmos_t2i.run_control import STOPPED_EXIT_CODE, StopRequest, WallClock, heartbeat, parse_duration
+
+    ckpt_dir = ckpt.checkpoint_dir(args.output_root, args.project, args.group, args.name)
+    run_dir = ckpt_dir.parent
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=str(run_dir),
+                              log_with=None if args.report_to == "none" else args.report_to)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    set_seed(args.seed + accelerator.process_index)
+
+    # Claim the run folder and find where to resume before loading anything: a finished run exits here.
+    lock, latest = claim_run(accelerator, run_dir, ckpt_dir)
+    start_iter = latest or 0
+    if start_iter >= args.max_iter:
+        accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
+        return
+    if latest is not None:
+        check_resume_settings(args, run_dir, latest, write_history=accelerator.is_main_process)
+
+    dataset, sampler, loader, vae = build_data(args, accelerator, start_iter)
+    t = build_training(args, accelerator, len(dataset))
+    checkpointer = ckpt.Checkpointer(ckpt_dir, t.unwrapped, t.optimizer, t.scheduler, t.ema, t.lora_meta,
+                                     args.keep_last, args.async_save, accelerator.is_main_process)
     if latest is not None:
         state = checkpointer.restore(latest)
-        apply_optimizer_settings(optimizer, scheduler, args)
+        apply_optimizer_settings(t.optimizer, t.scheduler, args)
         torch.set_rng_state(state["rng"]["torch"])
         logger.info("resumed from %s at iteration %d", ckpt_dir, latest)
     logger.info("%s", memory_report(accelerator))
@@ -491,108 +518,64 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(args))
     accelerator.init_trackers(args.name, config={k: str(v) for k, v in vars(args).items()})
+    validation = encode_validation_prompts(args, accelerator.device) if args.validation_prompts else None
 
-    validation = encode_validation_prompts(args, device) if args.validation_prompts else None
     stop = StopRequest()  # from here on a signal means: save at the end of this iteration, then exit
-    data_iter = iter(loader)
-    bar = tqdm(total=args.max_iter, initial=start_iter, desc="train", disable=not accelerator.is_main_process)
-    nonfinite_run = skipped = 0
-    window_start, window_iters = time.perf_counter(), 0
     clock = WallClock(parse_duration(args.max_wall_time) if args.max_wall_time else None)
+    profiler = IterationProfiler(args.profile_iters, start_iter + 4, run_dir / "profile", accelerator.process_index)
+    progress, data_iter, nonfinite_run, skipped = Progress(args, accelerator, start_iter), iter(loader), 0, 0
 
-    def trainer_state(iteration):
-        return {"skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
-                "data_position": {"global_batch_step": iteration * args.grad_accum,
-                                  "batches_per_epoch": sampler.per_epoch}}
+    def save(iteration, exit_after=False):
+        checkpointer.save(iteration, {"skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
+                                      "data_position": {"global_batch_step": iteration * args.grad_accum,
+                                                        "batches_per_epoch": sampler.per_epoch}})
+        if exit_after:  # every process stops here together, with a complete checkpoint of this iteration
+            checkpointer.wait()
+            accelerator.print(f"stopped ({stop.reason or '--max_wall_time'}) at iteration {iteration}: checkpoint "
+                              f"saved in {ckpt_dir}; run the same command again to resume (exit code "
+                              f"{STOPPED_EXIT_CODE}).")
+            accelerator.end_training()
+            raise SystemExit(STOPPED_EXIT_CODE)
 
-    def stop_and_exit(iteration):
-        """Every process stops here together: a complete checkpoint of this iteration, then exit code 75."""
-        checkpointer.save(iteration, trainer_state(iteration))
-        checkpointer.wait()
-        accelerator.print(f"stopped ({stop.reason or '--max_wall_time'}) at iteration {iteration}: checkpoint saved in "
-                          f"{ckpt_dir}; run the same command again to resume (exit code {STOPPED_EXIT_CODE}).")
-        accelerator.end_training()
-        raise SystemExit(STOPPED_EXIT_CODE)
-
-    profile, profile_from = None, start_iter + 4
     for iteration in range(start_iter + 1, args.max_iter + 1):
         tick = time.perf_counter()
-        if args.profile_iters and iteration == profile_from:
-            from cosmos_t2i.profiling import start_profile
-            profile = start_profile()
+        profiler.begin(iteration)
         if lock is not None:
             heartbeat(lock)
-        total_loss = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            batch = next(data_iter)
-            latents = batch["latents"].to(device, non_blocking=True) if "latents" in batch else \
-                encode_images(vae, batch["images"].to(device, non_blocking=True))
-            first = micro * global_batch + accelerator.process_index * args.batch_size
-            sigma, noise, keep = draw_training_randomness(args.seed, iteration, range(first, first + args.batch_size),
-                                                          latents.shape[1:], args.caption_dropout)
-            with accelerator.autocast(), record_function("forward"):
-                loss = flow_loss(model, latents, batch["t5_text_embeddings"].to(device), sigma.to(device),
-                                 noise.to(device), keep.to(device), batch["padding_mask"].to(device),
-                                 args.loss_scale)
-            with record_function("backward"), \
-                    accelerator.no_sync(model) if micro < args.grad_accum - 1 else contextlib.nullcontext():
-                accelerator.backward(loss / args.grad_accum)
-            total_loss += loss.detach() / args.grad_accum
+        loss = forward_backward(args, accelerator, t.model, vae, data_iter, iteration)
         # the loss and each process's stop request in one reduction: every process decides alike, no extra sync
-        wants_stop = float(stop.requested or clock.out_of_time())
-        summed = accelerator.reduce(torch.stack([total_loss.float(), torch.tensor(wants_stop, device=device)]), "sum")
+        wants_stop = torch.tensor(float(stop.requested or clock.out_of_time()), device=accelerator.device)
+        summed = accelerator.reduce(torch.stack([loss.float(), wants_stop]), "sum")
         mean_loss, stop_here = summed[0] / accelerator.num_processes, bool(summed[1] > 0)
         if not torch.isfinite(mean_loss):  # the same decision on every process: no deadlock
-            optimizer.zero_grad(set_to_none=True)
+            t.optimizer.zero_grad(set_to_none=True)
             nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
             logger.warning("iteration %d: non-finite loss, step skipped (%d in a row)", iteration, nonfinite_run)
             if nonfinite_run >= args.max_nonfinite:
                 raise SystemExit(f"{nonfinite_run} non-finite losses in a row: stopping. The last checkpoint in "
                                  f"{ckpt_dir} is intact; lower --lr or check the data.")
             if stop_here:
-                stop_and_exit(iteration)
+                save(iteration, exit_after=True)
             continue
         nonfinite_run = 0
-        grad_norm = apply_gradients(params, optimizer, scheduler, ema, args.clip_grad_norm, iteration)
+        grad_norm = apply_gradients(t.params, t.optimizer, t.scheduler, t.ema, args.clip_grad_norm, iteration)
         if iteration == start_iter + 1:
             checkpointer.prepare_staging()  # once the optimizer state exists: later saves only copy into it
-
-        window_iters += 1
-        bar.update(1)
-        if iteration - start_iter <= args.hit_thres or iteration % args.logging_iter == 0:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            loss_value, lr = mean_loss.item(), scheduler.get_last_lr()[0]
-            elapsed = time.perf_counter() - (tick if iteration - start_iter <= args.hit_thres else window_start)
-            per_iter = elapsed / (1 if iteration - start_iter <= args.hit_thres else window_iters)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", it_s=f"{1 / per_iter:.2f}",
-                            samples_s=f"{global_batch * args.grad_accum / per_iter:.2f}")
-            logger.info("iter %d loss %.5f lr %.3e grad_norm %.3f iter_speed %.3f s/iter", iteration, loss_value, lr,
-                        float(grad_norm), per_iter)
-            accelerator.log({"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "sec_per_iter": per_iter,
-                             "skipped_steps": skipped}, step=iteration)
-            window_start, window_iters = time.perf_counter(), 0
-
+        progress.update(iteration, tick, mean_loss, grad_norm, t.scheduler.get_last_lr()[0], skipped)
         if validation is not None and iteration % args.validation_iter == 0:
             from cosmos_t2i.pipeline import save_validation_images
-            with ema.applied() if ema is not None else contextlib.nullcontext():
-                save_validation_images(accelerator, unwrapped, vae, validation,
-                                       args, iteration, run_dir / "validation")
-
-        if profile is not None and iteration >= profile_from + args.profile_iters - 1:
-            from cosmos_t2i.profiling import finish_profile
-            finish_profile(profile, args.profile_iters, run_dir / "profile", accelerator.process_index)
-            profile = None
-        if stop_here:
-            stop_and_exit(iteration)
-        if iteration % args.save_iter == 0 or (iteration == args.max_iter and args.final_save):
-            checkpointer.save(iteration, trainer_state(iteration))
+            with t.ema.applied() if t.ema is not None else contextlib.nullcontext():
+                save_validation_images(accelerator, t.unwrapped, vae, validation, args, iteration,
+                                       run_dir / "validation")
+        profiler.end(iteration)
+        if stop_here or iteration % args.save_iter == 0 or (iteration == args.max_iter and args.final_save):
+            save(iteration, exit_after=stop_here)
         clock.record_iteration(time.perf_counter() - tick)
         clock.record_save(checkpointer.last_save_s)
     checkpointer.wait()
     accelerator.wait_for_everyone()
     logger.info("%s", memory_report(accelerator))
-    bar.close()
+    progress.bar.close()
     accelerator.end_training()
     if skipped:
         logger.warning("%d steps were skipped for non-finite losses", skipped)

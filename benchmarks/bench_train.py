@@ -22,7 +22,7 @@ from common import cuda_time, matmul_peak_tflops, peak_gb, report, reset_peak  #
 
 from cosmos_t2i.ema import PowerEMA  # noqa: E402
 from cosmos_t2i.flow import flow_loss  # noqa: E402
-from cosmos_t2i.models import new_transformer  # noqa: E402
+from cosmos_t2i.models import new_transformer, training_flops_per_sample  # noqa: E402
 from cosmos_t2i.schedule import make_optimizer, make_scheduler  # noqa: E402
 from train_text2image import NVIDIA_LORA_TARGETS, apply_gradients, base_dtype, prepare_for_training  # noqa: E402
 
@@ -70,25 +70,8 @@ def train_step(model, optimizer, scheduler, ema, params, batch, iteration):
 
 
 def step_flops(model_size):
-    """FLOPs of forward+backward of one eager sample without checkpointing.
-
-    Counted on 1- and 2-block models of the real width and extrapolated linearly to the real depth (every
-    block is identical), so the count itself fits on the GPU for 14B.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from cosmos_t2i.registry import transformer_config
-    counts = []
-    for layers in (1, 2):
-        model = new_transformer(model_size, torch.bfloat16, "cuda", num_layers=layers).train()
-        b = make_batch(1)
-        with FlopCounterMode(display=False) as counter:
-            flow_loss(model, b["latents"], b["text"].bfloat16(), b["sigma"], b["noise"], b["keep"],
-                      b["padding_mask"]).backward()
-        counts.append(counter.get_total_flops())
-        del model
-        gc.collect()
-    return counts[0] + (counts[1] - counts[0]) * (transformer_config(model_size)["num_layers"] - 1)
+    """FLOPs of forward+backward of one sample at 768x1360 without checkpointing (the training log's own count)."""
+    return training_flops_per_sample(model_size, 768, 1360)
 
 
 def measure(model_size, mode, batch, steps, vae=None):

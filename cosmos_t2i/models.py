@@ -406,3 +406,26 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents [B,16,1,h,w] -> images [B,3,H,W] in [-1,1] (fp32)."""
     mean, std = latent_stats(vae, latents.device)
     return vae.decode((latents.float() * std + mean).to(vae.dtype)).sample[:, :, 0].float().clamp(-1, 1)
+
+
+def training_flops_per_sample(model_size: str, height: int, width: int) -> float:
+    """Model FLOPs of one training sample (forward + backward, no recomputation) at an image size.
+
+    Counted by torch's FLOP counter on the meta device (shapes only, milliseconds) for 1- and 2-block models of the
+    real width, extrapolated to the real depth: every block is identical.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .flow import flow_loss
+
+    counts = []
+    latent = (1, 16, 1, height // 8, width // 8)
+    for layers in (1, 2):
+        model = new_transformer(model_size, torch.bfloat16, "meta", num_layers=layers).train()
+        with FlopCounterMode(display=False) as counter:
+            flow_loss(model, torch.zeros(latent, device="meta"),
+                      torch.zeros(1, 512, 1024, device="meta", dtype=torch.bfloat16), torch.ones(1, device="meta"),
+                      torch.zeros(latent, device="meta"), torch.ones(1, device="meta"),
+                      torch.zeros(1, 1, height, width, device="meta")).backward()
+        counts.append(counter.get_total_flops())
+    return float(counts[0] + (counts[1] - counts[0]) * (transformer_config(model_size)["num_layers"] - 1))

@@ -94,7 +94,7 @@ def test_bucketed_training_resumes_exactly(tiny_bundle, dataset_copy, tmp_path):
     bundle.mkdir()
     (bundle / "models").symlink_to(tiny_bundle / "models")
     shutil.move(str(mixed_aspect_dataset(dataset_copy)), bundle / "dataset")
-    extra = ["--aspect_buckets", "--resolution", "480", "--bucket_fit", "pad", "--save_iter", "2"]
+    extra = ["--aspect_buckets", "--resolution", "480", "--resize_mode", "pad", "--save_iter", "2"]
     straight = run_script(*tiny_args(bundle, tmp_path / "a", *extra, "--max_iter", "4"))
     assert "aspect buckets (480, pad): 16:9 768x432: 6, 1:1 480x480: 5, 9:16 432x768: 5" in straight.stderr
     run_script(*tiny_args(bundle, tmp_path / "b", *extra, "--max_iter", "2"))
