@@ -4,7 +4,8 @@
 
 DIR/dataset/{images,metas}: coloured shapes on coloured backgrounds, captions naming colour and shape.
 DIR/models/{transformer,vae,text_encoder,tokenizer}: a 2-block CosmosTransformer3DModel with the Cosmos-Predict2
-structure, a tiny AutoencoderKLWan, a 1-layer T5 encoder with 1024-wide output and a locally built tokenizer.
+structure, a tiny AutoencoderKLWan trained on these shapes (examples/tiny/vae, made by train_vae.py), a 1-layer T5
+encoder with 1024-wide output and a locally built tokenizer.
 No network; seconds on a CPU. Then: python precompute_t5.py --dataset_path DIR/dataset --text_encoder DIR/models/text_encoder
 """
 
@@ -79,8 +80,6 @@ def main():
     from diffusers import AutoencoderKLWan, CosmosTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
-    from cosmos_t2i.data import load_image, resize_image
-
     out = Path(args.output_dir)
     torch.manual_seed(0)
     write_dataset(out / "dataset", args.per_class)
@@ -93,17 +92,9 @@ def main():
 
     CosmosTransformer3DModel(**transformer_config("tiny")).save_pretrained(out / "models" / "transformer")
 
-    # A random VAE's latents are not unit-scaled; store this dataset's per-channel statistics as the
-    # normalisation constants, as the real Wan2.1 config does for real data.
-    vae = AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    images = torch.stack([resize_image(load_image(p), (64, 64)) for p in sorted((out / "dataset" / "images").iterdir())])
-    with torch.no_grad():
-        mu = vae.encode(images.unsqueeze(2)).latent_dist.mean
-    vae.register_to_config(latents_mean=mu.mean(dim=(0, 2, 3, 4)).tolist(),
-                           latents_std=mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-3).tolist())
-    vae.save_pretrained(out / "models" / "vae")
-    print(f"wrote {len(images)} images and tiny models to {out}")
+    # A real (tiny) autoencoder trained on these shapes by train_vae.py, so that generated latents decode to images
+    AutoencoderKLWan.from_pretrained(Path(__file__).parent / "vae").save_pretrained(out / "models" / "vae")
+    print(f"wrote {2 * args.per_class} images and tiny models to {out}")
 
 
 if __name__ == "__main__":
