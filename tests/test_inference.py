@@ -10,10 +10,10 @@ import torch
 from conftest import run_script
 from PIL import Image
 
+from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i import flow
 from cosmos_t2i.checkpoint import atomic_save, full_model_state
-from cosmos_t2i.models import diffusers_to_nvidia, diffusers_to_nvidia_key
-from cosmos_t2i.models import load_dit
+from cosmos_t2i.models import diffusers_to_nvidia, diffusers_to_nvidia_key, load_dit
 from cosmos_t2i.pipeline import CosmosText2Image
 
 
@@ -234,7 +234,7 @@ def lora_run(tiny_bundle, tmp_path_factory):
 def test_lora_on_a_different_base_warns(lora_run, tmp_path, caplog):
     import logging
     import shutil
-    from cosmos_t2i import checkpoint as ckpt
+
     other = tmp_path / "other_base"
     shutil.copytree(ckpt.load_part(lora_run / "checkpoints", "model", 4)["lora_metadata"]["base_path"], other)
     weights = next(other.glob("*.safetensors"))
@@ -270,7 +270,15 @@ def test_lora_exports_load_back_and_in_diffusers(lora_run, base, probe, tmp_path
     assert (expected - outputs(base, probe)).abs().max() > 1e-3
     model_file = lora_run / "checkpoints/model/iter_000000004.pt"
 
-    run_script("-m", "cosmos_t2i.export", "lora-diffusers", "--lora_path", lora_run, "--output", tmp_path / "dif")
+    sample = tmp_path / "sample.jpg"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(sample)
+    run_script("-m", "cosmos_t2i.export", "lora-diffusers", "--lora_path", lora_run, "--output", tmp_path / "dif",
+               "--sample_image", sample)
+    card = (tmp_path / "dif" / "README.md").read_text()  # the model card: base, run settings, rank/alpha, iteration
+    base_path = ckpt.load_part(lora_run / "checkpoints", "model", 4)["lora_metadata"]["base_path"]
+    assert f"base_model: {base_path}" in card and "(iteration 4)" in card and "LoRA rank 4, alpha 8.0" in card
+    assert "| lr | 0.02 |" in card and "| max_iter | 4 |" in card and "![sample](sample.jpg)" in card
+    assert (tmp_path / "dif" / "sample.jpg").exists()
     peft_model = copy.deepcopy(base)
     peft_model.load_lora_adapter(str(tmp_path / "dif"), weight_name="pytorch_lora_weights.safetensors")
     torch.testing.assert_close(outputs(peft_model, probe), expected, rtol=1e-4, atol=1e-5)
@@ -305,6 +313,7 @@ def test_export_diffusers_folder(tiny_bundle, tmp_path, base, probe):
     run_script("-m", "cosmos_t2i.export", "diffusers", "--dit_path", path, "--model_size", "tiny", "--load_ema",
                "--output", tmp_path / "exported")
     loaded = CosmosTransformer3DModel.from_pretrained(tmp_path / "exported").float()
+    assert "EMA" in (tmp_path / "exported" / "README.md").read_text()
     assert_relative_close(outputs(loaded, probe), outputs(trained, probe))  # exported in bf16
 
 
@@ -333,14 +342,21 @@ def test_cli_writes_image_and_settings(tiny_bundle, lora_run, tmp_path):
 
 
 def test_distilled_mode_runs_the_listed_sigmas():
+    """x0 at sigmas 80, 3.6, 1.5574, re-noised to the next sigma with RandomState(seed + 1) draws (NVIDIA's
+    convention), written out by hand; the denoiser depends on sigma, so a wrong list gives a wrong image."""
     seen = []
     x = flow.initial_noise(0, (1, 4)) * 80
 
     def denoise(z, sigma):
         seen.append(sigma)
-        return torch.zeros_like(z)
-    out = flow.sample_distilled(denoise, x, 3, seed=0)
-    assert seen == [80.0, 3.6, 1.5574] and torch.equal(out, torch.zeros_like(x))
+        return 0.5 * z + sigma
+    out = flow.sample_distilled(denoise, x.clone(), 3, seed=0)
+    rng, expected = np.random.RandomState(1), x.double()
+    for sigma, following in ((80.0, 3.6), (3.6, 1.5574), (1.5574, 0.0)):
+        x0, noise = 0.5 * expected + sigma, torch.from_numpy(rng.standard_normal((1, 4)))
+        expected = x0 + following * noise
+    assert seen == [80.0, 3.6, 1.5574]
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -142,9 +142,13 @@ def test_vae_path_given_the_dit_says_so(tiny_bundle):
 
 
 def test_seed_example_configs_parse(capsys):
-    for name in ("2b_custom_data.yaml", "14b_custom_data.yaml"):
+    """The seed's two experiments as YAML: their own values (not argparse defaults) reach the resolved config."""
+    for name, size in (("2b_custom_data.yaml", "2B"), ("14b_custom_data.yaml", "14B")):
         train_text2image.main(["--config", str(ROOT / "examples" / name), "--dryrun"])
         out = capsys.readouterr().out
+        assert f"dit_path: checkpoints/nvidia/Cosmos-Predict2-{size}-Text2Image/model.pt" in out
+        assert f"name: {size.lower()}_custom_data" in out and f"model_size: {size}" in out
+        assert "dataset_dir: datasets/custom_text2image_dataset" in out
         assert "f_max:\n- 0.4" in out and "max_iter: 1000" in out and "save_iter: 500" in out
 
 
