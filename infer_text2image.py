@@ -138,14 +138,18 @@ def main(argv=None):
     if args.offload_text_encoder:
         pipe.offload_text_encoder()
 
+    cuda = pipe.device.type == "cuda"
+    seconds = []
     for job in tqdm(jobs, desc="images", disable=len(jobs) == 1):
+        tick = time.perf_counter()
         seed = args.seed + job.get("index", 0)
         bar = tqdm(total=args.distill_steps or args.num_steps, desc="sampling", leave=False)
         latents = pipe.sample_latents(embedded[job["prompt"]][None], None if negative is None else negative[None],
                                       [seed], height, width, args.guidance, args.num_steps, args.sampler,
                                       args.distill_steps, progress=lambda: bar.update(1))
         bar.close()
-        image = pipe.decode(latents)[0]
+        image = pipe.decode(latents)[0]  # to PIL: waits for the GPU
+        seconds.append(time.perf_counter() - tick)
         job["path"].parent.mkdir(parents=True, exist_ok=True)
         image.save(job["path"], quality=args.jpeg_quality)  # (PIL's default JPEG quality is 75)
         settings = {k: getattr(args, k) for k in ("dit_path", "load_ema", "lora_path", "lora_scale", "guidance",
@@ -153,7 +157,12 @@ def main(argv=None):
         job["path"].with_suffix(".txt").write_text(
             f"prompt: {job['prompt']}\nnegative_prompt: {args.negative_prompt or ''}\nseed: {seed}\n"
             f"size: {width}x{height}\n" + "".join(f"{k}: {v}\n" for k, v in settings.items()))
-        logger.info("saved %s", job["path"])
+        logger.info("saved %s (%.2f s)", job["path"], seconds[-1])
+    steady = seconds[1:] or seconds  # the first image includes compilation and warm-up
+    logger.info("%d image(s): %.2f s per image%s%s", len(seconds), sum(steady) / len(steady),
+                f" after the first ({seconds[0]:.2f} s)" if len(seconds) > 1 else "",
+                f"; GPU peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB allocated, "
+                f"{torch.cuda.max_memory_reserved() / 2 ** 30:.1f} GB reserved" if cuda else "")
 
 
 if __name__ == "__main__":

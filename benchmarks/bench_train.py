@@ -32,17 +32,20 @@ MODES = {
     "compile_ckpt": dict(compile=True, checkpointing=True),
     "lora": dict(compile=True, lora=True),
     "lora_ckpt": dict(compile=True, lora=True, checkpointing=True),
+    # --lora_base_dtype fp8: the frozen base's block weights stored as fp8 (e5m2)
+    "lora_fp8_ckpt": dict(compile=True, lora=True, checkpointing=True, base_fp8=True),
     # the 24 GB recipe: --weight_dtype bf16 (StochasticAdamW) --gradient_checkpointing --no-ema --compile
     "bf16_lowmem": dict(compile=True, checkpointing=True, bf16_weights=True),
 }
 
 
-def build(model_size, compile=False, checkpointing=False, lora=False, bf16_weights=False):
+def build(model_size, compile=False, checkpointing=False, lora=False, bf16_weights=False, base_fp8=False):
     """(model, optimizer, scheduler, EMA or None, trainable params) as train_text2image.py builds them."""
     dtype = base_dtype("lora" if lora else "full", "bf16", "bf16" if bf16_weights else "fp32")
     model = prepare_for_training(
         new_transformer(model_size, dtype, "cuda"),
-        {"rank": 16, "alpha": 16, "targets": NVIDIA_LORA_TARGETS.split(",")} if lora else None,
+        {"rank": 16, "alpha": 16, "targets": NVIDIA_LORA_TARGETS.split(","), "base_dtype": "fp8" if base_fp8 else "bf16"}
+        if lora else None,
         gradient_checkpointing=checkpointing, compile=compile)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
@@ -85,7 +88,8 @@ def measure(model_size, mode, batch, steps, vae=None):
     torch.cuda.synchronize()
     first = time.perf_counter() - start
     seconds = cuda_time(lambda: train_step(*parts, data, next(counter)), 2, steps)
-    result = dict(sec_per_iter=seconds, samples_per_s=batch / seconds, peak_gb=peak_gb(), first_step_s=first)
+    result = dict(sec_per_iter=seconds, samples_per_s=batch / seconds, peak_gb=peak_gb(),
+                  peak_reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30, first_step_s=first)
     if vae is not None:
         from cosmos_t2i.models import encode_images
         images = torch.rand(batch, 3, 768, 1360, device="cuda") * 2 - 1

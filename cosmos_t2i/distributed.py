@@ -97,19 +97,32 @@ def nan_to_zero_(grads) -> None:
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-@torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
-    """Scale gradients so that their global L2 norm is at most `max_norm`; returns the norm before clipping.
-
-    torch.nn.utils.clip_grad_norm_'s arithmetic. For FSDP2's sharded gradients it works on the local shards: one
-    foreach norm, one all-reduce of the squared sum, one foreach multiply.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not _fully_sharded(grads):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+def _global_norm(grads) -> torch.Tensor:
+    """L2 norm over all gradients: one foreach norm over local parts, one all-reduce when they are FSDP shards."""
     local = local_parts(grads)
     squared = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum()
-    torch.distributed.all_reduce(squared, group=grads[0].device_mesh.get_group())
-    total = squared.sqrt()
-    torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    if _fully_sharded(grads):
+        torch.distributed.all_reduce(squared, group=grads[0].device_mesh.get_group())
+    return squared.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """NVIDIA's GradClip(force_finite=True): non-finite gradient entries become 0, then gradients are scaled so
+    that their global L2 norm is at most `max_norm`. Returns the norm before scaling.
+
+    torch.nn.utils.clip_grad_norm_'s arithmetic, on local shards under FSDP. The zeroing pass over every gradient
+    runs only when needed: the norm is taken first and is finite exactly when every entry is (one host sync).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if len({type(g) for g in grads}) > 1 or (hasattr(grads[0], "placements") and not _fully_sharded(grads)):
+        nan_to_zero_(grads)  # a mix this code does not reduce itself (e.g. replicated DTensors): torch's version
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total = _global_norm(grads)
+    if not torch.isfinite(total):  # the same on every process: the norm is global
+        nan_to_zero_(grads)
+        total = _global_norm(grads)
+    torch._foreach_mul_(local_parts(grads), (max_norm / (total + 1e-6)).clamp(max=1.0))
     return total

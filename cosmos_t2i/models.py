@@ -325,6 +325,11 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
             logging.getLogger(__name__).warning(
                 "%s was trained against a base whose content differs from %s (fingerprint mismatch): the adapter "
                 "is applied anyway; pass the original base as --base_dit_path if you have it.", dit_path, base)
+        if meta.get("base_dtype") == "fp8":
+            import logging
+            logging.getLogger(__name__).warning(
+                "%s was trained against its base stored in fp8 (--lora_base_dtype fp8); it is merged into the "
+                "full-precision base, whose outputs differ slightly from what training saw.", dit_path)
         model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32)
         merge_adapter(model, adapter_from_state(lora_state, meta.get("alpha"), load_ema, dit_path))
     else:

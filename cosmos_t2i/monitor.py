@@ -10,7 +10,7 @@ from tqdm import tqdm
 from .registry import RESOLUTIONS
 
 logger = logging.getLogger("train")
-PHASES = ("forward", "backward", "grad_nan_to_zero", "clip_grad_norm", "optimizer_step", "ema_update")
+PHASES = ("forward", "backward", "clip_grad_norm", "optimizer_step", "ema_update")
 
 
 def start_profile() -> torch.profiler.profile:

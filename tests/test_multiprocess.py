@@ -130,7 +130,7 @@ def _sharded_gradients_worker(rank, world, port, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from cosmos_t2i.distributed import clip_grad_norm_, nan_to_zero_
+    from cosmos_t2i.distributed import clip_grad_norm_
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -140,8 +140,7 @@ def _sharded_gradients_worker(rank, world, port, out):
         p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(full), mesh, [Shard(0)]))
         p.grad = distribute_tensor(full, mesh, [Shard(0)])
         params.append(p)
-    nan_to_zero_([p.grad for p in params])
-    norm = clip_grad_norm_(params, 1.0)
+    norm = clip_grad_norm_(params, 1.0)  # zeroes the NaN and Inf entries first
     grads = [p.grad.full_tensor() for p in params]
     if rank == 0:
         torch.save({"norm": norm, "grads": grads}, out)

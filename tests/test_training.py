@@ -444,3 +444,52 @@ def test_training_starts_from_a_run_folder_or_lora_file_like_inference(tiny_bund
             torch.testing.assert_close(start[k], expected[k], rtol=0, atol=1e-9, msg=k)
     base = load_dit(str(tiny_bundle / "models" / "transformer"), dtype=torch.float32).state_dict()
     assert any((base[k] - expected[k]).abs().max() > 1e-4 for k in expected)  # the adapter is in there
+
+
+@pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
+def test_gradient_clip_zeroes_nonfinite_entries_then_clips_like_torch(poison):
+    """NVIDIA's GradClip(force_finite=True) against torch's clip_grad_norm_ on gradients zeroed by hand."""
+    from cosmos_t2i.distributed import clip_grad_norm_
+    grads = [torch.randn(5, 3, generator=torch.Generator().manual_seed(i)) * 2 for i in range(3)]
+    if poison is not None:
+        grads[1][2, 1] = poison
+    ours = [torch.nn.Parameter(torch.zeros(5, 3)) for _ in grads]
+    reference = [torch.nn.Parameter(torch.zeros(5, 3)) for _ in grads]
+    for p, q, g in zip(ours, reference, grads):
+        p.grad, q.grad = g.clone(), torch.nan_to_num(g.clone(), nan=0.0, posinf=0.0, neginf=0.0)
+    norm = clip_grad_norm_(ours, 1.0)
+    expected = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    torch.testing.assert_close(norm, expected)
+    for p, q in zip(ours, reference):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_float8_storage_linear_computes_like_the_linear():
+    from cosmos_t2i.lora import Float8StorageLinear
+    linear = torch.nn.Linear(64, 32).requires_grad_(False)
+    x = torch.randn(8, 64)
+    expected = linear(x)
+    Float8StorageLinear.convert_(linear)
+    assert linear.weight.dtype == torch.float8_e5m2 and linear.weight.element_size() == 1
+    got = linear(x)
+    assert (got - expected).norm() / expected.norm() < 0.1  # e5m2 keeps 2 mantissa bits: a few % error
+
+
+def test_lora_on_an_fp8_base_saves_the_same_adapters_and_warns_when_merged(tiny_bundle, tmp_path, caplog):
+    import logging
+    from cosmos_t2i.models import load_dit
+    runs = {}
+    for dtype in ("bf16", "fp8"):
+        out = tmp_path / dtype
+        result = run_script(*tiny_args(tiny_bundle, out, "--train_architecture", "lora", "--max_iter", "3",
+                                       "--lr", "1e-2", "--lora_base_dtype", dtype))
+        runs[dtype] = (out, losses_of(result.stderr), load_model_file(out, 3))
+    assert "frozen block weights stored in fp8" in result.stderr
+    (_, bf16_losses, bf16_file), (fp8_out, fp8_losses, fp8_file) = runs["bf16"], runs["fp8"]
+    assert {k: (v.shape, v.dtype) for k, v in fp8_file.items() if torch.is_tensor(v)} == \
+        {k: (v.shape, v.dtype) for k, v in bf16_file.items() if torch.is_tensor(v)}
+    assert fp8_file["lora_metadata"]["base_dtype"] == "fp8"
+    assert abs(fp8_losses[1] - bf16_losses[1]) < 0.05 * bf16_losses[1]  # the same model, up to fp8 storage error
+    with caplog.at_level(logging.WARNING):
+        load_dit(str(fp8_out / "posttraining/text2image/t"), dtype=torch.float32)
+    assert "stored in fp8" in caplog.text
