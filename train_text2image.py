@@ -218,17 +218,17 @@ def base_dtype(train_architecture: str, mixed_precision: str, weight_dtype: str)
 
 
 def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradient_checkpointing: bool = False,
-                         compile: bool = False):
+                         compile: bool = False, device=None):
     """LoRA injection (lora = {"rank", "alpha", "targets"}: NVIDIA module names; "base_dtype": "fp8" stores the
-    frozen block weights in fp8), diffusers' gradient checkpointing and per-block torch.compile, then train mode.
-    Shared with benchmarks/bench_train.py."""
+    frozen block weights in fp8, converting layer by layer on `device`), diffusers' gradient checkpointing and
+    per-block torch.compile, then train mode. Shared with benchmarks/bench_train.py."""
     from cosmos_t2i.lora import add_lora, store_frozen_linears_in_fp8_
 
     if lora is not None:
         add_lora(model, lora["rank"], lora["alpha"], lora["targets"], seed)
         if lora.get("base_dtype") == "fp8":
             logger.info("LoRA base: %.1fM frozen block weights stored in fp8 (e5m2)",
-                        store_frozen_linears_in_fp8_(model) / 1e6)
+                        store_frozen_linears_in_fp8_(model, device) / 1e6)
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if compile:
@@ -262,8 +262,9 @@ def build_transformer(args, device, sharded: bool):
         if path is not None:
             args.model_size, weights = transformer_weights(path, args.model_size)
         model = new_transformer(args.model_size, dtype, "meta")
-    else:
-        model = load_transformer(path, args.model_size, dtype=dtype, device=device)
+    else:  # an fp8 LoRA base is converted layer by layer on the GPU, from the CPU (see prepare_for_training)
+        model = load_transformer(path, args.model_size, dtype=dtype,
+                                 device="cpu" if args.lora_base_dtype == "fp8" else device)
     if args.train_architecture == "lora":
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets, "base_dtype": args.lora_base_dtype}
@@ -271,8 +272,9 @@ def build_transformer(args, device, sharded: bool):
                 "base_dtype": args.lora_base_dtype,
                 "model_size": args.model_size, "base_path": str(path), "base_fingerprint": fingerprint(path)}
     # under FSDP Accelerate checkpoints inside each sharded block instead (see main)
-    model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile)
-    return model, weights, meta
+    model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile,
+                                 device)
+    return (model if weights is not None or model.device.type == "meta" else model.to(device)), weights, meta
 
 
 def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteration: int) -> torch.Tensor:
@@ -438,7 +440,7 @@ def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
                                args.weight_decay, args.optimizer, args.weight_dtype == "bf16", device.type)
     scheduler = make_scheduler(optimizer, args.scheduler, args.warm_up_steps, args.cycle_lengths, args.f_start,
                                args.f_max, args.f_min)
-    if args.lora_base_dtype == "fp8" and accelerator.num_processes > 1:
+    if args.lora_base_dtype == "fp8":
         # DDP broadcasts every parameter and buffer at start, which NCCL/gloo refuse for fp8; every process built the
         # same fp8 base from the same file, so there is nothing to broadcast
         from torch.nn.parallel import DistributedDataParallel

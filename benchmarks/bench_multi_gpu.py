@@ -99,7 +99,8 @@ def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=Non
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["scaling"],
-                        choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "multinode"],
+                        choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "lora14b_fp8",
+                                 "multinode"],
                         help="run sets, in the order given")
     parser.add_argument("--work", default="/tmp/cosmos_bench")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
@@ -202,6 +203,11 @@ def main():
             run(f"lora_{size}_{config.split('_')[0].split('.')[0]}_{widest}gpu", config, widest, size,
                 ["--train_architecture", "lora", "--gradient_checkpointing", *no_save], batch=1)
 
+    def lora_fp8():  # one GPU: 14B LoRA on a bf16 base against one stored in fp8 (the 24 GB recipe)
+        for dtype in ("bf16", "fp8"):
+            run(f"lora_14B_{dtype}_base_1gpu", single, 1, size_14b, ["--train_architecture", "lora",
+                "--gradient_checkpointing", "--lora_base_dtype", dtype, *no_save], batch=1)
+
     def multinode():  # two "machines" of half the GPUs each on one host against one launch of all GPUs
         # On GPUs bf16 reductions are not bitwise reproducible, so the second launch of the same command gives the
         # run-to-run noise; iteration 1 (before any update) must agree exactly.
@@ -235,7 +241,7 @@ def main():
                           "losses_one_launch": ref, "losses_two_launches": two}), flush=True)
 
     sets = {"scaling": scaling, "stall": stall, "reshard": reshard, "14b": fourteen, "14b_nvidia": fourteen_nvidia,
-            "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "multinode": multinode}
+            "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "lora14b_fp8": lora_fp8, "multinode": multinode}
     for name in args.runs:
         try:
             sets[name]()

@@ -42,11 +42,11 @@ MODES = {
 def build(model_size, compile=False, checkpointing=False, lora=False, bf16_weights=False, base_fp8=False):
     """(model, optimizer, scheduler, EMA or None, trainable params) as train_text2image.py builds them."""
     dtype = base_dtype("lora" if lora else "full", "bf16", "bf16" if bf16_weights else "fp32")
-    model = prepare_for_training(
-        new_transformer(model_size, dtype, "cuda"),
+    model = prepare_for_training(  # an fp8 base is built on the CPU and converted layer by layer, as the script does
+        new_transformer(model_size, dtype, "cpu" if base_fp8 else "cuda"),
         {"rank": 16, "alpha": 16, "targets": NVIDIA_LORA_TARGETS.split(","), "base_dtype": "fp8" if base_fp8 else "bf16"}
         if lora else None,
-        gradient_checkpointing=checkpointing, compile=compile)
+        gradient_checkpointing=checkpointing, compile=compile, device="cuda").to("cuda")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
     optimizer = make_optimizer(params, lr=1e-5, bf16_weights=bf16_weights)
