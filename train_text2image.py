@@ -296,12 +296,12 @@ def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteratio
     return grad_norm
 
 
-def encode_validation_prompts(args, device):
+def encode_validation_prompts(prompts: list[str], text_encoder: str, device):
     """Validation prompt embeddings, computed once; the T5 is freed right after."""
     from cosmos_t2i.t5 import encode_prompts, load_text_encoder, pad_embedding
-    tokenizer, encoder = load_text_encoder(args.text_encoder, device,
+    tokenizer, encoder = load_text_encoder(text_encoder, device,
                                            torch.bfloat16 if device.type == "cuda" else torch.float32)
-    arrays = encode_prompts(tokenizer, encoder, list(args.validation_prompts))
+    arrays = encode_prompts(tokenizer, encoder, list(prompts))
     del encoder
     return torch.stack([pad_embedding(a)[0] for a in arrays])
 
@@ -540,7 +540,8 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(args))
     accelerator.init_trackers(args.name, config={k: str(v) for k, v in vars(args).items()})
-    validation = encode_validation_prompts(args, accelerator.device) if args.validation_prompts else None
+    validation = encode_validation_prompts(args.validation_prompts, args.text_encoder, accelerator.device) \
+        if args.validation_prompts else None
 
     stop = StopRequest()  # from here on a signal means: save at the end of this iteration, then exit
     clock = WallClock(parse_duration(args.max_wall_time) if args.max_wall_time else None)
@@ -587,8 +588,8 @@ def main(argv=None):
         if validation is not None and iteration % args.validation_iter == 0:
             from cosmos_t2i.pipeline import save_validation_images
             with t.ema.applied() if t.ema is not None else contextlib.nullcontext():
-                save_validation_images(accelerator, t.unwrapped, vae, validation, args, iteration,
-                                       run_dir / "validation")
+                save_validation_images(accelerator, t.unwrapped, vae, validation, iteration, run_dir / "validation",
+                                       args.image_size, args.validation_steps, args.seed)
         profiler.end(iteration)
         if stop_here or iteration % args.save_iter == 0 or (iteration == args.max_iter and args.final_save):
             save(iteration, exit_after=stop_here)

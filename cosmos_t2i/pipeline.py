@@ -104,24 +104,25 @@ class CosmosText2Image:
         return self.decode(latents)
 
 
-def save_validation_images(accelerator, transformer, vae, embeddings, args, iteration, out_dir) -> None:
-    """Sample the validation prompts, save them and log them to the tracker (main process).
+def save_validation_images(accelerator, transformer, vae, embeddings, iteration: int, out_dir, image_size,
+                           num_steps: int = 35, seed: int = 0) -> None:
+    """Sample the validation prompts' embeddings at image_size (height, width), save them as
+    out_dir/iter_<iteration>_<i>.jpg and log them to the tracker (main process).
 
     Every process samples: under FSDP each forward needs all of them.
     """
     was_training = transformer.training
     transformer.eval()
     pipe = CosmosText2Image(transformer, vae, device=accelerator.device)
-    height, width = args.image_size
+    height, width = image_size
     with accelerator.autocast():
-        images = pipe(None, embeddings=embeddings, height=height, width=width, num_steps=args.validation_steps,
-                      seed=args.seed)
+        images = pipe(None, embeddings=embeddings, height=height, width=width, num_steps=num_steps, seed=seed)
     transformer.train(was_training)
     if not accelerator.is_main_process:
         return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, (image, prompt) in enumerate(zip(images, args.validation_prompts)):
+    for i, image in enumerate(images):
         image.save(out_dir / f"iter_{iteration:09d}_{i}.jpg", quality=95)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
