@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cosmos_t2i.config import parse_with_config
+from cosmos_t2i.models import keep_compile_cache
 from cosmos_t2i.registry import MODEL_SIZES, RESOLUTIONS, image_size_for
 
 logger = logging.getLogger("infer")
@@ -124,6 +125,8 @@ def main(argv=None):
 
     from cosmos_t2i.pipeline import CosmosText2Image
 
+    if args.compile:
+        keep_compile_cache()
     start = time.perf_counter()
     pipe = CosmosText2Image.from_pretrained(
         dit_path=args.dit_path, vae_path=args.vae_path, text_encoder=args.text_encoder, model_size=args.model_size,

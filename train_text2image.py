@@ -506,6 +506,10 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if args.compile:
+        from cosmos_t2i.models import keep_compile_cache
+        keep_compile_cache()
+
     from cosmos_t2i.monitor import IterationProfiler, Progress, memory_report
     from cosmos_t2i.run_control import STOPPED_EXIT_CODE, StopRequest, WallClock, heartbeat, parse_duration
 

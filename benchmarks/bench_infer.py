@@ -37,7 +37,7 @@ def t5_11b(device):
 def word_tokenizer():
     """A stand-in tokenizer (no network): one id per word, T5's ids for pad and </s>."""
     class Tokenizer:
-        def __call__(self, texts, padding=None, truncation=True, max_length=512, return_tensors=None):
+        def __call__(self, texts, padding=None, truncation=True, max_length=512, return_tensors=None, **_):
             ids = [[3 + hash(w) % 32000 for w in t.split()][:max_length - 1] + [1] for t in texts]
             if return_tensors is None:
                 return {"input_ids": ids}
