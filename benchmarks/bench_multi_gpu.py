@@ -100,7 +100,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["scaling"],
                         choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "lora14b_fp8",
-                                 "multinode"],
+                                 "lowmem", "multinode"],
                         help="run sets, in the order given")
     parser.add_argument("--work", default="/tmp/cosmos_bench")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
@@ -208,6 +208,14 @@ def main():
             run(f"lora_14B_{dtype}_base_1gpu", single, 1, size_14b, ["--train_architecture", "lora",
                 "--gradient_checkpointing", "--lora_base_dtype", dtype, *no_save], batch=1)
 
+    def lowmem():  # one GPU, the 24 GB full fine-tune recipe at batch 4, with and without expandable segments
+        recipe = ["--weight_dtype", "bf16", "--no-ema", "--gradient_checkpointing", *no_save]
+        # fill the latent cache first: encoding with the VAE would otherwise set the first run's peak
+        run("2b_lowmem_fill_cache", single, 1, size_2b, [*recipe, "--max_iter", 1], batch=4, report=False)
+        for alloc in ("", "expandable_segments:True"):
+            run("2b_lowmem_b4" + ("_expandable" if alloc else ""), single, 1, size_2b, recipe, batch=4,
+                env_extra={"PYTORCH_CUDA_ALLOC_CONF": alloc})
+
     def multinode():  # two "machines" of half the GPUs each on one host against one launch of all GPUs
         # On GPUs bf16 reductions are not bitwise reproducible, so the second launch of the same command gives the
         # run-to-run noise; iteration 1 (before any update) must agree exactly.
@@ -241,7 +249,8 @@ def main():
                           "losses_one_launch": ref, "losses_two_launches": two}), flush=True)
 
     sets = {"scaling": scaling, "stall": stall, "reshard": reshard, "14b": fourteen, "14b_nvidia": fourteen_nvidia,
-            "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "lora14b_fp8": lora_fp8, "multinode": multinode}
+            "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "lora14b_fp8": lora_fp8, "lowmem": lowmem,
+            "multinode": multinode}
     for name in args.runs:
         try:
             sets[name]()
