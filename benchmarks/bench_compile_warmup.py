@@ -10,7 +10,6 @@ JSON line with the first image's seconds (compile included) for each run and the
 """
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -19,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import report  # noqa: E402
 
 
 def main():
@@ -32,7 +33,7 @@ def main():
     from diffusers import AutoencoderKLWan
     AutoencoderKLWan().to(torch.bfloat16).save_pretrained(work / "vae")  # Wan2.1's shape, random weights
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor_cache"))
-    result = {"model_size": args.model_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result = {"bench": "compile_warmup", "model_size": args.model_size}
     for run in ("cold_cache", "warm_cache"):
         out = subprocess.run([sys.executable, str(ROOT / "infer_text2image.py"), "--model_size", args.model_size,
                               "--vae_path", str(work / "vae"), "--text_encoder", str(work / "tiny/models/text_encoder"),
@@ -43,7 +44,7 @@ def main():
         found = re.search(r"(\d+) image\(s\): ([\d.]+) s per image after the first \(([\d.]+) s\)", out.stderr)
         result[f"first_image_s_{run}"] = float(found.group(3))
         result[f"s_per_image_{run}"] = float(found.group(2))
-    print(json.dumps(result), flush=True)
+    report(result)
 
 
 if __name__ == "__main__":

@@ -157,9 +157,15 @@ def main():
             if model_size in flops:
                 result["mfu_per_gpu"] = flops[model_size] * batch / result["sec_per_iter"] / (peak * 1e12)
         if report:
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
-                              if k != "losses"}), flush=True)
+            emit({k: v for k, v in result.items() if k != "losses"})
         return result
+
+    def emit(line: dict):  # on GPUs into benchmarks/results.jsonl as well (common.report); a CPU check only prints
+        if args.tiny:
+            print(json.dumps(line), flush=True)
+        else:
+            from common import report
+            report(line)
 
     single = "single_gpu.yaml" if not args.tiny else "multi_gpu.yaml"
     size_14b = "tiny" if args.tiny else "14B"
@@ -172,13 +178,13 @@ def main():
         for n in [g for g in args.gpus if g > 1]:
             shutil.rmtree(work / "runs", ignore_errors=True)  # disk: a 2B checkpoint is about 40 GB
             r = run(f"2b_fsdp_{n}gpu", "fsdp_2b.yaml", n, size_2b, profiled + ([] if n == widest > 2 else no_save))
-            print(json.dumps({"run": f"2b_fsdp_{n}gpu", "weak_scaling_vs_1gpu_plain":
-                              round(r["samples_per_s"] / (n * base["samples_per_s"]), 4)}), flush=True)
+            emit({"run": f"2b_fsdp_{n}gpu", "weak_scaling_vs_1gpu_plain":
+                  round(r["samples_per_s"] / (n * base["samples_per_s"]), 4)})
         if widest > 2:  # resume the widest run's checkpoint on 2 GPUs
             r = run(f"2b_fsdp_{widest}gpu", "fsdp_2b.yaml", 2, size_2b,
                     ["--max_iter", args.iters + 4, "--no-final_save"])
-            print(json.dumps({"run": f"resume {widest}->2 GPUs", "resumed": bool(r["losses"]) and
-                              min(r["losses"]) == args.iters + 1}), flush=True)
+            emit({"run": f"resume {widest}->2 GPUs", "resumed": bool(r["losses"]) and
+                  min(r["losses"]) == args.iters + 1})
         shutil.rmtree(work / "runs", ignore_errors=True)
 
     def stall():  # two saves: the second shows the steady-state stall (pinned buffers allocated at the first step)
@@ -242,11 +248,11 @@ def main():
         def max_rel(a):
             return max(abs(a[i] - ref[i]) / abs(ref[i]) for i in ref) if a.keys() == ref.keys() and ref else None
         noise, diff = max_rel(again["losses"]), max_rel(two)
-        print(json.dumps({"run": f"multinode 2 launches x {half} vs 1 launch x {widest}",
-                          "iteration_1_equal": bool(two) and two.get(1) == ref.get(1),
-                          "max_rel_diff": diff, "same_command_twice_max_rel_diff": noise,
-                          "within_noise": diff is not None and diff <= max(2 * noise, 1e-5),
-                          "losses_one_launch": ref, "losses_two_launches": two}), flush=True)
+        emit({"run": f"multinode 2 launches x {half} vs 1 launch x {widest}",
+              "iteration_1_equal": bool(two) and two.get(1) == ref.get(1),
+              "max_rel_diff": diff, "same_command_twice_max_rel_diff": noise,
+              "within_noise": diff is not None and diff <= max(2 * noise, 1e-5),
+              "losses_one_launch": ref, "losses_two_launches": two})
 
     sets = {"scaling": scaling, "stall": stall, "reshard": reshard, "14b": fourteen, "14b_nvidia": fourteen_nvidia,
             "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "lora14b_fp8": lora_fp8, "lowmem": lowmem,
@@ -255,7 +261,7 @@ def main():
         try:
             sets[name]()
         except RuntimeError as e:  # report and go on with the next set
-            print(json.dumps({"run": name, "failed": str(e)[-1500:]}), flush=True)
+            emit({"run": name, "failed": str(e)[-1500:]})
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Helpers shared by the GPU benchmarks: timing, peak matmul rate, random models at the real shapes."""
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 
 
 def cuda_time(fn, warmup=2, repeat=5) -> float:
@@ -37,7 +41,16 @@ def reset_peak() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def report(result: dict) -> None:
-    """Print the one JSON line each benchmark promises, with the device named."""
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **result}
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+def report(result: dict, save: bool = True) -> None:
+    """Print the one JSON line each benchmark promises, with the device, torch version, date and the command that
+    reproduces it, and append it to benchmarks/results.jsonl (perf_table.py makes README's table from that file)."""
+    script = Path(sys.argv[0]).resolve()
+    command = " ".join(["python", str(script.relative_to(RESULTS.parents[1])) if script.is_relative_to(
+        RESULTS.parents[1]) else sys.argv[0], *sys.argv[1:]])
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "command": command, **result}
+    line = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    print(line, flush=True)
+    if save:
+        with open(RESULTS, "a") as f:
+            f.write(line + "\n")

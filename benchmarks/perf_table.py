@@ -1,0 +1,62 @@
+"""README's measured-results table, printed from benchmarks/results.jsonl.
+
+    python benchmarks/perf_table.py [--since 2026-11-26] [--results benchmarks/results.jsonl]
+
+Every GPU benchmark (bench_train, bench_infer, bench_t5, bench_multi_gpu, bench_compile_warmup) appends its JSON
+line to benchmarks/results.jsonl with the device, torch version, date and the command that reproduces it; this
+prints one markdown row per line, newest last.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+# (key, format) in the order they appear in a row's result cell; absent keys are skipped
+FIGURES = [("sec_per_iter", "{:.3f} s/iter"), ("samples_per_s", "{:.2f} samples/s"), ("mfu", "{:.1%} MFU"),
+           ("mfu_per_gpu", "{:.1%} MFU/GPU"), ("peak_gb", "{:.1f} GB peak"), ("gpu_peak_allocated_gb", "{:.1f} GB peak"),
+           ("peak_reserved_gb", "{:.1f} GB reserved"), ("gpu_peak_reserved_gb", "{:.1f} GB reserved"),
+           ("sec_per_image", "{:.2f} s/image"), ("peak_gb_without_t5", "{:.1f} GB without the T5"),
+           ("baseline_sec_per_image", "baseline {:.2f} s/image"), ("baseline_sec_per_iter", "baseline {:.3f} s/iter"),
+           ("speedup", "{:.2f}x baseline"), ("speedup_samples_per_s", "{:.2f}x baseline samples/s"),
+           ("weak_scaling_vs_1gpu_plain", "weak scaling {:.1%}"), ("first_image_s_cold_cache", "first image {:.1f} s cold"),
+           ("first_image_s_warm_cache", "{:.1f} s with the compile cache"), ("s_per_image_warm_cache", "then {:.2f} s/image"),
+           ("max_rel_diff", "max loss diff {:.1e}"), ("same_command_twice_max_rel_diff", "run-to-run {:.1e}"),
+           ("within_noise", "within noise: {}"), ("resumed", "resumed: {}"), ("captions_per_s", "{:.0f} captions/s"),
+           ("failed", "failed")]
+
+
+def describe(row: dict) -> str:
+    if "run" in row:
+        return row["run"] + (f", {row['gpus']} GPU(s), batch {row['batch_per_gpu']}/GPU" if "gpus" in row else "")
+    parts = [row.get("bench", "?"), row.get("model_size", ""), row.get("mode", "")]
+    if "batch_size" in row:
+        parts.append(f"batch {row['batch_size']}")
+    if "compile" in row:
+        parts.append("compiled" if row["compile"] else "eager")
+    return " ".join(p for p in parts if p)
+
+
+def result(row: dict) -> str:
+    cells = []
+    for key, fmt in FIGURES:
+        if key in row:
+            cells.append(fmt if key == "failed" else fmt.format(row[key]))
+    return ", ".join(cells)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results.jsonl"))
+    parser.add_argument("--since", default="", help="only rows from this date on (YYYY-MM-DD)")
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    print("| what | result | device | torch | date | command |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if row.get("date", "") >= args.since:
+            print(f"| {describe(row)} | {result(row)} | {row.get('device', '')} | {row.get('torch', '')} | "
+                  f"{row.get('date', '')} | `{row.get('command', '')}` |")
+
+
+if __name__ == "__main__":
+    main()
