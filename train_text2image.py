@@ -9,7 +9,6 @@ latest_checkpoint.txt; running the same command again resumes from there. See RE
 """
 
 import argparse
-import atexit
 import contextlib
 import logging
 import os
@@ -306,69 +305,6 @@ def encode_validation_prompts(prompts: list[str], text_encoder: str, device):
     return torch.stack([pad_embedding(a)[0] for a in arrays])
 
 
-def check_resume_settings(args, run_dir, iteration: int, write_history: bool) -> None:
-    """On resume: refuse a changed model or data shape; list what else changed (it applies from here on, the
-    optimizer and schedule settings included) and append it to the run's config_history.yaml."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        return
-    saved, now = yaml.safe_load(path.read_text()), yaml.safe_load(to_yaml(args))
-    # a setting the saved config lacks is newer than the run, which used its default
-    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k] and k not in ("config", "dryrun")}
-    fatal = {k: v for k, v in changed.items() if k in SHAPE_KEYS}
-    if fatal:
-        raise SystemExit(f"{run_dir}: cannot resume with a different model or data shape: "
-                         + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in fatal.items())
-                         + ". Use a new --name, or restore the original flags.")
-    if changed:
-        logger.warning("resuming with changed settings, applied from iteration %d on: %s", iteration + 1,
-                       "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
-        if write_history:
-            with open(run_dir / "config_history.yaml", "a") as f:
-                yaml.safe_dump([{"resumed_at_iteration": iteration, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                 "changed": {k: {"from": a, "to": b} for k, (a, b) in changed.items()}}], f,
-                               sort_keys=False)
-
-
-def apply_optimizer_settings(optimizer, scheduler, args) -> None:
-    """After restoring a checkpoint: the optimizer and schedule settings of this command, not the saved ones."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    scheduler.base_lrs = [args.lr for _ in scheduler.base_lrs]
-    for group, lr_lambda in zip(inner.param_groups, scheduler.lr_lambdas):
-        group.update(betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay, initial_lr=args.lr,
-                     lr=args.lr * lr_lambda(scheduler.last_epoch))
-    scheduler._last_lr = [group["lr"] for group in inner.param_groups]
-
-
-def claim_run(accelerator, run_dir, ckpt_dir):
-    """Lock the run folder (main process) and find the checkpoint to resume from; every process gets the answer.
-
-    Returns (lock file or None, iteration to resume from or None); exits with the reason on every process if the
-    folder is taken or cannot be written.
-    """
-    from accelerate.utils import broadcast_object_list
-
-    from cosmos_t2i.run_control import acquire_lock, release_lock
-
-    answer = [None]
-    lock = None
-    if accelerator.is_main_process:
-        try:
-            lock = acquire_lock(run_dir)
-            atexit.register(release_lock, lock)
-            ckpt.remove_leftovers(ckpt_dir)
-            answer = [{"latest": ckpt.resume_point(ckpt_dir)}]
-        except SystemExit as e:
-            answer = [{"error": str(e)}]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(answer)
-    if "error" in answer[0]:
-        raise SystemExit(answer[0]["error"])
-    return lock, answer[0]["latest"]
-
-
 def prepare_latent_cache(args, dataset, accelerator):
     """Encode what the cache lacks (split across processes) and switch the dataset to it.
 
@@ -511,7 +447,8 @@ def main(argv=None):
         keep_compile_cache()
 
     from cosmos_t2i.monitor import IterationProfiler, Progress, memory_report
-    from cosmos_t2i.run_control import STOPPED_EXIT_CODE, StopRequest, WallClock, heartbeat, parse_duration
+    from cosmos_t2i.run_control import (STOPPED_EXIT_CODE, StopRequest, WallClock, apply_optimizer_settings,
+                                        check_resume_settings, claim_run, heartbeat, parse_duration)
 
     ckpt_dir = ckpt.checkpoint_dir(args.output_root, args.project, args.group, args.name)
     run_dir = ckpt_dir.parent
@@ -528,7 +465,7 @@ def main(argv=None):
         accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
         return
     if latest is not None:
-        check_resume_settings(args, run_dir, latest, write_history=accelerator.is_main_process)
+        check_resume_settings(run_dir, to_yaml(args), SHAPE_KEYS, latest, write_history=accelerator.is_main_process)
 
     dataset, sampler, loader, vae = build_data(args, accelerator, start_iter)
     t = build_training(args, accelerator, len(dataset))
@@ -536,7 +473,7 @@ def main(argv=None):
                                      args.keep_last, args.async_save, accelerator.is_main_process)
     if latest is not None:
         state = checkpointer.restore(latest)
-        apply_optimizer_settings(t.optimizer, t.scheduler, args)
+        apply_optimizer_settings(t.optimizer, t.scheduler, args.lr, args.betas, args.eps, args.weight_decay)
         torch.set_rng_state(state["rng"]["torch"])
         logger.info("resumed from %s at iteration %d", ckpt_dir, latest)
     logger.info("%s", memory_report(accelerator))

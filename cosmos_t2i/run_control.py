@@ -1,5 +1,5 @@
-"""What a long run needs from its surroundings: a stop on request (signals, wall time, a dead launcher) and one
-run per folder.
+"""What a long run needs from its surroundings: a stop on request (signals, wall time, a dead launcher), one run
+per folder, and a resume that says what changed.
 
 A stop is agreed by every process at the same iteration: each process's request flag travels with the loss it
 already reduces every step, so a signal to any of them stops all of them, and they save together.
@@ -179,3 +179,68 @@ def _is_stale(path, holder) -> bool:
         return time.time() - Path(path).stat().st_mtime > LOCK_STALE_S
     except OSError:
         return True
+
+
+def claim_run(accelerator, run_dir, ckpt_dir):
+    """Lock the run folder (main process) and find the checkpoint to resume from; every process gets the answer.
+
+    Returns (lock file or None, iteration to resume from or None); exits with the reason on every process if the
+    folder is taken or cannot be written.
+    """
+    import atexit
+
+    from accelerate.utils import broadcast_object_list
+
+    from . import checkpoint as ckpt
+
+    answer, lock = [None], None
+    if accelerator.is_main_process:
+        try:
+            lock = acquire_lock(run_dir)
+            atexit.register(release_lock, lock)
+            ckpt.remove_leftovers(ckpt_dir)
+            answer = [{"latest": ckpt.resume_point(ckpt_dir)}]
+        except SystemExit as e:
+            answer = [{"error": str(e)}]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    if "error" in answer[0]:
+        raise SystemExit(answer[0]["error"])
+    return lock, answer[0]["latest"]
+
+
+def check_resume_settings(run_dir, config_yaml: str, fatal_keys, iteration: int, write_history: bool) -> None:
+    """On resume, against the run's saved config.yaml: refuse a change of any of `fatal_keys` (model or data
+    shape); list what else changed (it applies from here on, the optimizer and schedule settings included) and
+    append it to the run's config_history.yaml."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return
+    saved, now = yaml.safe_load(path.read_text()), yaml.safe_load(config_yaml)
+    # a setting the saved config lacks is newer than the run, which used its default
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k] and k not in ("config", "dryrun")}
+    fatal = {k: v for k, v in changed.items() if k in fatal_keys}
+    if fatal:
+        raise SystemExit(f"{run_dir}: cannot resume with a different model or data shape: "
+                         + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in fatal.items())
+                         + ". Use a new --name, or restore the original flags.")
+    if changed:
+        logger.warning("resuming with changed settings, applied from iteration %d on: %s", iteration + 1,
+                       "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+        if write_history:
+            with open(Path(run_dir) / "config_history.yaml", "a") as f:
+                yaml.safe_dump([{"resumed_at_iteration": iteration, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "changed": {k: {"from": a, "to": b} for k, (a, b) in changed.items()}}], f,
+                               sort_keys=False)
+
+
+def apply_optimizer_settings(optimizer, scheduler, lr: float, betas, eps: float, weight_decay: float) -> None:
+    """After restoring a checkpoint: the optimizer and schedule settings of this command, not the saved ones."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, lr_lambda in zip(inner.param_groups, scheduler.lr_lambdas):
+        group.update(betas=tuple(betas), eps=eps, weight_decay=weight_decay, initial_lr=lr,
+                     lr=lr * lr_lambda(scheduler.last_epoch))
+    scheduler._last_lr = [group["lr"] for group in inner.param_groups]
