@@ -60,7 +60,8 @@ def build_parser():
     a("--num_images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     a("--dtype", choices=list(DTYPES), default="bf16")
     a("--compile", action="store_true", help="torch.compile each transformer block")
-    a("--offload_text_encoder", action="store_true", help="encode all prompts, free the T5, then sample")
+    a("--offload_text_encoder", action="store_true",
+      help="encode all prompts with the T5 alone, free it, then load the DiT and sample (lowest peak memory)")
     a("--text_encoder_8bit", action="store_true", help="load the T5 in 8 bits (bitsandbytes): about half the memory")
     a("--disable_guardrail", action="store_true", help="accepted for NVIDIA compatibility (there is no guardrail)")
     a("--offload_guardrail", action="store_true", help="accepted for NVIDIA compatibility")
@@ -128,18 +129,22 @@ def main(argv=None):
     if args.compile:
         keep_compile_cache()
     start = time.perf_counter()
+    prompts = sorted({j["prompt"] for j in jobs}) + ([args.negative_prompt] if args.negative_prompt else [])
+    if args.offload_text_encoder:  # the T5 alone first, then the DiT and VAE: peak = the larger phase, not the sum
+        from cosmos_t2i.t5 import embed_prompts_once
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        embeddings = embed_prompts_once(args.text_encoder, prompts, device, load_in_8bit=args.text_encoder_8bit)
     pipe = CosmosText2Image.from_pretrained(
-        dit_path=args.dit_path, vae_path=args.vae_path, text_encoder=args.text_encoder, model_size=args.model_size,
+        dit_path=args.dit_path, vae_path=args.vae_path,
+        text_encoder=None if args.offload_text_encoder else args.text_encoder, model_size=args.model_size,
         load_ema=args.load_ema, lora_path=args.lora_path, lora_scale=args.lora_scale,
         base_dit_path=args.base_dit_path, dtype=DTYPES[args.dtype], text_encoder_8bit=args.text_encoder_8bit,
         compile=args.compile)
     logger.info("loaded in %.1f s on %s", time.perf_counter() - start, pipe.device)
-
-    prompts = sorted({j["prompt"] for j in jobs})
-    embedded = dict(zip(prompts, pipe.encode(prompts)))
-    negative = pipe.encode([args.negative_prompt])[0] if args.negative_prompt else None
-    if args.offload_text_encoder:
-        pipe.offload_text_encoder()
+    if not args.offload_text_encoder:
+        embeddings = pipe.encode(prompts)
+    embedded = dict(zip(prompts, embeddings))
+    negative = embedded[args.negative_prompt] if args.negative_prompt else None
 
     cuda = pipe.device.type == "cuda"
     seconds = []

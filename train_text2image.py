@@ -295,16 +295,6 @@ def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteratio
     return grad_norm
 
 
-def encode_validation_prompts(prompts: list[str], text_encoder: str, device):
-    """Validation prompt embeddings, computed once; the T5 is freed right after."""
-    from cosmos_t2i.t5 import encode_prompts, load_text_encoder, pad_embedding
-    tokenizer, encoder = load_text_encoder(text_encoder, device,
-                                           torch.bfloat16 if device.type == "cuda" else torch.float32)
-    arrays = encode_prompts(tokenizer, encoder, list(prompts))
-    del encoder
-    return torch.stack([pad_embedding(a)[0] for a in arrays])
-
-
 def prepare_latent_cache(args, dataset, accelerator):
     """Encode what the cache lacks (split across processes) and switch the dataset to it.
 
@@ -481,8 +471,11 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(args))
     accelerator.init_trackers(args.name, config={k: str(v) for k, v in vars(args).items()})
-    validation = encode_validation_prompts(args.validation_prompts, args.text_encoder, accelerator.device) \
-        if args.validation_prompts else None
+    if args.validation_prompts:  # embedded once; the T5 is freed before training starts
+        from cosmos_t2i.t5 import embed_prompts_once
+        validation = embed_prompts_once(args.text_encoder, args.validation_prompts, accelerator.device)
+    else:
+        validation = None
 
     stop = StopRequest()  # from here on a signal means: save at the end of this iteration, then exit
     clock = WallClock(parse_duration(args.max_wall_time) if args.max_wall_time else None)

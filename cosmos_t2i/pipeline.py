@@ -48,15 +48,15 @@ class CosmosText2Image:
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> zero-padded T5 embeddings [B, 512, 1024] (fp32), exactly as the training data."""
-        from .t5 import encode_prompts, pad_embedding
+        from .t5 import embed_prompts
         if self.text_encoder is None:
             raise ValueError("This pipeline has no text encoder (it was offloaded or never loaded): pass "
                              "embeddings=, or load with text_encoder=.")
-        arrays = encode_prompts(self.tokenizer, self.text_encoder, list(prompts))
-        return torch.stack([pad_embedding(a)[0] for a in arrays])
+        return embed_prompts(self.tokenizer, self.text_encoder, prompts)
 
     def offload_text_encoder(self) -> None:
-        """Free the T5 (encode every prompt first): peak memory becomes the max of the two phases, not the sum."""
+        """Free the T5 (encode every prompt first). For the lowest peak, embed with t5.embed_prompts_once before
+        loading the pipeline at all (the CLI's --offload_text_encoder), so the T5 and the DiT never coexist."""
         self.text_encoder = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

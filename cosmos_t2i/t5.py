@@ -153,3 +153,22 @@ def encode_prompts(tokenizer, encoder, prompts: list[str], max_length: int = MAX
         if on_batch is not None:
             on_batch(len(chunk))
     return results
+
+
+def embed_prompts(tokenizer, encoder, prompts: list[str]):
+    """Prompts -> zero-padded T5 embeddings [B, 512, 1024] (fp32), exactly as the training data."""
+    import torch
+    return torch.stack([pad_embedding(a)[0] for a in encode_prompts(tokenizer, encoder, list(prompts))])
+
+
+def embed_prompts_once(text_encoder: str, prompts: list[str], device, dtype=None, load_in_8bit: bool = False):
+    """Load the T5, embed the prompts, free the T5: for callers that need no T5 afterwards (validation prompts,
+    inference with --offload_text_encoder), so it never shares the GPU with the DiT."""
+    import torch
+    tokenizer, encoder = load_text_encoder(text_encoder, device, dtype or (
+        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32), load_in_8bit=load_in_8bit)
+    embeddings = embed_prompts(tokenizer, encoder, prompts)
+    del encoder
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return embeddings

@@ -339,6 +339,11 @@ def test_cli_writes_image_and_settings(tiny_bundle, lora_run, tmp_path):
     run_script(*common, "--dit_path", models / "transformer", "--prompt", "x", "--distill_steps", "2",
                "--height", "32", "--width", "32", "--offload_text_encoder", "--save_path", tmp_path / "d.png")
     assert "distill_steps: 2" in (tmp_path / "d.txt").read_text()
+    # --offload_text_encoder embeds with the T5 alone before the DiT loads: the same image as with both resident
+    for flags, name in (([], "kept.png"), (["--offload_text_encoder"], "offloaded.png")):
+        run_script(*common, "--dit_path", models / "transformer", "--prompt", "a red circle", "--negative_prompt",
+                   "blurry", "--height", "32", "--width", "32", "--save_path", tmp_path / name, *flags)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "kept.png")), np.asarray(Image.open(tmp_path / "offloaded.png")))
 
 
 def test_distilled_mode_runs_the_listed_sigmas():
