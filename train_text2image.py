@@ -418,6 +418,15 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
     return total
 
 
+def end_run(accelerator) -> None:
+    """Close the trackers, then leave together: a last barrier and the process group destroyed on every process,
+    so none exits while a peer still talks to it."""
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main(argv=None):
     from cosmos_t2i.models import quiet_library_logs
 
@@ -485,13 +494,14 @@ def main(argv=None):
     def save(iteration, exit_after=False):
         checkpointer.save(iteration, {"skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
                                       "data_position": {"global_batch_step": iteration * args.grad_accum,
-                                                        "batches_per_epoch": sampler.per_epoch}})
+                                                        "batches_per_epoch": sampler.per_epoch}},
+                          blocking=exit_after or iteration == args.max_iter)  # the process ends right after
         if exit_after:  # every process stops here together, with a complete checkpoint of this iteration
             checkpointer.wait()
             accelerator.print(f"stopped ({stop.reason or '--max_wall_time'}) at iteration {iteration}: checkpoint "
                               f"saved in {ckpt_dir}; run the same command again to resume (exit code "
                               f"{STOPPED_EXIT_CODE}).")
-            accelerator.end_training()
+            end_run(accelerator)
             raise SystemExit(STOPPED_EXIT_CODE)
 
     for iteration in range(start_iter + 1, args.max_iter + 1):
@@ -533,7 +543,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     logger.info("%s", memory_report(accelerator))
     progress.bar.close()
-    accelerator.end_training()
+    end_run(accelerator)
     if skipped:
         logger.warning("%d steps were skipped for non-finite losses", skipped)
 

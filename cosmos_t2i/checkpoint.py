@@ -296,8 +296,10 @@ class Checkpointer:
         logger.info("checkpoint: %.1f GB of pinned host memory per process for background saves, allocated in %.1f s",
                     size, time.perf_counter() - start)
 
-    def save(self, iteration: int, trainer_state: dict) -> None:
-        """Start writing the checkpoint of `iteration`; returns once this process's shards are staged."""
+    def save(self, iteration: int, trainer_state: dict, blocking: bool = False) -> None:
+        """Start writing the checkpoint of `iteration`; returns once this process's shards are staged, or, with
+        `blocking` (the last save before the process exits), once everything is on disk: then the shards are
+        written in this thread, so no background writer thread is still winding down when the process exits."""
         self.wait()  # at most one save in flight
         start = time.perf_counter()
         state, param_groups = self._state()
@@ -306,7 +308,7 @@ class Checkpointer:
                  "trainer": {**trainer_state, "iteration": iteration, "param_groups": param_groups}}
         if not self.portable:  # bitsandbytes' 8-bit state: one unsharded file (its runs are never sharded)
             small["optimizer_8bit"] = _to_cpu(self.optimizer.state_dict())
-        if self.async_save:
+        if self.async_save and not blocking:
             self._future = dcp.async_save(state, checkpoint_id=str(folder), storage_writer=self.writer,
                                           process_group=self.group)
         else:
@@ -316,7 +318,7 @@ class Checkpointer:
             self._finisher = threading.Thread(target=self._finish, args=(iteration, small, self._future, start,
                                                                        stalled), daemon=False)
             self._finisher.start()
-        if not self.async_save:
+        if blocking or not self.async_save:
             self.wait()
 
     def _finish(self, iteration, small, future, start, stalled) -> None:
