@@ -24,7 +24,7 @@ import torch
 from .checkpoint import atomic_save, resolve_model_file
 from .lora import read_lora, save_diffusers_adapter, to_comfyui
 from .models import diffusers_to_nvidia, quiet_library_logs
-from .models import load_dit
+from .models import load_dit, resolve_dit_path
 from .registry import MODEL_SIZES
 
 
@@ -93,10 +93,7 @@ def main(argv=None):
         model = load_dit(args.dit_path, args.model_size, args.load_ema, base_dit_path=args.base_dit_path,
                          dtype=torch.bfloat16)
         model.save_pretrained(out, safe_serialization=True)
-        source = Path(args.dit_path)
-        if source.is_dir() and not (source / "config.json").exists() and not (source / "transformer").is_dir():
-            source = resolve_model_file(source)
-        write_model_card(out, source, "full", args.load_ema, args.sample_image)
+        write_model_card(out, resolve_dit_path(args.dit_path), "full", args.load_ema, args.sample_image)
     else:
         if not args.lora_path:
             parser.error(f"{args.format} export needs --lora_path")

@@ -4,12 +4,15 @@ See docs/checkpoints.md for the accepted files and the key mapping.
 """
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 
 import torch
 
 from .registry import check_size_matches, transformer_config
+
+logger = logging.getLogger(__name__)
 
 # NVIDIA name fragment -> diffusers name fragment, applied in this order (the inverse runs it backwards).
 # Checked against diffusers' convert_cosmos_transformer_checkpoint_to_diffusers by the tests.
@@ -56,8 +59,6 @@ def keep_compile_cache() -> None:
 
 def quiet_library_logs() -> None:
     """Silence library chatter that is not actionable for our users (dtype-cast notes, optional kernels)."""
-    import logging
-
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()
@@ -329,13 +330,11 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
             raise FileNotFoundError(f"{dit_path}: its base weights {base} are not there; pass --base_dit_path.")
         recorded = meta.get("base_fingerprint")
         if recorded and fingerprint(base) != recorded:
-            import logging
-            logging.getLogger(__name__).warning(
+            logger.warning(
                 "%s was trained against a base whose content differs from %s (fingerprint mismatch): the adapter "
                 "is applied anyway; pass the original base as --base_dit_path if you have it.", dit_path, base)
         if meta.get("base_dtype") == "fp8":
-            import logging
-            logging.getLogger(__name__).warning(
+            logger.warning(
                 "%s was trained against its base stored in fp8 (--lora_base_dtype fp8); it is merged into the "
                 "full-precision base, whose outputs differ slightly from what training saw.", dit_path)
         model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32)
