@@ -60,6 +60,10 @@ def build_parser():
     a("--num_images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     a("--dtype", choices=list(DTYPES), default="bf16")
     a("--compile", action="store_true", help="torch.compile each transformer block")
+    a("--fp8", action="store_true",
+      help="float8 matmuls in the blocks' projections (torchao: weights and activations per-row scaled e4m3); "
+           "with --compile 1.15x faster sampling on an H100 (2B), images close to bf16's but not identical "
+           "(README gives the measured PSNR). Needs an H100-class GPU, --dtype bf16 and torchao")
     a("--offload_text_encoder", action="store_true",
       help="encode all prompts with the T5 alone, free it, then load the DiT and sample (lowest peak memory)")
     a("--text_encoder_8bit", action="store_true", help="load the T5 in 8 bits (bitsandbytes): about half the memory")
@@ -119,6 +123,12 @@ def main(argv=None):
         parser.error("--vae_path is required (diffusers AutoencoderKLWan folder or NVIDIA tokenizer.pth).")
     if not args.dit_path and not args.model_size:
         parser.error("--dit_path is required (or --model_size alone for a randomly initialised model).")
+    if args.fp8:
+        from cosmos_t2i.fp8 import fp8_unavailable
+        if args.dtype != "bf16":
+            parser.error("--fp8 quantizes a bf16 model: use --dtype bf16 (the default).")
+        if problem := fp8_unavailable("inference"):
+            parser.error(problem)
     for flag in ("dit_path", "vae_path", "lora_path", "base_dit_path"):
         value = getattr(args, flag)
         if value and not Path(value).exists() and not (flag == "dit_path" and value.count("/") == 1):
@@ -139,7 +149,7 @@ def main(argv=None):
         text_encoder=None if args.offload_text_encoder else args.text_encoder, model_size=args.model_size,
         load_ema=args.load_ema, lora_path=args.lora_path, lora_scale=args.lora_scale,
         base_dit_path=args.base_dit_path, dtype=DTYPES[args.dtype], text_encoder_8bit=args.text_encoder_8bit,
-        compile=args.compile)
+        compile=args.compile, fp8=args.fp8)
     logger.info("loaded in %.1f s on %s", time.perf_counter() - start, pipe.device)
     if not args.offload_text_encoder:
         embeddings = pipe.encode(prompts)
@@ -161,7 +171,7 @@ def main(argv=None):
         job["path"].parent.mkdir(parents=True, exist_ok=True)
         image.save(job["path"], quality=args.jpeg_quality)  # (PIL's default JPEG quality is 75)
         settings = {k: getattr(args, k) for k in ("dit_path", "load_ema", "lora_path", "lora_scale", "guidance",
-                                                  "num_steps", "sampler", "distill_steps", "dtype")}
+                                                  "num_steps", "sampler", "distill_steps", "dtype", "fp8")}
         job["path"].with_suffix(".txt").write_text(
             f"prompt: {job['prompt']}\nnegative_prompt: {args.negative_prompt or ''}\nseed: {seed}\n"
             f"size: {width}x{height}\n" + "".join(f"{k}: {v}\n" for k, v in settings.items()))

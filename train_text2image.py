@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "half the weight memory (14B: 14 GB instead of 28), at a small cost in fidelity")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument("--fp8", action="store_true",
+                   help="full fine-tune: the blocks' projections run float8 matmuls (torchao Float8Linear: dynamic "
+                        "scales, e4m3 forward, e5m2 gradients; weights, optimizer and checkpoints unchanged). Needs an "
+                        "H100-class GPU and torchao; use with --compile (eager float8 is slower than bf16)")
     g.add_argument("--weight_dtype", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: full fine-tune with bf16 weights and no fp32 masters (StochasticAdamW: bf16 moments, "
                         "stochastic rounding); with --gradient_checkpointing --no-ema a 2B fits 24 GB cards")
@@ -176,6 +180,17 @@ def validate(args, parser) -> None:
         args.resize_mode = "center_crop" if args.aspect_buckets else "resize"
     if args.lora_base_dtype == "fp8" and args.train_architecture != "lora":
         parser.error("--lora_base_dtype fp8 stores a LoRA's frozen base: it needs --train_architecture lora.")
+    if args.fp8:
+        if args.train_architecture != "full":
+            parser.error("--fp8 speeds up full fine-tuning; for LoRA use --lora_base_dtype fp8 (fp8 storage of the "
+                         "frozen base, for memory).")
+        if not args.compile:
+            logger.warning("--fp8 without --compile: torchao's float8 casts run unfused and the step is slower "
+                           "than bf16; add --compile.")
+        if not args.dryrun:
+            from cosmos_t2i.fp8 import fp8_unavailable
+            if problem := fp8_unavailable("training"):
+                parser.error(problem)
     if args.validation_prompts and args.validation_iter < 1:
         parser.error("--validation_prompts needs --validation_iter N (sample every N iterations).")
     if not args.dryrun:
@@ -217,10 +232,10 @@ def base_dtype(train_architecture: str, mixed_precision: str, weight_dtype: str)
 
 
 def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradient_checkpointing: bool = False,
-                         compile: bool = False, device=None):
+                         compile: bool = False, device=None, fp8: bool = False):
     """LoRA injection (lora = {"rank", "alpha", "targets"}: NVIDIA module names; "base_dtype": "fp8" stores the
-    frozen block weights in fp8, converting layer by layer on `device`), diffusers' gradient checkpointing and
-    per-block torch.compile, then train mode. Shared with benchmarks/bench_train.py."""
+    frozen block weights in fp8, converting layer by layer on `device`), float8 matmuls (fp8), diffusers' gradient
+    checkpointing and per-block torch.compile, then train mode. Shared with benchmarks/bench_train.py."""
     from cosmos_t2i.lora import add_lora, store_frozen_linears_in_fp8_
 
     if lora is not None:
@@ -228,6 +243,9 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
         if lora.get("base_dtype") == "fp8":
             logger.info("LoRA base: %.1fM frozen block weights stored in fp8 (e5m2)",
                         store_frozen_linears_in_fp8_(model, device) / 1e6)
+    if fp8:
+        from cosmos_t2i.fp8 import convert_to_fp8_training
+        logger.info("--fp8: %d block projections run float8 matmuls (torchao)", convert_to_fp8_training(model))
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if compile:
@@ -272,7 +290,7 @@ def build_transformer(args, device, sharded: bool):
                 "model_size": args.model_size, "base_path": str(path), "base_fingerprint": fingerprint(path)}
     # under FSDP Accelerate checkpoints inside each sharded block instead (see main)
     model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile,
-                                 device)
+                                 device, args.fp8)
     return (model if weights is not None or model.device.type == "meta" else model.to(device)), weights, meta
 
 

@@ -58,12 +58,22 @@ class StandInSafetyChecker(torch.nn.Module):
         return video
 
 
+def psnr(a, b) -> float:
+    """PSNR in dB between two PIL images of the same size (8-bit)."""
+    import numpy as np
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(10 * np.log10(255 ** 2 / max((diff ** 2).mean(), 1e-12)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_size", default="2B")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip_baseline", action="store_true")
+    parser.add_argument("--fp8", action="store_true",
+                        help="then quantize the same transformer as infer_text2image.py --fp8 does and time it again; "
+                             "PSNR of its image against the bf16 one (same seed)")
     args = parser.parse_args()
     from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
 
@@ -93,8 +103,27 @@ def main():
     decode_s = cuda_time(lambda: pipe.decode(latents), 1, args.repeat)
     out.update(t5_s=t5_s, sampling_s=sample_s, vae_decode_s=decode_s, sec_per_image=t5_s + sample_s + decode_s,
                peak_gb_without_t5=peak_gb())
+    if args.fp8:
+        from cosmos_t2i.fp8 import quantize_for_fp8_inference
+        bf16_image = pipe.decode(latents)[0]
+        quantize_for_fp8_inference(transformer)
+        if args.compile:  # the blocks' weights are now float8 tensors: compile them afresh
+            torch._dynamo.reset()
+            for block in transformer.transformer_blocks:
+                block.compile()
+        reset_peak()
+        fp8_latents = pipe.sample_latents(embedding, seeds=[0])
+        fp8_sample_s = cuda_time(lambda: pipe.sample_latents(embedding, seeds=[0]), 1, args.repeat)
+        out.update(fp8_sampling_s=fp8_sample_s, fp8_sec_per_image=t5_s + fp8_sample_s + decode_s,
+                   fp8_peak_gb_without_t5=peak_gb(), fp8_speedup_vs_bf16=sample_s / fp8_sample_s,
+                   fp8_psnr_db=psnr(bf16_image, pipe.decode(fp8_latents)[0]),
+                   fp8_latent_rel_err=((fp8_latents - latents).norm() / latents.norm()).item())
+        transformer = None
 
     if not args.skip_baseline:
+        pipe = transformer = None
+        gc.collect()
+        torch.cuda.empty_cache()
         transformer = new_transformer(args.model_size, torch.bfloat16, "cuda").eval().requires_grad_(False)
         reference = Cosmos2TextToImagePipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
                                                scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),

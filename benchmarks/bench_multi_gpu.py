@@ -100,7 +100,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["scaling"],
                         choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "lora14b_fp8",
-                                 "lowmem", "multinode"],
+                                 "lowmem", "multinode", "fp8"],
                         help="run sets, in the order given")
     parser.add_argument("--work", default="/tmp/cosmos_bench")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
@@ -108,12 +108,13 @@ def main():
     parser.add_argument("--iters", type=int, default=14)
     parser.add_argument("--skip", type=int, default=7,
                         help="iterations left out of the median: warm-up, and the profiled ones (4-6) in scaling")
+    parser.add_argument("--images", type=int, help="dataset size (default: enough that no image repeats)")
     parser.add_argument("--tiny", action="store_true", help="CPU check of this script: tiny model, 64x64, gloo")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     height, width = (64, 64) if args.tiny else (768, 1360)
-    n_images = max(args.gpus) * args.batch_size * (args.iters + 4)
+    n_images = args.images or max(args.gpus) * args.batch_size * (args.iters + 4)
     data, vae = make_dataset(work, n_images, height, width)
     peak, flops = None, {}
     if not args.tiny:
@@ -254,9 +255,26 @@ def main():
               "within_noise": diff is not None and diff <= max(2 * noise, 1e-5),
               "losses_one_launch": ref, "losses_two_launches": two})
 
+    def fp8():  # one GPU, 2B: bf16 against --fp8 over the same iterations (same data order, noise and sigmas)
+        runs = {}
+        for name, extra in (("2b_bf16_curve", []), ("2b_fp8_curve", ["--fp8"])):
+            runs[name] = run(name, single, 1, size_2b, [*extra, *no_save])
+            shutil.rmtree(work / "runs", ignore_errors=True)
+        bf16, fp8 = runs["2b_bf16_curve"]["losses"], runs["2b_fp8_curve"]["losses"]
+        window = 20
+        its = sorted(set(bf16) & set(fp8))
+        means = [(statistics.mean(bf16[i] for i in its[k:k + window]), statistics.mean(fp8[i] for i in its[k:k + window]))
+                 for k in range(0, len(its) - window + 1, window)]
+        emit({"run": f"fp8 vs bf16 loss, {len(its)} iterations", "window": window,
+              "fp8_speedup_samples_per_s": runs["2b_fp8_curve"].get("samples_per_s", 0) /
+              runs["2b_bf16_curve"].get("samples_per_s", float("inf")),
+              "bf16_window_means": [round(a, 5) for a, _ in means], "fp8_window_means": [round(b, 5) for _, b in means],
+              "max_rel_diff_window_mean": max(abs(b - a) / abs(a) for a, b in means) if means else None,
+              "max_rel_diff_per_iteration": max(abs(fp8[i] - bf16[i]) / abs(bf16[i]) for i in its) if its else None})
+
     sets = {"scaling": scaling, "stall": stall, "reshard": reshard, "14b": fourteen, "14b_nvidia": fourteen_nvidia,
             "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "lora14b_fp8": lora_fp8, "lowmem": lowmem,
-            "multinode": multinode}
+            "multinode": multinode, "fp8": fp8}
     for name in args.runs:
         try:
             sets[name]()

@@ -34,19 +34,22 @@ MODES = {
     "lora_ckpt": dict(compile=True, lora=True, checkpointing=True),
     # --lora_base_dtype fp8: the frozen base's block weights stored as fp8 (e5m2)
     "lora_fp8_ckpt": dict(compile=True, lora=True, checkpointing=True, base_fp8=True),
+    # --fp8: torchao float8 matmuls in the blocks' projections
+    "compile_fp8": dict(compile=True, fp8=True),
+    "compile_ckpt_fp8": dict(compile=True, checkpointing=True, fp8=True),
     # the 24 GB recipe: --weight_dtype bf16 (StochasticAdamW) --gradient_checkpointing --no-ema --compile
     "bf16_lowmem": dict(compile=True, checkpointing=True, bf16_weights=True),
 }
 
 
-def build(model_size, compile=False, checkpointing=False, lora=False, bf16_weights=False, base_fp8=False):
+def build(model_size, compile=False, checkpointing=False, lora=False, bf16_weights=False, base_fp8=False, fp8=False):
     """(model, optimizer, scheduler, EMA or None, trainable params) as train_text2image.py builds them."""
     dtype = base_dtype("lora" if lora else "full", "bf16", "bf16" if bf16_weights else "fp32")
     model = prepare_for_training(  # an fp8 base is built on the CPU and converted layer by layer, as the script does
         new_transformer(model_size, dtype, "cpu" if base_fp8 else "cuda"),
         {"rank": 16, "alpha": 16, "targets": NVIDIA_LORA_TARGETS.split(","), "base_dtype": "fp8" if base_fp8 else "bf16"}
         if lora else None,
-        gradient_checkpointing=checkpointing, compile=compile, device="cuda").to("cuda")
+        gradient_checkpointing=checkpointing, compile=compile, device="cuda", fp8=fp8).to("cuda")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
     optimizer = make_optimizer(params, lr=1e-5, bf16_weights=bf16_weights)
@@ -111,6 +114,9 @@ def main():
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--skip_baseline", action="store_true")
+    parser.add_argument("--against", choices=list(MODES),
+                        help="also measure this mode at the same batch size and report the ratio (e.g. --mode "
+                             "compile_fp8 --against compile)")
     parser.add_argument("--vae", action="store_true",
                         help="also time the step with the Wan2.1 VAE encoding its images (what --cache_latents saves)")
     args = parser.parse_args()
@@ -132,6 +138,10 @@ def main():
     out["mfu"] = flops_per_sample * args.batch_size / ours["sec_per_iter"] / (peak * 1e12)
     if "lora" in args.mode:
         out["note"] = "MFU counts full-model FLOPs; LoRA skips weight gradients of the frozen base"
+    if args.against:
+        other = measure(args.model_size, args.against, args.batch_size, args.steps)
+        out.update({f"{args.against}_{k}": v for k, v in other.items()})
+        out[f"speedup_vs_{args.against}"] = ours["samples_per_s"] / other["samples_per_s"]
     if not args.skip_baseline:
         out["speedup_samples_per_s"] = ours["samples_per_s"] / out["baseline_samples_per_s"]
     report(out)

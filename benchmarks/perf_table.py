@@ -21,7 +21,12 @@ FIGURES = [("sec_per_iter", "{:.3f} s/iter"), ("samples_per_s", "{:.2f} samples/
            ("weak_scaling_vs_1gpu_plain", "weak scaling {:.1%}"), ("first_image_s_cold_cache", "first image {:.1f} s cold"),
            ("first_image_s_warm_cache", "{:.1f} s with the compile cache"), ("s_per_image_warm_cache", "then {:.2f} s/image"),
            ("max_rel_diff", "max loss diff {:.1e}"), ("same_command_twice_max_rel_diff", "run-to-run {:.1e}"),
-           ("within_noise", "within noise: {}"), ("resumed", "resumed: {}"), ("captions_per_s", "{:.0f} captions/s"),
+           ("within_noise", "within noise: {}"),
+           ("fp8_sec_per_image", "--fp8 {:.2f} s/image"), ("fp8_speedup_vs_bf16", "{:.2f}x bf16"),
+           ("fp8_psnr_db", "PSNR vs bf16 {:.1f} dB"), ("speedup_vs_compile", "{:.2f}x the bf16 compile mode"),
+           ("fp8_speedup_samples_per_s", "--fp8 {:.2f}x bf16 samples/s"),
+           ("max_rel_diff_window_mean", "20-iteration mean losses within {:.1%}"),
+           ("max_rel_diff_per_iteration", "single iterations within {:.0%}"), ("resumed", "resumed: {}"), ("captions_per_s", "{:.0f} captions/s"),
            ("failed", "failed")]
 
 

@@ -29,12 +29,16 @@ class CosmosText2Image:
     @classmethod
     def from_pretrained(cls, dit_path=None, vae_path=None, text_encoder=None, model_size=None, load_ema=False,
                         lora_path=None, lora_scale=1.0, base_dit_path=None, device=None, dtype=torch.bfloat16,
-                        text_encoder_dtype=None, text_encoder_8bit=False, compile=False):
-        """Load every part; `text_encoder=None` means prompts come as embeddings (see `embeddings=`)."""
+                        text_encoder_dtype=None, text_encoder_8bit=False, compile=False, fp8=False):
+        """Load every part; `text_encoder=None` means prompts come as embeddings (see `embeddings=`); fp8=True runs
+        the blocks' projections as float8 matmuls (torchao, H100-class GPU, bf16 dtype)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if vae_path is None:
             raise ValueError("Pass vae_path: a diffusers AutoencoderKLWan folder or NVIDIA's tokenizer.pth.")
         transformer = load_dit(dit_path, model_size, load_ema, lora_path, lora_scale, base_dit_path, dtype, device)
+        if fp8:
+            from .fp8 import quantize_for_fp8_inference
+            quantize_for_fp8_inference(transformer)
         if compile:
             for block in transformer.transformer_blocks:
                 block.compile()

@@ -3,6 +3,7 @@
     COSMOS_TEST_FSDP=1                 Accelerate enables FSDP only on accelerators: turn its FSDP2 on for CPU
                                        processes, with the settings of accelerate_configs/fsdp_2b.yaml
     COSMOS_TEST_FSDP_BF16=1            with it, FSDP computes in bf16 (mixed precision, as on GPUs)
+    COSMOS_TEST_FP8_ON_CPU=1           let --fp8 run on the CPU (torch has CPU float8 matmuls; no Hopper needed)
     COSMOS_TEST_KILL_IN_MODEL_FILE=N   SIGKILL the trainer while the background save of iteration N writes
                                        the model file (half a file on disk, as a real kill leaves)
 
@@ -35,6 +36,11 @@ if os.environ.get("COSMOS_TEST_FSDP") == "1":
                                                                                  reduce_dtype=torch.float32)
 
     accelerate.Accelerator.__init__ = fsdp_init
+
+if os.environ.get("COSMOS_TEST_FP8_ON_CPU") == "1":
+    from cosmos_t2i import fp8
+
+    fp8.fp8_unavailable = lambda purpose: None
 
 if os.environ.get("COSMOS_TEST_KILL_IN_MODEL_FILE"):
     from cosmos_t2i import checkpoint
