@@ -2,7 +2,8 @@
 
     python benchmarks/bench_infer.py --model_size 2B [--compile]
 
-Ours: CosmosText2Image (NVIDIA's AB2 sampler, cond+uncond batched in one forward, bf16) with T5 encoding and
+Ours: CosmosText2Image (NVIDIA's AB2 sampler, cond+uncond batched in one forward, bf16, the lean attention
+processor that from_pretrained installs) with T5 encoding and
 VAE decode included and reported separately. Baseline in the same run: diffusers' Cosmos2TextToImagePipeline
 (eager, two forwards per step) on the same transformer and VAE, fed the same prompt embeddings (its T5 time is
 the same and is added). T5: the T5-11B encoder shape (24 layers, d_model 1024, d_ff 65536, 128 heads).
@@ -19,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cuda_time, peak_gb, report, reset_peak  # noqa: E402
 
+from cosmos_t2i.attention import use_lean_attention  # noqa: E402
 from cosmos_t2i.models import new_transformer  # noqa: E402
 from cosmos_t2i.pipeline import CosmosText2Image  # noqa: E402
 
@@ -78,6 +80,7 @@ def main():
     from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
 
     transformer = new_transformer(args.model_size, torch.bfloat16, "cuda").eval().requires_grad_(False)
+    use_lean_attention(transformer)  # as CosmosText2Image.from_pretrained does
     vae = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)
     pipe = CosmosText2Image(transformer, vae, word_tokenizer(), t5_11b("cuda"), "cuda")
     out = dict(bench="infer", model_size=args.model_size, size="1360x768", steps=35, guidance=4.0,

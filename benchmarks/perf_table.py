@@ -33,7 +33,7 @@ FIGURES = [("sec_per_iter", "{:.3f} s/iter"), ("samples_per_s", "{:.2f} samples/
 def describe(row: dict) -> str:
     if "run" in row:
         return row["run"] + (f", {row['gpus']} GPU(s), batch {row['batch_per_gpu']}/GPU" if "gpus" in row else "")
-    parts = [row.get("bench", "?"), row.get("model_size", ""), row.get("mode", "")]
+    parts = [row.get("bench", "?"), row.get("model_size", ""), row.get("mode", ""), row.get("variant", "")]
     if "batch_size" in row:
         parts.append(f"batch {row['batch_size']}")
     if "compile" in row:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from . import flow
+from .attention import use_lean_attention
 from .models import decode_latents, load_dit, load_vae
 
 SAMPLERS = ("ab2", "euler")
@@ -36,6 +37,7 @@ class CosmosText2Image:
         if vae_path is None:
             raise ValueError("Pass vae_path: a diffusers AutoencoderKLWan folder or NVIDIA's tokenizer.pth.")
         transformer = load_dit(dit_path, model_size, load_ema, lora_path, lora_scale, base_dit_path, dtype, device)
+        use_lean_attention(transformer)  # same arithmetic, fewer memory passes when not compiled
         if fp8:
             from .fp8 import quantize_for_fp8_inference
             quantize_for_fp8_inference(transformer)

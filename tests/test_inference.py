@@ -184,6 +184,39 @@ def test_batched_guidance_equals_two_forwards(base):
     torch.testing.assert_close(batched, c + 4.0 * (c - u), rtol=1e-5, atol=1e-5)
 
 
+def test_lean_attention_computes_what_diffusers_does(tiny_bundle, base, probe):
+    """The inference pipeline's attention processor: diffusers' arithmetic (fp32 equal; bf16 as close to the fp32
+    result as diffusers' own bf16), with fewer memory passes."""
+    import copy
+
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from cosmos_t2i.attention import LeanCosmosAttnProcessor, rope_half_split, use_lean_attention
+    g = torch.Generator().manual_seed(4)
+    x, freqs = torch.randn(2, 6, 3, 16, generator=g), torch.randn(6, 8, generator=g)
+    cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)  # equal halves, as Cosmos's
+    expected = apply_rotary_emb(x.transpose(1, 2), (cos, sin), use_real=True, use_real_unbind_dim=-2).transpose(1, 2)
+    torch.testing.assert_close(rope_half_split(x, cos, sin), expected, rtol=1e-6, atol=1e-6)
+
+    reference = perturbed(base)  # norms and projections away from their initial values
+    lean = copy.deepcopy(reference)
+    assert use_lean_attention(lean) == 2 * len(lean.transformer_blocks)
+    torch.testing.assert_close(outputs(lean, probe), outputs(reference, probe), rtol=1e-5, atol=1e-5)
+    exact = outputs(reference, probe)
+    bf16_probe = tuple(t.bfloat16() for t in probe)
+
+    def bf16_error(model):
+        with torch.no_grad():
+            out = model.bfloat16()(*bf16_probe, padding_mask=torch.zeros(1, 1, 64, 64).bfloat16()).sample.float()
+        return ((out - exact).norm() / exact.norm()).item()
+    assert bf16_error(lean) <= 1.05 * bf16_error(reference)
+
+    pipe = CosmosText2Image.from_pretrained(dit_path=str(tiny_bundle / "models" / "transformer"),
+                                            vae_path=str(tiny_bundle / "models" / "vae"), device="cpu",
+                                            dtype=torch.float32)
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn2.processor, LeanCosmosAttnProcessor)
+
+
 def test_euler_sampler_reproduces_diffusers_pipeline(tiny_bundle, base):
     from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
 
