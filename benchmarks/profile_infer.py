@@ -1,0 +1,62 @@
+"""Where an inference step's GPU time goes: the kernel table of the sampler's batched cond+uncond forward.
+
+    python benchmarks/profile_infer.py [--model_size 2B] [--compile] [--fp8] [--attention diffusers]
+
+Builds the transformer as CosmosText2Image.from_pretrained does (random weights at the real shape, bf16, the lean
+attention processor unless --attention diffusers), times the forward at 1360x768 and prints torch.profiler's
+table of the top CUDA kernels over three forwards. Prints, does not append to results.jsonl.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cosmos_t2i import flow  # noqa: E402
+from cosmos_t2i.attention import use_lean_attention  # noqa: E402
+from cosmos_t2i.models import new_transformer  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_size", default="2B")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--attention", choices=["lean", "diffusers"], default="lean")
+    parser.add_argument("--rows", type=int, default=30)
+    args = parser.parse_args()
+    transformer = new_transformer(args.model_size, torch.bfloat16, "cuda").eval().requires_grad_(False)
+    if args.attention == "lean":
+        use_lean_attention(transformer)
+    if args.fp8:
+        from cosmos_t2i.fp8 import quantize_for_fp8_inference
+        quantize_for_fp8_inference(transformer)
+    if args.compile:
+        for block in transformer.transformer_blocks:
+            block.compile()
+    cond = torch.randn(1, 512, 1024, device="cuda")
+    denoise = flow.make_denoiser(transformer, cond, torch.zeros_like(cond), 4.0,
+                                 torch.zeros(1, 1, 768, 1360, device="cuda"))
+    x = torch.randn(1, 16, 1, 96, 170, device="cuda")
+    for _ in range(3):
+        denoise(x, 10.0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        denoise(x, 10.0)
+    torch.cuda.synchronize()
+    print(f"{args.model_size} forward (cond+uncond batched, 1360x768): {(time.perf_counter() - start) / 5 * 1e3:.1f} ms"
+          f"; {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            denoise(x, 10.0)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+
+
+if __name__ == "__main__":
+    main()
