@@ -20,9 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cuda_time, peak_gb, report, reset_peak  # noqa: E402
 
-from cosmos_t2i.attention import use_lean_attention  # noqa: E402
 from cosmos_t2i.models import new_transformer  # noqa: E402
-from cosmos_t2i.pipeline import CosmosText2Image  # noqa: E402
+from cosmos_t2i.pipeline import CosmosText2Image, prepare_for_inference  # noqa: E402
 
 PROMPT = ("A robotic arm in a bright warehouse picks up a red cube from a conveyor belt and places it on a "
           "stack of blue boxes, while a forklift passes in the background under cool fluorescent light.")
@@ -80,7 +79,7 @@ def main():
     from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
 
     transformer = new_transformer(args.model_size, torch.bfloat16, "cuda").eval().requires_grad_(False)
-    use_lean_attention(transformer)  # as CosmosText2Image.from_pretrained does
+    prepare_for_inference(transformer)  # as CosmosText2Image.from_pretrained does (compiled below, after the T5)
     vae = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)
     pipe = CosmosText2Image(transformer, vae, word_tokenizer(), t5_11b("cuda"), "cuda")
     out = dict(bench="infer", model_size=args.model_size, size="1360x768", steps=35, guidance=4.0,
@@ -94,8 +93,7 @@ def main():
     gc.collect()
     torch.cuda.empty_cache()
     if args.compile:
-        for block in transformer.transformer_blocks:
-            block.compile()
+        prepare_for_inference(transformer, compile=True)
         start = time.perf_counter()
         pipe.sample_latents(embedding, seeds=[0], num_steps=2)
         torch.cuda.synchronize()
@@ -107,13 +105,9 @@ def main():
     out.update(t5_s=t5_s, sampling_s=sample_s, vae_decode_s=decode_s, sec_per_image=t5_s + sample_s + decode_s,
                peak_gb_without_t5=peak_gb())
     if args.fp8:
-        from cosmos_t2i.fp8 import quantize_for_fp8_inference
         bf16_image = pipe.decode(latents)[0]
-        quantize_for_fp8_inference(transformer)
-        if args.compile:  # the blocks' weights are now float8 tensors: compile them afresh
-            torch._dynamo.reset()
-            for block in transformer.transformer_blocks:
-                block.compile()
+        torch._dynamo.reset()  # the blocks' weights become float8 tensors: compile them afresh
+        prepare_for_inference(transformer, fp8=True, compile=args.compile)
         reset_peak()
         fp8_latents = pipe.sample_latents(embedding, seeds=[0])
         fp8_sample_s = cuda_time(lambda: pipe.sample_latents(embedding, seeds=[0]), 1, args.repeat)
@@ -121,7 +115,6 @@ def main():
                    fp8_peak_gb_without_t5=peak_gb(), fp8_speedup_vs_bf16=sample_s / fp8_sample_s,
                    fp8_psnr_db=psnr(bf16_image, pipe.decode(fp8_latents)[0]),
                    fp8_latent_rel_err=((fp8_latents - latents).norm() / latents.norm()).item())
-        transformer = None
 
     if not args.skip_baseline:
         pipe = transformer = None

@@ -17,8 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cosmos_t2i import flow  # noqa: E402
-from cosmos_t2i.attention import use_lean_attention  # noqa: E402
 from cosmos_t2i.models import new_transformer  # noqa: E402
+from cosmos_t2i.pipeline import prepare_for_inference  # noqa: E402
 
 
 def main():
@@ -30,14 +30,7 @@ def main():
     parser.add_argument("--rows", type=int, default=30)
     args = parser.parse_args()
     transformer = new_transformer(args.model_size, torch.bfloat16, "cuda").eval().requires_grad_(False)
-    if args.attention == "lean":
-        use_lean_attention(transformer)
-    if args.fp8:
-        from cosmos_t2i.fp8 import quantize_for_fp8_inference
-        quantize_for_fp8_inference(transformer)
-    if args.compile:
-        for block in transformer.transformer_blocks:
-            block.compile()
+    prepare_for_inference(transformer, args.fp8, args.compile, lean_attention=args.attention == "lean")
     cond = torch.randn(1, 512, 1024, device="cuda")
     denoise = flow.make_denoiser(transformer, cond, torch.zeros_like(cond), 4.0,
                                  torch.zeros(1, 1, 768, 1360, device="cuda"))

@@ -19,6 +19,21 @@ from .models import decode_latents, load_dit, load_vae
 SAMPLERS = ("ab2", "euler")
 
 
+def prepare_for_inference(transformer, fp8: bool = False, compile: bool = False, lean_attention: bool = True):
+    """The lean attention processor (same arithmetic, fewer memory passes when not compiled; lean_attention=False
+    keeps diffusers' for comparison), then float8 matmuls (fp8) and per-block torch.compile. Shared with
+    benchmarks/profile_infer.py and bench_infer.py."""
+    if lean_attention:
+        use_lean_attention(transformer)
+    if fp8:
+        from .fp8 import quantize_for_fp8_inference
+        quantize_for_fp8_inference(transformer)
+    if compile:
+        for block in transformer.transformer_blocks:
+            block.compile()
+    return transformer
+
+
 class CosmosText2Image:
     """Transformer + VAE (+ optional T5) with NVIDIA's sampler; call with prompts to get PIL images."""
 
@@ -36,20 +51,14 @@ class CosmosText2Image:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if vae_path is None:
             raise ValueError("Pass vae_path: a diffusers AutoencoderKLWan folder or NVIDIA's tokenizer.pth.")
-        transformer = load_dit(dit_path, model_size, load_ema, lora_path, lora_scale, base_dit_path, dtype, device)
-        use_lean_attention(transformer)  # same arithmetic, fewer memory passes when not compiled
-        if fp8:
-            from .fp8 import quantize_for_fp8_inference
-            quantize_for_fp8_inference(transformer)
-        if compile:
-            for block in transformer.transformer_blocks:
-                block.compile()
+        transformer = prepare_for_inference(
+            load_dit(dit_path, model_size, load_ema, lora_path, lora_scale, base_dit_path, dtype, device), fp8, compile)
         vae = load_vae(vae_path, dtype, device)
         tokenizer = encoder = None
         if text_encoder:
             from .t5 import load_text_encoder
-            tokenizer, encoder = load_text_encoder(text_encoder, device, text_encoder_dtype or (
-                torch.bfloat16 if device.type == "cuda" else torch.float32), load_in_8bit=text_encoder_8bit)
+            tokenizer, encoder = load_text_encoder(text_encoder, device, text_encoder_dtype,
+                                                   load_in_8bit=text_encoder_8bit)
         return cls(transformer, vae, tokenizer, encoder, device)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:

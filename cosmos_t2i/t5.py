@@ -106,13 +106,14 @@ def resolve_text_encoder_dirs(path: str) -> tuple[str, str, dict]:
 
 
 def load_text_encoder(path: str, device="cpu", dtype=None, load_in_8bit: bool = False):
-    """Load (tokenizer, T5 encoder) in eval mode; 8-bit through bitsandbytes when asked."""
+    """Load (tokenizer, T5 encoder) in eval mode; 8-bit through bitsandbytes when asked. dtype None: bf16 on a GPU,
+    fp32 on the CPU."""
     import torch
     from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
 
     encoder_path, tokenizer_path, _ = resolve_text_encoder_dirs(path)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    kwargs = {"dtype": dtype or torch.float32}
+    kwargs = {"dtype": dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)}
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
@@ -165,8 +166,7 @@ def embed_prompts_once(text_encoder: str, prompts: list[str], device, dtype=None
     """Load the T5, embed the prompts, free the T5: for callers that need no T5 afterwards (validation prompts,
     inference with --offload_text_encoder), so it never shares the GPU with the DiT."""
     import torch
-    tokenizer, encoder = load_text_encoder(text_encoder, device, dtype or (
-        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32), load_in_8bit=load_in_8bit)
+    tokenizer, encoder = load_text_encoder(text_encoder, device, dtype, load_in_8bit=load_in_8bit)
     embeddings = embed_prompts(tokenizer, encoder, prompts)
     del encoder
     if torch.device(device).type == "cuda":
