@@ -439,23 +439,29 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
 
 
 def end_run(accelerator, exit_code: int = 0) -> None:
-    """Close the trackers, then leave together: a last barrier, then the process group destroyed on every process,
-    so none exits while a peer still talks to it. A process of a distributed run then ends here with exit_code."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
-        torch.distributed.barrier()
-    accelerator.end_training()  # also destroys the process group (Accelerate >= 1.x)
-    if distributed:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        # Everything is on disk and every peer is done. Ending without the interpreter's teardown avoids an abort
-        # seen in about one of ten 4-process CPU runs: a communication thread still joinable when C++ objects are
-        # destroyed at exit ("terminate called without an active exception", SIGABRT, after a complete run).
-        import atexit
-        atexit._run_exitfuncs()  # what a normal exit runs first: the run lock's release, logging's flush
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
+    """Close the trackers; a process of a distributed run then waits for its peers at a last barrier and ends here
+    with exit_code, without tearing down the process group or the interpreter."""
+    import multiprocessing
+
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    # The data loader's workers ignore SIGTERM (ignore_stop_signals), so the exit handler of multiprocessing, which
+    # ends child processes with SIGTERM and then joins them, would wait for them forever (every multi-GPU run hung
+    # after its last save: the handlers run below, while the loader still lives). They only prefetch batches.
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    # Every checkpoint is on disk and every peer is past the barrier, so nothing is left to coordinate; tearing the
+    # process group and the interpreter down aborted about one in ten 4-process CPU runs ("terminate called
+    # without an active exception": a communication thread still joinable when C++ objects are destroyed).
+    import atexit
+    atexit._run_exitfuncs()  # what a normal exit runs first: the run lock's release, logging's flush
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def main(argv=None):

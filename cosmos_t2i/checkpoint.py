@@ -258,10 +258,10 @@ class Checkpointer:
         self.scheduler, self.ema, self.lora_metadata = scheduler, ema, lora_metadata
         self.keep_last, self.async_save, self.is_main = keep_last, async_save, is_main
         self.portable = is_portable(optimizer)
-        self.group = None
-        if dist.is_available() and dist.is_initialized() and torch.device("cpu") not in getattr(
-                dist.distributed_c10d._get_default_group(), "_device_types", [torch.device("cpu")]):
-            self.group = dist.new_group(backend="gloo")  # DCP coordinates its background writes over the CPU
+        # DCP coordinates its writes over the CPU, from a background thread during async saves: in its own group,
+        # or its collectives interleave with the training step's on the same group and both sides deadlock (seen
+        # with plain data parallel on CPU processes, whose default group is gloo too)
+        self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
         # one writer for every save, so the pinned host buffers that shards are staged into are reused
         self.writer = dcp.FileSystemWriter(str(self.dir), sync_files=True, thread_count=2,
                                            cache_staged_state_dict=torch.cuda.is_available())
