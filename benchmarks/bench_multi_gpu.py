@@ -100,7 +100,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["scaling"],
                         choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "lora14b_fp8",
-                                 "lowmem", "multinode", "fp8"],
+                                 "lowmem", "multinode", "fp8", "14b_fp8"],
                         help="run sets, in the order given")
     parser.add_argument("--work", default="/tmp/cosmos_bench")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
@@ -205,6 +205,13 @@ def main():
     def fourteen_nvidia():  # NVIDIA's recipe: fp32 master weights and fp32 EMA (20 bytes per parameter)
         run("14b_fsdp_fp32_nvidia", "fsdp_14b.yaml", widest, size_14b, ["--max_iter", 6, *no_save], batch=1)
 
+    def fourteen_fp8():  # NVIDIA's recipe with and without --fp8 (14B's width, 5120, is where float8 should pay)
+        runs = {name: run(name, "fsdp_14b.yaml", widest, size_14b, [*extra, *no_save], batch=1)
+                for name, extra in (("14b_fsdp_fp32_nvidia", []), ("14b_fsdp_fp32_nvidia_fp8", ["--fp8"]))}
+        bf16, fp8 = (runs[n].get("samples_per_s") for n in ("14b_fsdp_fp32_nvidia", "14b_fsdp_fp32_nvidia_fp8"))
+        if bf16 and fp8:
+            emit({"run": f"14B --fp8 vs bf16, FSDP {widest} GPUs", "fp8_speedup_samples_per_s": fp8 / bf16})
+
     def lora(size):
         for config in ("multi_gpu.yaml", "fsdp_2b.yaml"):
             run(f"lora_{size}_{config.split('_')[0].split('.')[0]}_{widest}gpu", config, widest, size,
@@ -274,7 +281,7 @@ def main():
 
     sets = {"scaling": scaling, "stall": stall, "reshard": reshard, "14b": fourteen, "14b_nvidia": fourteen_nvidia,
             "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "lora14b_fp8": lora_fp8, "lowmem": lowmem,
-            "multinode": multinode, "fp8": fp8}
+            "multinode": multinode, "fp8": fp8, "14b_fp8": fourteen_fp8}
     for name in args.runs:
         try:
             sets[name]()

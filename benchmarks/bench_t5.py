@@ -1,10 +1,11 @@
 """T5 pre-compute benchmark: captions/s of precompute_t5.py's encoder path vs NVIDIA's way, T5-11B shape.
 
-    python benchmarks/bench_t5.py [--batch_size 64] [--captions 1024]
+    python benchmarks/bench_t5.py [--batch_size 64] [--captions 1024] [--compile] [--profile]
 
 Ours: cosmos_t2i.t5.encode_prompts (bf16, captions sorted by length, batches padded to their longest, outputs
 trimmed). Baseline in the same run: NVIDIA's get_t5_embeddings way (fp32, one caption at a time, padded to 512).
-Captions are 10-120 random words; the encoder has random weights at the T5-11B shape.
+Captions are 10-120 random words; the encoder has random weights at the T5-11B shape. --profile adds the share of
+the wall time the GPU spent in kernels and torch.profiler's top kernels over four batches (printed, not saved).
 """
 
 import argparse
@@ -38,12 +39,25 @@ def timed(fn):
     return time.perf_counter() - start
 
 
+def profile_encoding(fn):
+    from torch.profiler import ProfilerActivity, profile
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    kernels = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e6
+    print(f"profile: {wall:.3f} s wall (profiler on), {kernels:.3f} s of GPU kernels ({kernels / wall:.0%} busy)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=80))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--captions", type=int, default=1024)
     parser.add_argument("--baseline_captions", type=int, default=48)
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder (dynamic shapes)")
+    parser.add_argument("--profile", action="store_true", help="print where the GPU time goes")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # NVIDIA's script runs plain fp32
     tokenizer = word_tokenizer()
@@ -52,6 +66,8 @@ def main():
     fast = torch.compile(encoder, dynamic=True) if args.compile else encoder
     encode_prompts(tokenizer, fast, texts[:args.batch_size * 4], batch_size=args.batch_size)  # warm-up
     ours_s = timed(lambda: encode_prompts(tokenizer, fast, texts, batch_size=args.batch_size))
+    if args.profile:
+        profile_encoding(lambda: encode_prompts(tokenizer, fast, texts[:args.batch_size * 4], batch_size=args.batch_size))
 
     encoder = encoder.float()
 

@@ -128,7 +128,9 @@ def encode_prompts(tokenizer, encoder, prompts: list[str], max_length: int = MAX
     """Encode captions to float16 (n_tokens, 1024) arrays trimmed to their true length (with </s>).
 
     Captions are sorted by token count and batched so each batch pads only to its longest member; with T5's
-    bidirectional attention and the padding masked out, this equals one-at-a-time encoding.
+    bidirectional attention and the padding masked out, this equals one-at-a-time encoding. On a GPU each batch's
+    output is converted to float16 there and copied out asynchronously, and the CPU trims it while the GPU encodes
+    the next batch.
     """
     import torch
 
@@ -141,18 +143,37 @@ def encode_prompts(tokenizer, encoder, prompts: list[str], max_length: int = MAX
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     device = next(encoder.parameters()).device
     results: list[np.ndarray | None] = [None] * len(prompts)
+
+    def finish(chunk, hidden, copied):  # on the CPU, while the GPU already encodes the next batch
+        if copied is not None:
+            copied.synchronize()
+        hidden = hidden.numpy()
+        for row, i in enumerate(chunk):
+            results[i] = np.array(hidden[row, :lengths[i]])
+        if on_batch is not None:
+            on_batch(len(chunk))
+
+    pending = None
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         tokens = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding="longest", truncation=True,
                            max_length=max_length)
         with torch.inference_mode():
-            hidden = encoder(input_ids=tokens.input_ids.to(device),
-                             attention_mask=tokens.attention_mask.to(device)).last_hidden_state
-        hidden = hidden.float().cpu().numpy()
-        for row, i in enumerate(chunk):
-            results[i] = hidden[row, :lengths[i]].astype(np.float16)
-        if on_batch is not None:
-            on_batch(len(chunk))
+            hidden = encoder(input_ids=tokens.input_ids.to(device, non_blocking=True),
+                             attention_mask=tokens.attention_mask.to(device, non_blocking=True)).last_hidden_state
+            # float16 on the device (bf16 -> fp16 rounds as bf16 -> fp32 -> fp16 does), copied out asynchronously
+            if device.type == "cuda":
+                out = torch.empty(hidden.shape, dtype=torch.float16, pin_memory=True)
+                out.copy_(hidden, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+            else:
+                out, copied = hidden.to(torch.float16), None
+        if pending is not None:
+            finish(*pending)
+        pending = (chunk, out, copied)
+    if pending is not None:
+        finish(*pending)
     return results
 
 
