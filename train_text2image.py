@@ -340,7 +340,7 @@ def build_data(args, accelerator, start_iter: int):
     or validation decodes; with --cache_latents only to fill what the cache lacks."""
     from cosmos_t2i.data import HFSource, ImageDataset, ResumableBatchSampler
     from cosmos_t2i.models import load_vae
-    from cosmos_t2i.run_control import ignore_stop_signals
+    from cosmos_t2i.run_control import end_workers_at_exit, ignore_stop_signals
 
     source = HFSource(args.dataset_name, args.image_column, args.split) if args.dataset_name else None
     dataset = ImageDataset(args.dataset_dir, tuple(args.image_size), args.resize_mode, args.skip_incomplete,
@@ -358,6 +358,8 @@ def build_data(args, accelerator, start_iter: int):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=accelerator.device.type == "cuda", collate_fn=collate,
                                          worker_init_fn=ignore_stop_signals, persistent_workers=args.num_workers > 0)
+    if args.num_workers > 0:
+        end_workers_at_exit()
     vae = prepare_latent_cache(args, dataset, accelerator) if args.cache_latents else None
     if vae is None and (not args.cache_latents or args.validation_prompts):
         vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device)
@@ -441,16 +443,8 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
 def end_run(accelerator, exit_code: int = 0) -> None:
     """Close the trackers; a process of a distributed run then waits for its peers at a last barrier and ends here
     with exit_code, without tearing down the process group or the interpreter."""
-    import multiprocessing
-
     for tracker in accelerator.trackers:
         tracker.finish()
-    # The data loader's workers ignore SIGTERM (ignore_stop_signals), so the exit handler of multiprocessing, which
-    # ends child processes with SIGTERM and then joins them, would wait for them forever (every multi-GPU run hung
-    # after its last save: the handlers run below, while the loader still lives). They only prefetch batches.
-    for worker in multiprocessing.active_children():
-        worker.kill()
-        worker.join()
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     torch.distributed.barrier()
@@ -458,7 +452,7 @@ def end_run(accelerator, exit_code: int = 0) -> None:
     # process group and the interpreter down aborted about one in ten 4-process CPU runs ("terminate called
     # without an active exception": a communication thread still joinable when C++ objects are destroyed).
     import atexit
-    atexit._run_exitfuncs()  # what a normal exit runs first: the run lock's release, logging's flush
+    atexit._run_exitfuncs()  # what a normal exit runs first: the loader workers' end, the run lock's release, logging
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)

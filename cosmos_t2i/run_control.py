@@ -70,6 +70,21 @@ def ignore_stop_signals(_worker_id=None) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def end_workers_at_exit() -> None:
+    """Kill the data loader's worker processes when the training process exits, before multiprocessing's own exit
+    handler (atexit runs last-registered first), which ends children with SIGTERM and joins them: the workers ignore
+    SIGTERM (ignore_stop_signals), so it waited forever; runs that failed mid-way and every multi-process run hung
+    at their end. They only prefetch batches."""
+    import atexit
+    import multiprocessing
+
+    def kill_workers():
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join()
+    atexit.register(kill_workers)
+
+
 class WallClock:
     """--max_wall_time: stop while there is still time for one more iteration and a synchronous save."""
 

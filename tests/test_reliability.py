@@ -61,6 +61,25 @@ def test_sigterm_to_the_group_saves_where_it_stopped_and_resumes_exactly(tiny_bu
     assert [a[i] for i in range(stopped + 1, stopped + 4)] == [b[i] for i in range(stopped + 1, stopped + 4)]
 
 
+def test_a_run_whose_data_breaks_mid_way_fails_and_exits(tiny_bundle, dataset_copy, tmp_path):
+    """An error in the middle of a run with loader workers (which ignore SIGTERM) ends the process with the error;
+    before, multiprocessing's exit handler waited for those workers forever."""
+    out = str(tmp_path / "ck")
+    args = tiny_args(tiny_bundle, out, "--max_iter", "100000", "--save_iter", "100000", "--no-final_save",
+                     "--num_workers", "2")
+    args[args.index("--dataset_dir") + 1] = dataset_copy
+    proc, log = start(args)
+    wait_for_iteration(log, 3)
+    for image in (dataset_copy / "images").iterdir():  # every image now fails to decode
+        image.write_bytes(image.read_bytes()[:100])
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the run did not exit after its error:\n{open(log).read()[-3000:]}")
+    assert code == 1 and "cannot decode image" in open(log).read(), open(log).read()[-3000:]
+
+
 def test_second_signal_aborts_and_keeps_the_previous_checkpoint(tiny_bundle, tmp_path):
     out = str(tmp_path / "ck")
     proc, log = start(tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "4"))
