@@ -12,10 +12,12 @@ per second per GPU / the bf16 matmul rate measured here.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,9 +79,26 @@ def parse_log(text: str, skip: int) -> dict:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children before their parents' parents."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, pp in parent.items() if pp in frontier]
+        found, frontier = children + found, children
+    return found
+
+
 def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=None, machine=None,
-           extra_launch=()) -> str:
-    """One accelerate launch of the training script; returns its combined log (raises with its tail on failure)."""
+           extra_launch=(), timeout=None) -> str:
+    """One accelerate launch of the training script; returns its combined log (raises with its tail on failure, or
+    when it has not ended after `timeout` seconds: then its whole process group is killed)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(ROOT / "accelerate_configs" / config),
            "--num_processes", str(n), "--main_process_port", str(port)]
@@ -89,9 +108,17 @@ def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=Non
     cmd += [str(ROOT / "train_text2image.py"), *map(str, flags)]
     env = dict(os.environ, **(env_extra or {}))
     with open(log, "w") as f:
-        result = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [*descendants(proc.pid), proc.pid]:  # torchrun starts each trainer in a session of its own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"{' '.join(cmd)} had not ended after {timeout} s:\n{log.read_text()[-3000:]}")
     text = log.read_text()
-    if result.returncode != 0:
+    if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
     return text
 
@@ -109,6 +136,8 @@ def main():
     parser.add_argument("--skip", type=int, default=7,
                         help="iterations left out of the median: warm-up, and the profiled ones (4-6) in scaling")
     parser.add_argument("--images", type=int, help="dataset size (default: enough that no image repeats)")
+    parser.add_argument("--launch_timeout", type=int, default=1200,
+                        help="seconds after which a launch that has not ended is killed (reported as failed)")
     parser.add_argument("--tiny", action="store_true", help="CPU check of this script: tiny model, 64x64, gloo")
     args = parser.parse_args()
     work = Path(args.work)
@@ -144,12 +173,14 @@ def main():
         flags = common + ["--model_size", model_size, "--batch_size", batch, "--max_iter", args.iters,
                           "--save_iter", args.iters, "--name", name, *extra]
         start = time.perf_counter()
-        text = launch(config, n, flags, work / f"{name}.log", port[0], {**env, **(env_extra or {})}, machine,
-                      extra_launch)
+        try:
+            text = launch(config, n, flags, work / f"{name}.log", port[0], {**env, **(env_extra or {})}, machine,
+                          extra_launch, args.launch_timeout)
+        finally:  # the profile tables are kept when the launch fails too; the runs folder is removed between runs
+            for table in (work / "runs" / "posttraining" / "text2image" / name / "profile").glob("ops_rank*.txt"):
+                shutil.copy(table, work / f"{name}_{table.name}")
         result = dict(run=name, gpus=n, model_size=model_size, batch_per_gpu=batch, wall_s=time.perf_counter() - start,
                       **parse_log(text, args.skip))
-        for table in (work / "runs" / "posttraining" / "text2image" / name / "profile").glob("ops_rank*.txt"):
-            shutil.copy(table, work / f"{name}_{table.name}")  # the runs folder is removed between runs (disk)
         saved = work / "runs" / "posttraining" / "text2image" / name / "checkpoints"
         if saved.is_dir():
             result["checkpoints_on_disk_gb"] = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 2 ** 30
@@ -243,7 +274,8 @@ def main():
             flags = common + ["--model_size", size_2b, "--batch_size", 1, "--max_iter", args.iters, "--no-final_save",
                               "--name", "multinode_two_launches"]
             results[machine] = launch("multi_node_fsdp.yaml", widest, flags, work / f"multinode_{machine}.log", 29690,
-                                      {**env, **({} if args.tiny else {"CUDA_VISIBLE_DEVICES": visible})}, machine)
+                                      {**env, **({} if args.tiny else {"CUDA_VISIBLE_DEVICES": visible})}, machine,
+                                      timeout=args.launch_timeout)
         threads = [threading.Thread(target=side, args=(m, ",".join(map(str, range(m * half, (m + 1) * half)))))
                    for m in (0, 1)]
         for t in threads:
