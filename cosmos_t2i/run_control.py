@@ -34,7 +34,11 @@ def parse_duration(text: str) -> float:
 
 
 class StopRequest:
-    """Set by SIGTERM, SIGINT or SIGUSR1 (and by the launcher's death); a second signal aborts at once."""
+    """Set by SIGTERM, SIGINT or SIGUSR1 (and by the launcher's death); a second SIGINT or SIGUSR1 aborts at once.
+
+    A repeated SIGTERM does not abort: under a launcher one preemption arrives as several (the scheduler signals
+    every process, the launcher forwards its own, and the kernel sends one when the launcher exits), and aborting
+    on the second lost the stop save of every multi-process run."""
 
     def __init__(self):
         self.reason, self.pid = None, os.getpid()
@@ -51,12 +55,15 @@ class StopRequest:
             signal.signal(signum, signal.SIG_IGN)
             return
         name = signal.Signals(signum).name
+        if self.reason is not None and signum == signal.SIGTERM:
+            sys.stderr.write(f"\nSIGTERM again: already stopping ({self.reason}); the save goes on (SIGINT aborts).\n")
+            return
         if self.reason is not None:
             sys.stderr.write(f"\n{name} again: aborting now; the last complete checkpoint stays the latest.\n")
             os._exit(128 + signum)
         self.reason = name
         sys.stderr.write(f"\n{name} received: saving a checkpoint at the end of this iteration, then exiting "
-                         f"(send it again to abort without saving).\n")
+                         f"(a second SIGINT aborts without saving).\n")
 
     @property
     def requested(self) -> bool:

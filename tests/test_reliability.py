@@ -1,6 +1,7 @@
 """Runs that survive schedulers and damage: signals, wall-time limits, a dead launcher, damaged checkpoints, and
 two runs on one folder."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -110,6 +111,42 @@ def test_trainer_stops_and_saves_when_its_launcher_dies(tiny_bundle, tmp_path):
     assert not any(os.path.exists(f"/proc/{p}") and _parent(p) is not None for p in trainer), "trainer orphaned"
     assert "stopped (SIGTERM)" in open(log).read()
     assert ckpt.latest_iteration(run_dir(out)) >= 4
+
+
+def test_preemption_of_a_multi_process_run_saves_despite_repeated_sigterms(tiny_bundle, tmp_path):
+    """SIGTERM to the launcher and to every trainer at once, as SLURM does: the trainers also get the launcher's
+    forwarded SIGTERM and the kernel's when it exits. They still stop together, save and exit with 75 (before, the
+    second SIGTERM aborted them without a save)."""
+    out = str(tmp_path / "ck")
+    args = ["tests/run_patched.py", *tiny_args(tiny_bundle, out, "--max_iter", "900", "--save_iter", "1000",
+                                               "--batch_size", "2", "--num_workers", "2")[1:]]
+    log = open(out + ".log", "w")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29657", *map(str, args)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", COSMOS_TEST_FSDP="1"))
+    wait_for_iteration(log.name, 4)
+    trainers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == launcher.pid]
+    assert len(trainers) == 2
+    for pid in [launcher.pid, *trainers]:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.3)
+    for pid in trainers:  # a second one for sure, whatever the launcher forwards and when
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        launcher.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        raise
+    deadline = time.time() + 60
+    while time.time() < deadline and any(_parent(p) is not None for p in trainers):
+        time.sleep(0.5)
+    text = open(log.name).read()
+    assert "aborting now" not in text and text.count("stopped (SIGTERM) at iteration") == 1, text[-3000:]
+    stopped = ckpt.latest_iteration(run_dir(out))
+    assert stopped is not None and stopped >= 4 and ckpt.checkpoint_problem(run_dir(out), stopped) is None
 
 
 def _parent(pid):
