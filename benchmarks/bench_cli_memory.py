@@ -31,8 +31,8 @@ def write_models(work: Path) -> dict:
     import shutil
 
     import torch
+    from bench_infer import t5_11b
     from diffusers import AutoencoderKLWan
-    from transformers import T5Config, T5EncoderModel
 
     from cosmos_t2i.models import new_transformer
 
@@ -42,10 +42,7 @@ def write_models(work: Path) -> dict:
     if not (paths["vae"] / "config.json").exists():
         AutoencoderKLWan().to(torch.bfloat16).save_pretrained(paths["vae"])
     if not (paths["t5"] / "config.json").exists():
-        config = T5Config(vocab_size=32128, d_model=1024, d_kv=128, d_ff=65536, num_layers=24, num_heads=128,
-                          feed_forward_proj="relu")
-        with torch.device("cuda"):
-            T5EncoderModel(config).to(torch.bfloat16).save_pretrained(paths["t5"])
+        t5_11b("cuda").save_pretrained(paths["t5"])
         tiny = work / "tiny"  # a locally built tokenizer (no network); its ids fall inside T5's vocabulary
         subprocess.run([sys.executable, "examples/tiny/make_assets.py", "--output_dir", tiny], cwd=ROOT, check=True)
         for name in ("tokenizer.json", "tokenizer_config.json"):

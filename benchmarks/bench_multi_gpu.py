@@ -98,7 +98,7 @@ def descendants(pid: int) -> list[int]:
 def launch(config: str, n: int, flags: list, log: Path, port: int, env_extra=None, machine=None,
            extra_launch=(), timeout=None) -> str:
     """One accelerate launch of the training script; returns its combined log (raises with its tail on failure, or
-    when it has not ended after `timeout` seconds: then its whole process group is killed)."""
+    when it has not ended after `timeout` seconds: then the launcher and every process below it are killed)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(ROOT / "accelerate_configs" / config),
            "--num_processes", str(n), "--main_process_port", str(port)]
