@@ -301,12 +301,15 @@ def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteratio
     AdamW, schedule, EMA. Returns the gradient norm before clipping."""
     from torch.profiler import record_function
 
-    from cosmos_t2i.distributed import clip_grad_norm_
+    from cosmos_t2i.distributed import clip_grad_norm_, end_grad_scale
 
-    with record_function("clip_grad_norm"):
-        grad_norm = clip_grad_norm_(params, max_norm)
+    with record_function("clip_grad_norm"):  # with fused AdamW its kernel applies the clipping factor (no extra pass)
+        grad_norm = clip_grad_norm_(params, max_norm, optimizer)
     with record_function("optimizer_step"):
-        optimizer.step()
+        try:
+            optimizer.step()
+        finally:
+            end_grad_scale(optimizer)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     if ema is not None:

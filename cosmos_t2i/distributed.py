@@ -106,13 +106,22 @@ def _global_norm(grads) -> torch.Tensor:
     return squared.sqrt()
 
 
+def takes_grad_scale(optimizer) -> bool:
+    """torch's fused Adam/AdamW: its kernel divides each gradient by `optimizer.grad_scale` (a tensor) as it reads
+    it, so a clipping factor given there costs nothing, where scaling the gradients first reads and writes them all."""
+    inner = inner_optimizer(optimizer)  # groups, not defaults: a resumed state brings its groups' settings along
+    return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
+
+
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, optimizer=None) -> torch.Tensor:
     """NVIDIA's GradClip(force_finite=True): non-finite gradient entries become 0, then gradients are scaled so
     that their global L2 norm is at most `max_norm`. Returns the norm before scaling.
 
     torch.nn.utils.clip_grad_norm_'s arithmetic, on local shards under FSDP. The zeroing pass over every gradient
     runs only when needed: the norm is taken first and is finite exactly when every entry is (one host sync).
+    Given an `optimizer` that takes_grad_scale, the gradients are left as they are and the scaling is handed to its
+    next step (the caller steps it, then calls end_grad_scale).
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -124,5 +133,13 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     if not torch.isfinite(total):  # the same on every process: the norm is global
         nan_to_zero_(grads)
         total = _global_norm(grads)
-    torch._foreach_mul_(local_parts(grads), (max_norm / (total + 1e-6)).clamp(max=1.0))
+    if optimizer is not None and takes_grad_scale(optimizer):
+        inner_optimizer(optimizer).grad_scale = ((total + 1e-6) / max_norm).clamp(min=1.0)
+    else:
+        torch._foreach_mul_(local_parts(grads), (max_norm / (total + 1e-6)).clamp(max=1.0))
     return total
+
+
+def end_grad_scale(optimizer) -> None:
+    """After the step that used it: later steps must not divide by the same factor again."""
+    inner_optimizer(optimizer).__dict__.pop("grad_scale", None)

@@ -33,15 +33,15 @@ def make_scheduler(optimizer, kind: str = "lambdalinear", warm_up_steps=(0,), cy
 
 def make_optimizer(params, lr: float, betas=(0.9, 0.99), eps: float = 1e-8, weight_decay: float = 0.2,
                    kind: str = "adamw", bf16_weights: bool = False, device_type: str = "cuda"):
-    """AdamW (fused on CUDA, foreach elsewhere), bitsandbytes' AdamW8bit (kind "adamw8bit"), or, for bf16
-    weights, StochasticAdamW."""
+    """AdamW (fused on CUDA and the CPU, foreach elsewhere), bitsandbytes' AdamW8bit (kind "adamw8bit"), or, for
+    bf16 weights, StochasticAdamW."""
     kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     if bf16_weights:
         return StochasticAdamW(params, **kwargs)
     if kind == "adamw8bit":
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, **kwargs)
-    fused = device_type == "cuda"
+    fused = device_type in ("cuda", "cpu")  # the CPU runs the same kernel semantics as the GPU (tests)
     return torch.optim.AdamW(params, fused=fused, foreach=None if fused else True, **kwargs)
 
 

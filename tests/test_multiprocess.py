@@ -155,8 +155,15 @@ def _sharded_gradients_worker(rank, world, port, out):
         params.append(p)
     norm = clip_grad_norm_(params, 1.0)  # zeroes the NaN and Inf entries first
     grads = [p.grad.full_tensor() for p in params]
+    # the same gradients again, the clipping factor handed to fused AdamW's step on the shards
+    for p, full in zip(params, _gradients()):
+        p.grad = distribute_tensor(full, mesh, [Shard(0)])
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+    fused_norm = clip_grad_norm_(params, 1.0, optimizer)
+    optimizer.step()
+    stepped = [p.full_tensor() for p in params]
     if rank == 0:
-        torch.save({"norm": norm, "grads": grads}, out)
+        torch.save({"norm": norm, "grads": grads, "fused_norm": fused_norm, "stepped": stepped}, out)
     dist.barrier()
     os._exit(0)  # as train_text2image.end_run: gloo's teardown at exit aborts now and then (SIGABRT)
 
@@ -171,7 +178,8 @@ def _gradients():
 
 def test_sharded_gradient_zeroing_and_clipping_equal_torch_on_full_tensors(tmp_path):
     """FSDP's gradients are clipped on local shards with one all-reduce: same norm and gradients as torch's
-    clip_grad_norm_ over the full tensors (non-finite entries zeroed first, as NVIDIA)."""
+    clip_grad_norm_ over the full tensors (non-finite entries zeroed first, as NVIDIA); handed to fused AdamW on
+    the shards instead, the clipping gives the same step as AdamW on the clipped full gradients."""
     import torch.multiprocessing as mp
     mp.spawn(_sharded_gradients_worker, args=(2, 29653, tmp_path / "out.pt"), nprocs=2)
     got = torch.load(tmp_path / "out.pt")
@@ -183,3 +191,7 @@ def test_sharded_gradient_zeroing_and_clipping_equal_torch_on_full_tensors(tmp_p
     torch.testing.assert_close(got["norm"], norm)
     for a, p in zip(got["grads"], params):
         torch.testing.assert_close(a, p.grad)
+    torch.testing.assert_close(got["fused_norm"], norm)
+    torch.optim.AdamW(params, lr=0.1, foreach=True).step()  # on the clipped gradients
+    for a, p in zip(got["stepped"], params):
+        torch.testing.assert_close(a, p.detach())

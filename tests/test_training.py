@@ -464,6 +464,38 @@ def test_gradient_clip_zeroes_nonfinite_entries_then_clips_like_torch(poison):
         torch.testing.assert_close(p.grad, q.grad)
 
 
+@pytest.mark.parametrize("poison", [None, float("nan")])
+def test_clipping_inside_fused_adamw_equals_clipping_first(poison):
+    """apply_gradients hands the clipping factor to fused AdamW's kernel instead of scaling the gradients: the same
+    norms, weights and moments as clipping first (torch's clip_grad_norm_ on zeroed gradients) then stepping
+    foreach AdamW, over steps that clip and one that does not; no factor outlives its step."""
+    from cosmos_t2i.schedule import make_optimizer, make_scheduler
+    from train_text2image import apply_gradients
+
+    shapes = [(6, 4), (5,), (3, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    optimizer = make_optimizer(ours, lr=1e-2, weight_decay=0.2, device_type="cpu")
+    assert optimizer.defaults["fused"]
+    reference_optimizer = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.2, foreach=True)
+    scheduler = make_scheduler(optimizer, "constant")
+    for step, size in enumerate([3.0, 5.0, 0.01], start=1):  # global norms ~10, ~17 (clipped), ~0.06 (not)
+        grads = [torch.randn(s, generator=torch.Generator().manual_seed(10 * step + i)) * size
+                 for i, s in enumerate(shapes)]
+        if poison is not None and step == 2:
+            grads[1][3] = poison
+        for p, q, g in zip(ours, reference, grads):
+            p.grad, q.grad = g.clone(), torch.nan_to_num(g, nan=0.0)
+        norm = apply_gradients(ours, optimizer, scheduler, None, 1.0, step)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(reference, 1.0))
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+        assert not hasattr(optimizer, "grad_scale")
+        for p, q in zip(ours, reference):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(optimizer.state[p]["exp_avg_sq"], reference_optimizer.state[q]["exp_avg_sq"])
+
+
 def test_float8_storage_linear_computes_like_the_linear():
     from cosmos_t2i.lora import Float8StorageLinear
     linear = torch.nn.Linear(64, 32).requires_grad_(False)

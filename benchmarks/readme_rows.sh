@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Re-measure README's Performance rows on one GPU: each command appends its JSON line to benchmarks/results.jsonl,
+# then `python benchmarks/perf_table.py --since <today>` prints the table. Groups run in the order given
+# (default: all); each group takes about 3 to 8 minutes on an H100.
+#
+#     bash benchmarks/readme_rows.sh                 # train infer t5
+#     bash benchmarks/readme_rows.sh train           # one group
+#
+# Multi-GPU rows come from benchmarks/bench_multi_gpu.py (see its --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+
+train() {
+    $PY benchmarks/bench_train.py --model_size 2B --mode compile --batch_size 3
+    $PY benchmarks/bench_train.py --model_size 2B --mode compile --batch_size 2 --skip_baseline --vae
+    $PY benchmarks/bench_train.py --model_size 2B --mode compile_ckpt --batch_size 4 --skip_baseline
+    $PY benchmarks/bench_train.py --model_size 2B --mode bf16_lowmem --batch_size 4 --skip_baseline
+    $PY benchmarks/bench_train.py --model_size 2B --mode lora_ckpt --batch_size 1 --skip_baseline
+}
+
+infer() {
+    $PY benchmarks/bench_infer.py --model_size 2B --compile
+    $PY benchmarks/bench_infer.py --model_size 2B --repeat 2
+    $PY benchmarks/bench_infer.py --model_size 14B --compile --skip_baseline --repeat 2
+}
+
+t5() {
+    $PY benchmarks/bench_t5.py --batch_size 128 --captions 2048 --compile
+    $PY benchmarks/bench_t5.py
+}
+
+groups=("$@")
+[ ${#groups[@]} -eq 0 ] && groups=(train infer t5)
+for group in "${groups[@]}"; do
+    case "$group" in
+        train|infer|t5) echo "== $group" && "$group" ;;
+        *) echo "unknown group '$group' (train, infer, t5)" >&2; exit 2 ;;
+    esac
+done
