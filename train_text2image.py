@@ -443,11 +443,16 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
     return total
 
 
-def end_run(accelerator, exit_code: int = 0) -> None:
-    """Close the trackers; a process of a distributed run then waits for its peers at a last barrier and ends here
-    with exit_code, without tearing down the process group or the interpreter."""
+def end_run(accelerator, run_dir, exit_code: int = 0) -> None:
+    """Close the trackers and record exit_code in the run folder (job scripts read it there: launchers turn 75 into
+    1); a process of a distributed run then waits for its peers at a last barrier and ends here with exit_code,
+    without tearing down the process group or the interpreter."""
+    from cosmos_t2i.run_control import record_exit_code
+
     for tracker in accelerator.trackers:
         tracker.finish()
+    if accelerator.is_main_process:
+        record_exit_code(run_dir, exit_code)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     torch.distributed.barrier()
@@ -481,7 +486,8 @@ def main(argv=None):
 
     from cosmos_t2i.monitor import IterationProfiler, Progress, memory_report
     from cosmos_t2i.run_control import (STOPPED_EXIT_CODE, StopRequest, WallClock, apply_optimizer_settings,
-                                        check_resume_settings, claim_run, heartbeat, parse_duration)
+                                        check_resume_settings, claim_run, heartbeat, launcher_grace_s,
+                                        parse_duration, record_exit_code, stop_save_warning)
 
     ckpt_dir = ckpt.checkpoint_dir(args.output_root, args.project, args.group, args.name)
     run_dir = ckpt_dir.parent
@@ -496,6 +502,8 @@ def main(argv=None):
     start_iter = latest or 0
     if start_iter >= args.max_iter:
         accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
+        if accelerator.is_main_process:
+            record_exit_code(run_dir, 0)
         return
     if latest is not None:
         check_resume_settings(run_dir, to_yaml(args), SHAPE_KEYS, latest, write_history=accelerator.is_main_process)
@@ -522,6 +530,7 @@ def main(argv=None):
 
     stop = StopRequest()  # from here on a signal means: save at the end of this iteration, then exit
     clock = WallClock(parse_duration(args.max_wall_time) if args.max_wall_time else None)
+    grace_s, grace_warning = launcher_grace_s(), None  # once a save is slower than the launcher's grace: warn once
     profiler = IterationProfiler(args.profile_iters, start_iter + 4, run_dir / "profile", accelerator.process_index)
     progress, data_iter, nonfinite_run, skipped = Progress(args, accelerator, start_iter), iter(loader), 0, 0
 
@@ -535,7 +544,7 @@ def main(argv=None):
             accelerator.print(f"stopped ({stop.reason or '--max_wall_time'}) at iteration {iteration}: checkpoint "
                               f"saved in {ckpt_dir}; run the same command again to resume (exit code "
                               f"{STOPPED_EXIT_CODE}).")
-            end_run(accelerator, STOPPED_EXIT_CODE)
+            end_run(accelerator, run_dir, STOPPED_EXIT_CODE)
             raise SystemExit(STOPPED_EXIT_CODE)
 
     for iteration in range(start_iter + 1, args.max_iter + 1):
@@ -573,13 +582,15 @@ def main(argv=None):
             save(iteration, exit_after=stop_here)
         clock.record_iteration(time.perf_counter() - tick)
         clock.record_save(checkpointer.last_save_s)
+        if grace_warning is None and (grace_warning := stop_save_warning(checkpointer.last_save_s, grace_s)):
+            logger.warning("%s", grace_warning)
     checkpointer.wait()
     accelerator.wait_for_everyone()
     logger.info("%s", memory_report(accelerator))
     progress.bar.close()
     if skipped:
         logger.warning("%d steps were skipped for non-finite losses", skipped)
-    end_run(accelerator)
+    end_run(accelerator, run_dir)
 
 
 if __name__ == "__main__":

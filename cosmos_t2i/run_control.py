@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - a stopped run that saved and can be resumed by rerunning
 LOCK = ".run.lock"
 LOCK_STALE_S = 15 * 60  # a lock whose heartbeat is older than this is left by a dead run, wherever it ran
+EXIT_CODE_FILE = "exit_code"
+TORCHRUN_GRACE_S = 30  # torchrun's default wait between forwarding a stop signal and killing its workers
 
 
 def parse_duration(text: str) -> float:
@@ -90,6 +92,52 @@ def end_workers_at_exit() -> None:
             child.kill()
             child.join()
     atexit.register(kill_workers)
+
+
+def record_exit_code(run_dir, code: int | None) -> None:
+    """Write the trainers' exit code to <run_dir>/exit_code (0: finished, 75: stopped with a checkpoint, rerun to
+    resume), or remove the file (None: a run in progress, or one that ended without saying).
+
+    For job scripts: launchers report any non-zero exit of their workers as 1 (accelerate launch, torchrun), so
+    behind one the 75 itself never reaches the script.
+    """
+    path = Path(run_dir) / EXIT_CODE_FILE
+    if code is None:
+        path.unlink(missing_ok=True)
+    else:
+        from .files import atomic_write
+        with atomic_write(path, "w") as f:
+            f.write(f"{code}\n")
+
+
+def launcher_grace_s() -> float | None:
+    """Seconds between torchrun forwarding a stop signal to its workers and killing them (also under accelerate
+    launch, which runs torchrun), or None when this process was not started by it. torch >= 2.12 reads
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT (workers inherit the launcher's environment); before, 30 s is fixed."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    import torch
+    if torch.torch_version.TorchVersion(torch.__version__) < "2.12":
+        return float(TORCHRUN_GRACE_S)
+    value = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", os.environ.get("PET_SHUTDOWN_TIMEOUT"))
+    try:
+        return float(value) if value is not None else float(TORCHRUN_GRACE_S)
+    except ValueError:
+        return float(TORCHRUN_GRACE_S)
+
+
+def stop_save_warning(save_s: float, grace_s: float | None) -> str | None:
+    """What to tell the user when a save takes longer than the launcher waits after a stop signal, else None."""
+    if grace_s is None or save_s <= grace_s:
+        return None
+    import torch
+    advice = (f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={max(60, int(3 * save_s))} before accelerate launch or torchrun"
+              if torch.torch_version.TorchVersion(torch.__version__) >= "2.12" else
+              "torch >= 2.12 lets TORCH_ELASTIC_SHUTDOWN_TIMEOUT lengthen it (this torch fixes it at 30 s)")
+    return (f"a checkpoint save took {save_s:.0f} s, but the launcher kills its trainers {grace_s:.0f} s after it "
+            f"forwards a stop signal (SIGTERM on preemption): a save on such a signal would be cut short and the run "
+            f"would resume from the checkpoint before. {advice[0].upper()}{advice[1:]}. --max_wall_time stops are not "
+            f"affected (no signal).")
 
 
 class WallClock:
@@ -220,6 +268,7 @@ def claim_run(accelerator, run_dir, ckpt_dir):
         try:
             lock = acquire_lock(run_dir)
             atexit.register(release_lock, lock)
+            record_exit_code(run_dir, None)  # a code left by an earlier run no longer says anything
             ckpt.remove_leftovers(ckpt_dir)
             answer = [{"latest": ckpt.resume_point(ckpt_dir)}]
         except SystemExit as e:

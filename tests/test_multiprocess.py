@@ -4,6 +4,7 @@ checkpoints resume on any other process count with the same results."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,23 +12,27 @@ from conftest import ROOT, losses_of, run_script, tiny_args
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.models import load_dit
+from cosmos_t2i.run_control import EXIT_CODE_FILE
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process on Linux")
 GLOBAL_BATCH = 4
 
 
-def run(n, bundle, out, *extra, fsdp=True, port=29640, timeout=900):
-    """train_text2image.py on n CPU processes (FSDP2 when n > 1), global batch 4; returns its losses."""
+def run(n, bundle, out, *extra, fsdp=True, port=29640, timeout=900, env=None):
+    """train_text2image.py on n CPU processes (FSDP2 when n > 1), global batch 4; returns its losses (the launch's
+    output is kept in out/launch.log)."""
     args = tiny_args(bundle, out, "--lr", "1e-4", *extra)
     args[args.index("--batch_size") + 1] = str(GLOBAL_BATCH // n)  # extra --batch_size overrides
     args[0] = "tests/run_patched.py"
     if n == 1:
         return losses_of(run_script(*args).stderr)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", COSMOS_TEST_FSDP="1" if fsdp else "0")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", COSMOS_TEST_FSDP="1" if fsdp else "0",
+               **(env or {}))
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                              str(n), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                              "--main_process_port", str(port), *map(str, args)], cwd=ROOT, capture_output=True,
                             text=True, env=env, timeout=timeout)
+    (Path(out) / "launch.log").write_text(result.stderr)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (f"sharded across {n} processes (FSDP2)" in result.stderr) == fsdp
     return losses_of(result.stderr)
@@ -83,13 +88,17 @@ def test_fsdp_equals_one_process_and_resumes_on_other_counts(tiny_bundle, tmp_pa
 def test_run_with_loader_workers_and_a_background_save_ends_by_itself(tiny_bundle, tmp_path, fsdp):
     """Loader worker processes (which ignore SIGTERM) and a background save mid-run: both processes finish, save and
     exit on their own. Each hung before: DCP's background collectives shared plain data parallel's gloo group
-    (deadlock at the save), and the exit handlers waited for the workers forever (after the last save)."""
+    (deadlock at the save), and the exit handlers waited for the workers forever (after the last save).
+    With a launcher grace period shorter than a save, the run says so once; the finished run records exit code 0."""
     losses = run(2, tiny_bundle, tmp_path, "--max_iter", "6", "--save_iter", "3", "--num_workers", "2", fsdp=fsdp,
-                 port=29643 + fsdp, timeout=300)
+                 port=29643 + fsdp, timeout=300, env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"})
     assert set(losses) == set(range(1, 7))
     run_ckpts = ckpt.checkpoint_dir(tmp_path, "posttraining", "text2image", "t")
     assert ckpt.model_file(run_ckpts, 3).is_file() and ckpt.model_file(run_ckpts, 6).is_file()
     assert (run_ckpts / ckpt.LATEST).read_text().strip() == ckpt.iter_name(6)
+    assert (run_ckpts.parent / EXIT_CODE_FILE).read_text().strip() == "0"
+    log = (tmp_path / "launch.log").read_text()
+    assert log.count("the launcher kills its trainers 0 s after it forwards a stop signal") == 1, log[-3000:]
 
 
 def test_multi_node_config_two_launches_equal_one(tiny_bundle, tmp_path):

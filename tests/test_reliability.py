@@ -13,7 +13,8 @@ import torch
 from conftest import ROOT, losses_of, run_script, tiny_args
 
 from cosmos_t2i import checkpoint as ckpt
-from cosmos_t2i.run_control import LOCK, STOPPED_EXIT_CODE, parse_duration
+from cosmos_t2i.run_control import (EXIT_CODE_FILE, LOCK, STOPPED_EXIT_CODE, launcher_grace_s, parse_duration,
+                                    stop_save_warning)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals and /proc")
 
@@ -54,6 +55,7 @@ def test_sigterm_to_the_group_saves_where_it_stopped_and_resumes_exactly(tiny_bu
     text = open(log).read()
     stopped = ckpt.latest_iteration(run_dir(out))
     assert stopped is not None and stopped >= 8 and f"stopped (SIGTERM) at iteration {stopped}" in text
+    assert (run_dir(out).parent / EXIT_CODE_FILE).read_text() == f"{STOPPED_EXIT_CODE}\n"
     assert ckpt.checkpoint_problem(run_dir(out), stopped) is None
     assert not (run_dir(out).parent / LOCK).exists()
     resumed = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "100", "--max_iter",
@@ -147,6 +149,8 @@ def test_preemption_of_a_multi_process_run_saves_despite_repeated_sigterms(tiny_
     assert "aborting now" not in text and text.count("stopped (SIGTERM) at iteration") == 1, text[-3000:]
     stopped = ckpt.latest_iteration(run_dir(out))
     assert stopped is not None and stopped >= 4 and ckpt.checkpoint_problem(run_dir(out), stopped) is None
+    # the launcher reports its workers' 75 as 1: the run folder says what happened
+    assert (run_dir(out).parent / EXIT_CODE_FILE).read_text().strip() == str(STOPPED_EXIT_CODE)
 
 
 def _parent(pid):
@@ -224,3 +228,22 @@ def test_trainer_error_is_the_last_line_under_accelerate_launch(tiny_bundle, tmp
     assert result.returncode != 0
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("train_text2image.py failed: ValueError:") and "not a VAE" in last
+
+
+def test_launcher_grace_period_is_read_and_a_slower_save_is_named(monkeypatch):
+    """torchrun kills its workers a grace period after forwarding a stop signal (30 s unless
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise, torch >= 2.12): a save slower than that gets a warning with the
+    fix; without torchrun there is no grace period to fit."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert launcher_grace_s() is None and stop_save_warning(500.0, None) is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert launcher_grace_s() == 30
+    assert stop_save_warning(29.0, 30.0) is None
+    message = stop_save_warning(100.0, 30.0)
+    assert "took 100 s" in message and "30 s after it forwards a stop signal" in message
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    if torch.torch_version.TorchVersion(torch.__version__) >= "2.12":
+        assert launcher_grace_s() == 600 and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300" in message
+    else:
+        assert launcher_grace_s() == 30 and "torch >= 2.12" in message

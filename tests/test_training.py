@@ -218,8 +218,10 @@ def test_resume_is_exact_and_finished_run_exits(tiny_bundle, tmp_path):
     for prefix in ("model", "optim", "ema"):
         sa, sb = (ckpt.read_shards(ckpt.shards_dir(d, 8), prefix) for d in (da, db))
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), prefix
+    (db.parent / "exit_code").write_text("75\n")  # left by an earlier stop
     again = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "8"))
     assert "already finished" in again.stdout + again.stderr
+    assert (db.parent / "exit_code").read_text() == "0\n"  # what a job script reads: finished, not to be requeued
     # a changed learning rate on resume is what runs from there on, and the run folder records the change
     changed_lr = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "10", "--lr", "1e-4"))
     assert "lr: 0.001 -> 0.0001" in changed_lr.stderr
@@ -230,6 +232,7 @@ def test_resume_is_exact_and_finished_run_exits(tiny_bundle, tmp_path):
     assert "resumed_at_iteration: 8" in history and "from: 0.001" in history
     changed = run_script(*tiny_args(tiny_bundle, split, "--max_iter", "12", "--image_size", "32", "32"), check=False)
     assert changed.returncode != 0 and "image_size" in changed.stderr
+    assert not (db.parent / "exit_code").exists()  # failed: no code recorded, the launcher's stands
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
