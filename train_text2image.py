@@ -540,7 +540,7 @@ def main(argv=None):
                                                         "batches_per_epoch": sampler.per_epoch}},
                           blocking=exit_after or iteration == args.max_iter)  # the process ends right after
         if exit_after:  # every process stops here together, with a complete checkpoint of this iteration
-            checkpointer.wait()
+            checkpointer.wait_everyone()
             accelerator.print(f"stopped ({stop.reason or '--max_wall_time'}) at iteration {iteration}: checkpoint "
                               f"saved in {ckpt_dir}; run the same command again to resume (exit code "
                               f"{STOPPED_EXIT_CODE}).")
@@ -584,8 +584,7 @@ def main(argv=None):
         clock.record_save(checkpointer.last_save_s)
         if grace_warning is None and (grace_warning := stop_save_warning(checkpointer.last_save_s, grace_s)):
             logger.warning("%s", grace_warning)
-    checkpointer.wait()
-    accelerator.wait_for_everyone()
+    checkpointer.wait_everyone()
     logger.info("%s", memory_report(accelerator))
     progress.bar.close()
     if skipped:

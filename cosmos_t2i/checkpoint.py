@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,6 +33,9 @@ from .models import diffusers_to_nvidia, diffusers_to_nvidia_key
 
 PARTS = ("model", "optim", "scheduler", "trainer")
 LATEST = "latest_checkpoint.txt"
+# How long processes wait for each other in a save: the main process alone writes the model file, which at 14B on
+# a slow shared file system takes many minutes (GPU collectives give up after 10)
+SAVE_TIMEOUT = timedelta(hours=2)
 logger = logging.getLogger(__name__)
 # one process without torch.distributed is a supported case, not a warning
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -261,7 +265,8 @@ class Checkpointer:
         # DCP coordinates its writes over the CPU, from a background thread during async saves: in its own group,
         # or its collectives interleave with the training step's on the same group and both sides deadlock (seen
         # with plain data parallel on CPU processes, whose default group is gloo too)
-        self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
+        self.group = (dist.new_group(backend="gloo", timeout=SAVE_TIMEOUT)
+                      if dist.is_available() and dist.is_initialized() else None)
         # one writer for every save, so the pinned host buffers that shards are staged into are reused
         self.writer = dcp.FileSystemWriter(str(self.dir), sync_files=True, thread_count=2,
                                            cache_staged_state_dict=torch.cuda.is_available())
@@ -351,6 +356,14 @@ class Checkpointer:
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"saving a checkpoint in {self.dir} failed: {error}") from error
+
+    def wait_everyone(self) -> None:
+        """wait(), then every process waits for the others (the main one may still be writing the model file) over
+        this checkpoint group, with SAVE_TIMEOUT: call before processes exit, since a launcher kills the rest as
+        soon as one exits with a non-zero code (a stop's 75)."""
+        self.wait()
+        if self.group is not None:
+            dist.barrier(group=self.group)
 
     def restore(self, iteration: int) -> dict:
         """Load the checkpoint of `iteration` into the model, optimizer, scheduler and EMA (in place, each process

@@ -6,6 +6,9 @@
     COSMOS_TEST_FP8_ON_CPU=1           let --fp8 run on the CPU (torch has CPU float8 matmuls; no Hopper needed)
     COSMOS_TEST_KILL_IN_MODEL_FILE=N   SIGKILL the trainer while the background save of iteration N writes
                                        the model file (half a file on disk, as a real kill leaves)
+    COSMOS_TEST_SLOW_MODEL_FILE=S      each model file takes S seconds longer to write (a large model, a slow disk)
+    COSMOS_TEST_PG_TIMEOUT=S           the default process group's collectives give up after S seconds (as NCCL's
+                                       do after 10 minutes)
 
     python tests/run_patched.py [train_text2image.py flags]   (or under accelerate launch / torch.distributed.run)
 """
@@ -55,6 +58,32 @@ if os.environ.get("COSMOS_TEST_KILL_IN_MODEL_FILE"):
         os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoint.write_model_file = write_then_die
+
+if os.environ.get("COSMOS_TEST_SLOW_MODEL_FILE"):
+    import time
+
+    from cosmos_t2i import checkpoint
+
+    write_now = checkpoint.write_model_file
+
+    def write_slowly(*args, **kwargs):
+        time.sleep(float(os.environ["COSMOS_TEST_SLOW_MODEL_FILE"]))
+        return write_now(*args, **kwargs)
+
+    checkpoint.write_model_file = write_slowly
+
+if os.environ.get("COSMOS_TEST_PG_TIMEOUT"):
+    from datetime import timedelta
+
+    import torch.distributed
+
+    init_now = torch.distributed.init_process_group
+
+    def init_with_short_timeout(*args, **kwargs):
+        kwargs["timeout"] = timedelta(seconds=float(os.environ["COSMOS_TEST_PG_TIMEOUT"]))
+        return init_now(*args, **kwargs)
+
+    torch.distributed.init_process_group = init_with_short_timeout
 
 import train_text2image  # noqa: E402
 
