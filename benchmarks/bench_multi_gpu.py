@@ -79,6 +79,21 @@ def parse_log(text: str, skip: int) -> dict:
     return out
 
 
+def interconnect(n: int, topology: str | None = None) -> str:
+    """How GPU 0 reaches GPUs 1..n-1, read off `nvidia-smi topo -m` (NV<k>: NVLink with k links; PIX, PXB, PHB,
+    NODE, SYS: PCIe paths, SYS crossing CPU sockets): FSDP's weak scaling depends on it."""
+    if topology is None:
+        try:
+            topology = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+    for line in topology.splitlines():
+        cells = re.sub(r"\x1b\[[0-9;]*m", "", line).split()
+        if len(cells) > n and cells[:2] == ["GPU0", "X"]:  # its row (the header starts with GPU0 too)
+            return ", ".join(f"GPU0-GPU{i} {cells[1 + i]}" for i in range(1, n))
+    return "unknown"
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (Linux /proc), children before their parents' parents."""
     parent = {}
@@ -184,6 +199,8 @@ def main():
         saved = work / "runs" / "posttraining" / "text2image" / name / "checkpoints"
         if saved.is_dir():
             result["checkpoints_on_disk_gb"] = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 2 ** 30
+        if n > 1 and not args.tiny:
+            result["interconnect"] = interconnect(n)
         if "sec_per_iter" in result:
             result["samples_per_s"] = n * batch / result["sec_per_iter"]
             if model_size in flops:
