@@ -231,6 +231,7 @@ def check_images(paths, cache_file) -> dict[str, str]:
                 known[path.name] = key(path)
             except ValueError as e:
                 problems[path.name] = str(e).split(" Replace")[0].rstrip(".")
+                known.pop(path.name, None)  # an earlier good file of that name no longer vouches for this one
         try:
             with atomic_write(cache_file, "w") as f:
                 f.write(json.dumps(known))
