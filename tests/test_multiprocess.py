@@ -185,7 +185,7 @@ def _sharded_gradients_worker(rank, world, port, out):
     if rank == 0:
         torch.save({"norm": norm, "grads": grads, "fused_norm": fused_norm, "stepped": stepped}, out)
     dist.barrier()
-    os._exit(0)  # as train_text2image.end_run: gloo's teardown at exit aborts now and then (SIGABRT)
+    os._exit(0)  # as cosmos_t2i.training.end_run: gloo's teardown at exit aborts now and then (SIGABRT)
 
 
 def _gradients():

@@ -473,7 +473,7 @@ def test_clipping_inside_fused_adamw_equals_clipping_first(poison):
     norms, weights and moments as clipping first (torch's clip_grad_norm_ on zeroed gradients) then stepping
     foreach AdamW, over steps that clip and one that does not; no factor outlives its step."""
     from cosmos_t2i.schedule import make_optimizer, make_scheduler
-    from train_text2image import apply_gradients
+    from cosmos_t2i.training import apply_gradients
 
     shapes = [(6, 4), (5,), (3, 2)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]

@@ -1,0 +1,287 @@
+"""Building and running a training run, for train_text2image.py (and the benchmarks that time its step): the
+precision decision, the DiT with LoRA / float8 / checkpointing / compile applied from outside, data, optimizer,
+schedule and EMA prepared by Accelerate, NVIDIA's loss and update, and the end of a run."""
+
+import contextlib
+import logging
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from . import checkpoint as ckpt
+from .registry import RESOLUTIONS
+
+logger = logging.getLogger("train")
+NVIDIA_LORA_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
+
+
+def collate(samples):
+    """Stack tensors, keep lists of the rest."""
+    return {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples]
+            for k in samples[0]}
+
+
+def base_dtype(train_architecture: str, mixed_precision: str, weight_dtype: str) -> torch.dtype:
+    """The one precision decision: what the model's weights are stored in while training.
+
+    LoRA under bf16 autocast: a bf16 frozen base (adapters are fp32). Full fine-tune: fp32 master weights under
+    bf16 autocast (NVIDIA's recipe), or bf16 weights with --weight_dtype bf16 (StochasticAdamW).
+    """
+    if (train_architecture == "lora" and mixed_precision == "bf16") or weight_dtype == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradient_checkpointing: bool = False,
+                         compile: bool = False, device=None, fp8: bool = False):
+    """LoRA injection (lora = {"rank", "alpha", "targets"}: NVIDIA module names; "base_dtype": "fp8" stores the
+    frozen block weights in fp8, converting layer by layer on `device`), float8 matmuls (fp8), diffusers' gradient
+    checkpointing and per-block torch.compile, then train mode. Shared with benchmarks/bench_train.py."""
+    from .lora import add_lora, store_frozen_linears_in_fp8_
+
+    if lora is not None:
+        add_lora(model, lora["rank"], lora["alpha"], lora["targets"], seed)
+        if lora.get("base_dtype") == "fp8":
+            logger.info("LoRA base: %.1fM frozen block weights stored in fp8 (e5m2)",
+                        store_frozen_linears_in_fp8_(model, device) / 1e6)
+    if fp8:
+        from .fp8 import convert_to_fp8_training
+        logger.info("--fp8: %d block projections run float8 matmuls (torchao)", convert_to_fp8_training(model))
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if compile:
+        for block in model.transformer_blocks:
+            block.compile()
+    return model.train()
+
+
+def build_transformer(args, device, sharded: bool):
+    """The DiT ready to train; returns (model, weights to load after sharding, LoRA metadata).
+
+    A full fine-tune under FSDP is built on the meta device: Accelerate shards it empty and each process then
+    copies in only its own shards from the memory-mapped weights (weights is None: random init). Otherwise the
+    model is loaded here, on `device`, and the returned weights are None.
+    """
+    from .models import (fingerprint, load_dit, load_transformer, lora_file_state, new_transformer,
+                                   resolve_dit_path, transformer_weights)
+    from .registry import size_of_config
+
+    dtype = base_dtype(args.train_architecture, args.mixed_precision, args.weight_dtype)
+    weights, meta, lora = None, None, None
+    path = resolve_dit_path(args.dit_path) if args.dit_path else None  # a run folder: its latest model file
+    if path is not None and lora_file_state(path) is not None:  # a LoRA file: its base with the adapter merged
+        merged = load_dit(path, args.model_size, dtype=torch.float32)
+        args.model_size = size_of_config(dict(merged.config))
+        if sharded and args.train_architecture == "full":
+            weights, model = merged.state_dict(), new_transformer(args.model_size, dtype, "meta")
+        else:
+            model = merged.to(device=device, dtype=dtype).requires_grad_(True)
+    elif sharded and args.train_architecture == "full":
+        if path is not None:
+            args.model_size, weights = transformer_weights(path, args.model_size)
+        model = new_transformer(args.model_size, dtype, "meta")
+    else:  # an fp8 LoRA base is converted layer by layer on the GPU, from the CPU (see prepare_for_training)
+        model = load_transformer(path, args.model_size, dtype=dtype,
+                                 device="cpu" if args.lora_base_dtype == "fp8" else device)
+    if args.train_architecture == "lora":
+        targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets, "base_dtype": args.lora_base_dtype}
+        meta = {"rank": args.lora_rank, "alpha": float(args.lora_alpha), "target_modules": targets,
+                "base_dtype": args.lora_base_dtype,
+                "model_size": args.model_size, "base_path": str(path), "base_fingerprint": fingerprint(path)}
+    # under FSDP Accelerate checkpoints inside each sharded block instead (see main)
+    model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile,
+                                 device, args.fp8)
+    return (model if weights is not None or model.device.type == "meta" else model.to(device)), weights, meta
+
+
+def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteration: int) -> torch.Tensor:
+    """NVIDIA's order after backward: non-finite gradient entries to 0 and the global norm clipped (GradClip),
+    AdamW, schedule, EMA. Returns the gradient norm before clipping."""
+    from torch.profiler import record_function
+
+    from .distributed import clip_grad_norm_, end_grad_scale
+
+    with record_function("clip_grad_norm"):  # with fused AdamW its kernel applies the clipping factor (no extra pass)
+        grad_norm = clip_grad_norm_(params, max_norm, optimizer)
+    with record_function("optimizer_step"):
+        try:
+            optimizer.step()
+        finally:
+            end_grad_scale(optimizer)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        with record_function("ema_update"):
+            ema.update(iteration)
+    return grad_norm
+
+
+def prepare_latent_cache(args, dataset, accelerator):
+    """Encode what the cache lacks (split across processes) and switch the dataset to it.
+
+    Returns the VAE if it had to be loaded and validation will need it, else None.
+    """
+    from .latent_cache import LatentCache
+    from .models import load_vae
+
+    cache = LatentCache(args.latent_cache_dir or dataset.source.root / "latents_cache", dataset, args.vae_path)
+    stale, vae = cache.stale(), None
+    if stale:
+        logger.info("encoding %d of %d images into the latent cache %s", len(stale), len(dataset), cache.dir)
+        vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device)
+        cache.fill(stale[accelerator.process_index::accelerator.num_processes], vae, accelerator.device,
+                   show_progress=accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()
+    dataset.latent_cache = cache
+    return vae if args.validation_prompts else None
+
+
+def build_data(args, accelerator, start_iter: int):
+    """(dataset, resumable batch sampler, loader, VAE or None): the VAE is loaded when images are encoded on the fly
+    or validation decodes; with --cache_latents only to fill what the cache lacks."""
+    from .data import HFSource, ImageDataset, ResumableBatchSampler
+    from .models import load_vae
+    from .run_control import end_workers_at_exit, ignore_stop_signals
+
+    source = HFSource(args.dataset_name, args.image_column, args.split) if args.dataset_name else None
+    dataset = ImageDataset(args.dataset_dir, tuple(args.image_size), args.resize_mode, args.skip_incomplete,
+                           args.resolution if args.aspect_buckets else None, source)
+    if args.aspect_buckets:
+        logger.info("aspect buckets (%s, %s): %s", args.resolution, args.resize_mode, ", ".join(
+            f"{k} {RESOLUTIONS[args.resolution][k][0]}x{RESOLUTIONS[args.resolution][k][1]}: {n}"
+            for k, n in dataset.histogram.items()))
+    global_batch = args.batch_size * accelerator.num_processes
+    dropped = sum(len(g) % global_batch for g in dataset.groups)
+    if dropped:
+        logger.info("each epoch drops %d samples (incomplete global batches of %d per bucket)", dropped, global_batch)
+    sampler = ResumableBatchSampler(dataset.groups, args.batch_size, accelerator.process_index,
+                                    accelerator.num_processes, args.seed, start_iter * args.grad_accum)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                         pin_memory=accelerator.device.type == "cuda", collate_fn=collate,
+                                         worker_init_fn=ignore_stop_signals, persistent_workers=args.num_workers > 0)
+    if args.num_workers > 0:
+        end_workers_at_exit()
+    vae = prepare_latent_cache(args, dataset, accelerator) if args.cache_latents else None
+    if vae is None and (not args.cache_latents or args.validation_prompts):
+        vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device)
+    return dataset, sampler, loader, vae
+
+
+def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
+    """Model, optimizer, schedule and EMA prepared by Accelerate (sharded under FSDP): a namespace of model (as
+    prepared, for forward/backward), unwrapped, params (what trains), optimizer, scheduler, ema, lora_meta."""
+    from .distributed import is_sharded, materialize_
+    from .ema import PowerEMA
+    from .schedule import make_optimizer, make_scheduler
+
+    device = accelerator.device
+    if accelerator.is_fsdp2 and args.gradient_checkpointing:
+        # checkpoint inside each sharded block (Accelerate's wrapper): diffusers' own wraps the block from outside,
+        # where FSDP does not cast the recomputed inputs to bf16 again and the recompute no longer matches
+        accelerator.state.fsdp_plugin.activation_checkpointing = True
+    if accelerator.is_fsdp2 and args.lora_base_dtype == "fp8":
+        raise SystemExit("--lora_base_dtype fp8 runs with one process or plain data parallel (accelerate_configs/"
+                         "multi_gpu.yaml, the faster choice for LoRA anyway), not under FSDP.")
+    if accelerator.is_fsdp2:  # our loading already gives each process only its shards (build_transformer)
+        accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
+    model, weights, lora_meta = build_transformer(args, device, sharded=accelerator.is_fsdp2)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args.betas, args.eps,
+                               args.weight_decay, args.optimizer, args.weight_dtype == "bf16", device.type)
+    scheduler = make_scheduler(optimizer, args.scheduler, args.warm_up_steps, args.cycle_lengths, args.f_start,
+                               args.f_max, args.f_min)
+    if args.lora_base_dtype == "fp8":
+        # DDP broadcasts every parameter and buffer at start, which NCCL/gloo refuse for fp8; every process built the
+        # same fp8 base from the same file, so there is nothing to broadcast
+        from torch.nn.parallel import DistributedDataParallel
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [
+            n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.dtype == torch.float8_e5m2 or n.endswith("weight_scale")])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP replaces parameters with sharded ones: refer to those from here on
+    unwrapped = accelerator.unwrap_model(model)
+    trainable = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
+    if any(p.is_meta for p in unwrapped.parameters()):
+        materialize_(unwrapped, weights, device, args.seed)
+        # Accelerate matched the optimizer's parameters to the sharded ones by storage address, which every meta
+        # tensor shares: point it at the sharded parameters (the same order: one group, built from the model)
+        getattr(optimizer, "optimizer", optimizer).param_groups[0]["params"] = params
+    ema = PowerEMA([(ckpt.canonical_name(n), p) for n, p in trainable], args.ema_rate) if args.ema else None
+    logger.info("model %s (%s): %.1fM trainable parameters%s; %d samples; global batch %d x %d accumulation",
+                args.model_size, args.train_architecture, sum(p.numel() for p in params) / 1e6,  # DTensors: full
+                f", sharded across {accelerator.num_processes} processes (FSDP2)" if is_sharded(unwrapped) else "",
+                n_samples, args.batch_size * accelerator.num_processes, args.grad_accum)
+    return SimpleNamespace(model=model, unwrapped=unwrapped, params=params, optimizer=optimizer, scheduler=scheduler,
+                           ema=ema, lora_meta=lora_meta)
+
+
+def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -> torch.Tensor:
+    """NVIDIA's loss over --grad_accum micro-batches, backward through each; returns this process's mean loss."""
+    from torch.profiler import record_function
+
+    from .flow import draw_training_randomness, flow_loss
+    from .models import encode_images
+
+    device, total = accelerator.device, torch.zeros((), device=accelerator.device)
+    for micro in range(args.grad_accum):
+        batch = next(data_iter)
+        latents = batch["latents"].to(device, non_blocking=True) if "latents" in batch else \
+            encode_images(vae, batch["images"].to(device, non_blocking=True))
+        # each sample's noise, sigma and dropout depend on its place in the global batch, not on the process count
+        first = (micro * accelerator.num_processes + accelerator.process_index) * args.batch_size
+        sigma, noise, keep = draw_training_randomness(args.seed, iteration, range(first, first + args.batch_size),
+                                                      latents.shape[1:], args.caption_dropout)
+        with accelerator.autocast(), record_function("forward"):
+            loss = flow_loss(model, latents, batch["t5_text_embeddings"].to(device), sigma.to(device),
+                             noise.to(device), keep.to(device), batch["padding_mask"].to(device), args.loss_scale)
+        with record_function("backward"), \
+                accelerator.no_sync(model) if micro < args.grad_accum - 1 else contextlib.nullcontext():
+            accelerator.backward(loss / args.grad_accum)
+        total += loss.detach() / args.grad_accum
+    return total
+
+
+def end_run(accelerator, run_dir, exit_code: int = 0) -> None:
+    """Close the trackers and record exit_code in the run folder (job scripts read it there: launchers turn 75 into
+    1); a process of a distributed run then waits for its peers at a last barrier and ends here with exit_code,
+    without tearing down the process group or the interpreter."""
+    from .run_control import record_exit_code
+
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if accelerator.is_main_process:
+        record_exit_code(run_dir, exit_code)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    # Every checkpoint is on disk and every peer is past the barrier, so nothing is left to coordinate; tearing the
+    # process group and the interpreter down aborted about one in ten 4-process CPU runs ("terminate called
+    # without an active exception": a communication thread still joinable when C++ objects are destroyed).
+    import atexit
+    atexit._run_exitfuncs()  # what a normal exit runs first: the loader workers' end, the run lock's release, logging
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
+def trainer_state(args, sampler, iteration: int, skipped: int) -> dict:
+    """What a resume needs beside the tensors: steps skipped so far, the RNG, and the position in the data."""
+    return {"skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
+            "data_position": {"global_batch_step": iteration * args.grad_accum,
+                              "batches_per_epoch": sampler.per_epoch}}
+
+
+def stop_with_checkpoint(accelerator, checkpointer, run_dir, iteration: int, state: dict, reason: str | None):
+    """Save `iteration` synchronously and end the run with exit code 75, every process together (they all decided
+    to stop at this iteration); reason None means --max_wall_time."""
+    from .run_control import STOPPED_EXIT_CODE
+
+    checkpointer.save(iteration, state, blocking=True)
+    checkpointer.wait_everyone()
+    accelerator.print(f"stopped ({reason or '--max_wall_time'}) at iteration {iteration}: checkpoint saved in "
+                      f"{checkpointer.dir}; run the same command again to resume (exit code {STOPPED_EXIT_CODE}).")
+    end_run(accelerator, run_dir, STOPPED_EXIT_CODE)
+    raise SystemExit(STOPPED_EXIT_CODE)
