@@ -110,14 +110,19 @@ def record_exit_code(run_dir, code: int | None) -> None:
             f.write(f"{code}\n")
 
 
+def _grace_is_settable() -> bool:
+    """torchrun reads TORCH_ELASTIC_SHUTDOWN_TIMEOUT from torch 2.12 on; before, its grace period is fixed."""
+    import torch
+    return torch.torch_version.TorchVersion(torch.__version__) >= "2.12"
+
+
 def launcher_grace_s() -> float | None:
     """Seconds between torchrun forwarding a stop signal to its workers and killing them (also under accelerate
     launch, which runs torchrun), or None when this process was not started by it. torch >= 2.12 reads
     TORCH_ELASTIC_SHUTDOWN_TIMEOUT (workers inherit the launcher's environment); before, 30 s is fixed."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
-    import torch
-    if torch.torch_version.TorchVersion(torch.__version__) < "2.12":
+    if not _grace_is_settable():
         return float(TORCHRUN_GRACE_S)
     value = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", os.environ.get("PET_SHUTDOWN_TIMEOUT"))
     try:
@@ -130,9 +135,8 @@ def stop_save_warning(save_s: float, grace_s: float | None) -> str | None:
     """What to tell the user when a save takes longer than the launcher waits after a stop signal, else None."""
     if grace_s is None or save_s <= grace_s:
         return None
-    import torch
     advice = (f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={max(60, int(3 * save_s))} before accelerate launch or torchrun"
-              if torch.torch_version.TorchVersion(torch.__version__) >= "2.12" else
+              if _grace_is_settable() else
               "torch >= 2.12 lets TORCH_ELASTIC_SHUTDOWN_TIMEOUT lengthen it (this torch fixes it at 30 s)")
     return (f"a checkpoint save took {save_s:.0f} s, but the launcher kills its trainers {grace_s:.0f} s after it "
             f"forwards a stop signal (SIGTERM on preemption): a save on such a signal would be cut short and the run "

@@ -91,7 +91,7 @@ def build_transformer(args, device, sharded: bool):
         meta = {"rank": args.lora_rank, "alpha": float(args.lora_alpha), "target_modules": targets,
                 "base_dtype": args.lora_base_dtype,
                 "model_size": args.model_size, "base_path": str(path), "base_fingerprint": fingerprint(path)}
-    # under FSDP Accelerate checkpoints inside each sharded block instead (see main)
+    # under FSDP Accelerate checkpoints inside each sharded block instead (see build_training)
     model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile,
                                  device, args.fp8)
     return (model if weights is not None or model.device.type == "meta" else model.to(device)), weights, meta
