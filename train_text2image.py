@@ -236,7 +236,7 @@ def main(argv=None):
 
     from cosmos_t2i.monitor import IterationProfiler, Progress, memory_report
     from cosmos_t2i.run_control import (StopRequest, WallClock, apply_optimizer_settings, check_resume_settings,
-                                        claim_run, heartbeat, launcher_grace_s, parse_duration, record_exit_code,
+                                        claim_run, launcher_grace_s, parse_duration, record_exit_code,
                                         stop_save_warning)
 
     ckpt_dir = ckpt.checkpoint_dir(args.output_root, args.project, args.group, args.name)
@@ -248,7 +248,7 @@ def main(argv=None):
     set_seed(args.seed + accelerator.process_index)
 
     # Claim the run folder and find where to resume before loading anything: a finished run exits here.
-    lock, latest = claim_run(accelerator, run_dir, ckpt_dir)
+    latest = claim_run(accelerator, run_dir, ckpt_dir)
     start_iter = latest or 0
     if start_iter >= args.max_iter:
         accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
@@ -287,8 +287,6 @@ def main(argv=None):
     for iteration in range(start_iter + 1, args.max_iter + 1):
         tick = time.perf_counter()
         profiler.begin(iteration)
-        if lock is not None:
-            heartbeat(lock)
         loss = forward_backward(args, accelerator, t.model, vae, data_iter, iteration)
         # the loss and each process's stop request in one reduction: every process decides alike, no extra sync
         wants_stop = torch.tensor(float(stop.requested or clock.out_of_time()), device=accelerator.device)

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -209,20 +210,24 @@ def acquire_lock(run_dir) -> Path:
     raise SystemExit(f"{path}: could not take the lock; another run started at the same moment?")
 
 
-HEARTBEAT_S = 60  # far below LOCK_STALE_S, and no file-system call on every training step
-_last_beat = [0.0]
+HEARTBEAT_S = 60  # far below LOCK_STALE_S
 
 
-def heartbeat(lock: Path) -> None:
-    """Touch the lock (at most once a minute: it is called every iteration, on possibly networked storage)."""
-    now = time.monotonic()
-    if now - _last_beat[0] < HEARTBEAT_S:
-        return
-    _last_beat[0] = now
-    try:
-        os.utime(lock)
-    except OSError:
-        pass
+def keep_lock_alive(lock: Path) -> threading.Event:
+    """Touch the lock every HEARTBEAT_S from a background thread for as long as this process lives (set the
+    returned event to stop): the heartbeat goes on through work with no training step in it, such as hours of
+    latent-cache encoding, compilation, validation or a long save, which a beat from the loop would miss."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(lock)
+            except OSError:  # removed at exit, or the file system hiccupped: the next beat tries again
+                pass
+
+    threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True).start()
+    return stop
 
 
 def release_lock(lock: Path | None) -> None:
@@ -255,11 +260,12 @@ def _is_stale(path, holder) -> bool:
         return True
 
 
-def claim_run(accelerator, run_dir, ckpt_dir):
-    """Lock the run folder (main process) and find the checkpoint to resume from; every process gets the answer.
+def claim_run(accelerator, run_dir, ckpt_dir) -> int | None:
+    """Lock the run folder (main process; released at exit, its heartbeat kept by a thread) and find the checkpoint
+    to resume from; every process gets the answer.
 
-    Returns (lock file or None, iteration to resume from or None); exits with the reason on every process if the
-    folder is taken or cannot be written.
+    Returns the iteration to resume from or None; exits with the reason on every process if the folder is taken or
+    cannot be written.
     """
     import atexit
 
@@ -267,10 +273,11 @@ def claim_run(accelerator, run_dir, ckpt_dir):
 
     from . import checkpoint as ckpt
 
-    answer, lock = [None], None
+    answer = [None]
     if accelerator.is_main_process:
         try:
             lock = acquire_lock(run_dir)
+            keep_lock_alive(lock)
             atexit.register(release_lock, lock)
             record_exit_code(run_dir, None)  # a code left by an earlier run no longer says anything
             ckpt.remove_leftovers(ckpt_dir)
@@ -281,7 +288,7 @@ def claim_run(accelerator, run_dir, ckpt_dir):
         broadcast_object_list(answer)
     if "error" in answer[0]:
         raise SystemExit(answer[0]["error"])
-    return lock, answer[0]["latest"]
+    return answer[0]["latest"]
 
 
 def check_resume_settings(run_dir, config_yaml: str, fatal_keys, iteration: int, write_history: bool) -> None:

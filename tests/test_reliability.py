@@ -247,3 +247,21 @@ def test_launcher_grace_period_is_read_and_a_slower_save_is_named(monkeypatch):
         assert launcher_grace_s() == 600 and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300" in message
     else:
         assert launcher_grace_s() == 30 and "torch >= 2.12" in message
+
+
+def test_lock_heartbeat_goes_on_without_training_steps(tmp_path, monkeypatch):
+    """The run lock's heartbeat comes from a thread, so a long stretch without training steps (latent-cache
+    encoding, compilation, a slow save) does not make the lock look abandoned to a run on another host."""
+    from cosmos_t2i import run_control
+    monkeypatch.setattr(run_control, "HEARTBEAT_S", 0.1)
+    lock = run_control.acquire_lock(tmp_path / "run")
+    os.utime(lock, (0, 0))  # as if the last beat were long ago
+    assert run_control._is_stale(lock, ("another-host", "1"))
+    stop = run_control.keep_lock_alive(lock)
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and run_control._is_stale(lock, ("another-host", "1")):
+            time.sleep(0.05)
+        assert not run_control._is_stale(lock, ("another-host", "1"))
+    finally:
+        stop.set()
