@@ -57,23 +57,20 @@ def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
     if clashes:
         raise ValueError(f"{root / 'images'}: images share a name, so they would share one caption and embedding: "
                          f"{_listing(clashes)}. Rename or remove one of each.")
-    unreadable = check_images(images, root / ".image_check.json")
+    embeddings = {image: root / "t5_xxl" / f"{image.stem}.pickle" for image in images}
+    unreadable = check_files(images + [e for e in embeddings.values() if e.is_file()], root,
+                             root / ".file_check.json")
     for image in images:
-        if image.name in unreadable:
-            problems.append(unreadable[image.name])
-            continue
-        caption = root / "metas" / f"{image.stem}.txt"
-        embedding = root / "t5_xxl" / f"{image.stem}.pickle"
-        if not caption.is_file():
+        caption, embedding = root / "metas" / f"{image.stem}.txt", embeddings[image]
+        bad = [unreadable[name] for name in (str(image.relative_to(root)), str(embedding.relative_to(root)))
+               if name in unreadable]
+        if bad:
+            problems.append(bad[0])
+        elif not caption.is_file():
             problems.append(f"{image.name}: no caption {caption}")
         elif not embedding.is_file():
             problems.append(f"{image.name}: no embedding {embedding}")
         else:
-            try:
-                read_embedding(embedding)
-            except ValueError as e:
-                problems.append(str(e).split(". Rerun")[0])
-                continue
             samples.append({"name": image.stem, "image": image, "caption": caption, "embedding": embedding})
     if problems and not skip_incomplete:
         raise ValueError(f"{root}: {len(problems)} of {len(problems) + len(samples)} samples are incomplete or "
@@ -208,30 +205,58 @@ def load_image(path, name=None) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def check_images(paths, cache_file) -> dict[str, str]:
-    """Decode every image once; returns {file name: problem} for those that fail. Images already decoded with the same
-    size and modification time (recorded in `cache_file`, skipped if it cannot be written) are not decoded again."""
-    import json
+def _check_file(path: Path) -> None:
+    """Raise ValueError (its first sentence says what is wrong) unless the image decodes or the embedding is valid."""
+    if path.suffix == ".pickle":
+        read_embedding(path)
+    else:
+        load_image(path)
 
-    cache_file = Path(cache_file)
+
+def check_files(paths, root, cache_file) -> dict[str, str]:
+    """{path relative to root: problem} for the images that do not decode and embeddings that are malformed.
+
+    Files that passed before with the same size and modification time (recorded in `cache_file`; skipped if it
+    cannot be written) are not read again, so a large dataset is read once; the rest are checked by a pool of
+    threads (decoding and reading release the GIL), sharing the machine's cores with the other processes on it.
+    """
+    import json
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache_file, root = Path(cache_file), Path(root)
     try:
         known = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         known = {}
+
     def key(p):
         stat = p.stat()
         return f"{stat.st_size}-{stat.st_mtime_ns}"
-    todo = [p for p in paths if known.get(p.name) != key(p)]
+
+    def check(path):
+        try:
+            _check_file(path)
+            return None
+        except ValueError as e:
+            return str(e).split(" Replace or remove")[0].split(". Rerun precompute")[0].rstrip(".")
+
+    todo = [p for p in paths if known.get(str(p.relative_to(root))) != key(p)]
     problems = {}
     if todo:
         from tqdm import tqdm
-        for path in tqdm(todo, desc="checking images", disable=len(todo) < 500):
-            try:
-                load_image(path)
-                known[path.name] = key(path)
-            except ValueError as e:
-                problems[path.name] = str(e).split(" Replace")[0].rstrip(".")
-                known.pop(path.name, None)  # an earlier good file of that name no longer vouches for this one
+        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, min(32, (os.cpu_count() or 1) // processes_here))
+        with ThreadPoolExecutor(threads) as pool:
+            results = tqdm(pool.map(check, todo), total=len(todo), desc="checking images and embeddings",
+                           disable=len(todo) < 500)
+            for path, problem in zip(todo, results):
+                name = str(path.relative_to(root))
+                if problem is None:
+                    known[name] = key(path)
+                else:
+                    problems[name] = problem
+                    known.pop(name, None)  # an earlier good file of that name no longer vouches for this one
         try:
             with atomic_write(cache_file, "w") as f:
                 f.write(json.dumps(known))

@@ -200,10 +200,24 @@ def test_unreadable_images_and_missing_captions_are_one_error_or_skipped(dataset
     assert f"{broken.name}: cannot decode image" in message and f"{images[1].name}: no caption" in message
     assert len(ImageDataset(dataset_copy, (64, 64), skip_incomplete=True)) == len(images) - 2
     # good images were decoded once and recorded by size and modification time; a repaired one is checked again
-    checked = json.loads((dataset_copy / ".image_check.json").read_text())
-    assert images[2].name in checked and broken.name not in checked
+    checked = json.loads((dataset_copy / ".file_check.json").read_text())
+    assert f"images/{images[2].name}" in checked and f"t5_xxl/{images[2].stem}.pickle" in checked
+    assert f"images/{broken.name}" not in checked
     shutil.copy(images[2], broken)
     assert len(ImageDataset(dataset_copy, (64, 64), skip_incomplete=True)) == len(images) - 1
+
+
+def test_dataset_check_reads_each_file_once(dataset_copy, monkeypatch):
+    """Images are decoded and embeddings read once, at the first start; later starts (every resume, every process)
+    trust the record of files unchanged since (size, modification time) and read nothing."""
+    import cosmos_t2i.data as data
+    ImageDataset(dataset_copy, (64, 64))
+
+    def refuse(path, *args, **kwargs):
+        raise AssertionError(f"{path} was read again")
+    monkeypatch.setattr(data, "load_image", refuse)
+    monkeypatch.setattr(data, "read_embedding", refuse)
+    assert len(ImageDataset(dataset_copy, (64, 64))) == len(list((dataset_copy / "images").iterdir()))
 
 
 def test_image_modes_sixteen_bit_exif_and_alpha(tmp_path):
