@@ -21,8 +21,9 @@ import torch
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.config import parse_with_config, to_yaml
 from cosmos_t2i.registry import MODEL_SIZES
-from cosmos_t2i.training import (NVIDIA_LORA_TARGETS, apply_gradients, build_data, build_training, end_run,
-                                 forward_backward, stop_with_checkpoint, trainer_state)
+from cosmos_t2i.training import (NVIDIA_LORA_TARGETS, apply_gradients, build_data, build_training,
+                                 embed_validation_prompts, end_run, forward_backward, stop_with_checkpoint,
+                                 trainer_state)
 
 logger = logging.getLogger("train")
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
@@ -272,11 +273,7 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(args))
     accelerator.init_trackers(args.name, config={k: str(v) for k, v in vars(args).items()})
-    if args.validation_prompts:  # embedded once; the T5 is freed before training starts
-        from cosmos_t2i.t5 import embed_prompts_once
-        validation = embed_prompts_once(args.text_encoder, args.validation_prompts, accelerator.device)
-    else:
-        validation = None
+    validation = embed_validation_prompts(args, accelerator, checkpointer.group)  # None without prompts
 
     stop = StopRequest()  # from here on a signal means: save at the end of this iteration, then exit
     clock = WallClock(parse_duration(args.max_wall_time) if args.max_wall_time else None)

@@ -218,6 +218,21 @@ def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
                            ema=ema, lora_meta=lora_meta)
 
 
+def embed_validation_prompts(args, accelerator, group):
+    """The validation prompts' T5 embeddings (on the CPU), or None without prompts. Only the main process loads the
+    T5, embeds and frees it, then sends the embeddings to the others over `group` (the checkpoint group: CPU, long
+    timeout), instead of every process loading the T5-11B encoder (4.9B parameters, about 10 GB in bf16) at once."""
+    if not args.validation_prompts:
+        return None
+    from .t5 import embed_prompts_once
+
+    embedded = [embed_prompts_once(args.text_encoder, args.validation_prompts, accelerator.device)
+                if accelerator.is_main_process else None]
+    if group is not None:
+        torch.distributed.broadcast_object_list(embedded, src=0, group=group)
+    return embedded[0].cpu()
+
+
 def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -> torch.Tensor:
     """NVIDIA's loss over --grad_accum micro-batches, backward through each; returns this process's mean loss."""
     from torch.profiler import record_function

@@ -9,6 +9,7 @@
     COSMOS_TEST_SLOW_MODEL_FILE=S      each model file takes S seconds longer to write (a large model, a slow disk)
     COSMOS_TEST_PG_TIMEOUT=S           the default process group's collectives give up after S seconds (as NCCL's
                                        do after 10 minutes)
+    COSMOS_TEST_T5_LOADS=FILE          append a line to FILE each time a process loads a T5 encoder
 
     python tests/run_patched.py [train_text2image.py flags]   (or under accelerate launch / torch.distributed.run)
 """
@@ -84,6 +85,18 @@ if os.environ.get("COSMOS_TEST_PG_TIMEOUT"):
         return init_now(*args, **kwargs)
 
     torch.distributed.init_process_group = init_with_short_timeout
+
+if os.environ.get("COSMOS_TEST_T5_LOADS"):
+    from cosmos_t2i import t5
+
+    load_now = t5.load_text_encoder
+
+    def load_and_count(*args, **kwargs):
+        with open(os.environ["COSMOS_TEST_T5_LOADS"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return load_now(*args, **kwargs)
+
+    t5.load_text_encoder = load_and_count
 
 import train_text2image  # noqa: E402
 

@@ -89,11 +89,18 @@ def test_run_with_loader_workers_and_a_background_save_ends_by_itself(tiny_bundl
     """Loader worker processes (which ignore SIGTERM) and a background save mid-run: both processes finish, save and
     exit on their own. Each hung before: DCP's background collectives shared plain data parallel's gloo group
     (deadlock at the save), and the exit handlers waited for the workers forever (after the last save).
-    With a launcher grace period shorter than a save, the run says so once; the finished run records exit code 0."""
-    losses = run(2, tiny_bundle, tmp_path, "--max_iter", "6", "--save_iter", "3", "--num_workers", "2", fsdp=fsdp,
-                 port=29643 + fsdp, timeout=300, env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"})
+    With a launcher grace period shorter than a save, the run says so once; the finished run records exit code 0.
+    Validation prompts are embedded by the main process alone (one T5 load) and sampled by both."""
+    loads = tmp_path / "t5_loads.txt"
+    losses = run(2, tiny_bundle, tmp_path, "--max_iter", "6", "--save_iter", "3", "--num_workers", "2",
+                 "--validation_prompts", "a red circle", "--validation_iter", "3", "--validation_steps", "2",
+                 "--text_encoder", tiny_bundle / "models" / "text_encoder", fsdp=fsdp, port=29643 + fsdp, timeout=300,
+                 env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0", "COSMOS_TEST_T5_LOADS": str(loads)})
     assert set(losses) == set(range(1, 7))
+    assert len(loads.read_text().split()) == 1
     run_ckpts = ckpt.checkpoint_dir(tmp_path, "posttraining", "text2image", "t")
+    assert sorted(p.name for p in (run_ckpts.parent / "validation").iterdir()) == [
+        "iter_000000003_0.jpg", "iter_000000006_0.jpg"]
     assert ckpt.model_file(run_ckpts, 3).is_file() and ckpt.model_file(run_ckpts, 6).is_file()
     assert (run_ckpts / ckpt.LATEST).read_text().strip() == ckpt.iter_name(6)
     assert (run_ckpts.parent / EXIT_CODE_FILE).read_text().strip() == "0"
