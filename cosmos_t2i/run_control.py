@@ -105,10 +105,13 @@ def record_exit_code(run_dir, code: int | None) -> None:
     path = Path(run_dir) / EXIT_CODE_FILE
     if code is None:
         path.unlink(missing_ok=True)
-    else:
-        from .files import atomic_write
+        return
+    from .files import atomic_write
+    try:
         with atomic_write(path, "w") as f:
             f.write(f"{code}\n")
+    except OSError as e:  # the run itself is complete: its checkpoint is saved, so this is no reason to fail it
+        logger.warning("could not write %s (%s): a job script reading it will see the launcher's exit code", path, e)
 
 
 def _grace_is_settable() -> bool:
