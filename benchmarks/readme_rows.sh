@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-measure README's Performance rows on one GPU: each command appends its JSON line to benchmarks/results.jsonl,
-# then `python benchmarks/perf_table.py --since <today>` prints the table. Groups run in the order given
+# and the table of today's rows is printed at the end (benchmarks/perf_table.py). Groups run in the order given
 # (default: all); each group takes about 3 to 8 minutes on an H100.
 #
 #     bash benchmarks/readme_rows.sh                 # train infer t5
@@ -38,3 +38,4 @@ for group in "${groups[@]}"; do
         *) echo "unknown group '$group' (train, infer, t5)" >&2; exit 2 ;;
     esac
 done
+$PY benchmarks/perf_table.py --since "$(date +%Y-%m-%d)"
