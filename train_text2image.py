@@ -273,7 +273,7 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(args))
     accelerator.init_trackers(args.name, config={k: str(v) for k, v in vars(args).items()})
-    validation = embed_validation_prompts(args, accelerator, checkpointer.group)  # None without prompts
+    validation = embed_validation_prompts(args, accelerator)  # None without prompts
 
     stop = StopRequest()  # from here on a signal means: save at the end of this iteration, then exit
     clock = WallClock(parse_duration(args.max_wall_time) if args.max_wall_time else None)

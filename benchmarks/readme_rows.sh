@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-measure README's Performance rows on one GPU: each command appends its JSON line to benchmarks/results.jsonl,
 # and the table of today's rows is printed at the end (benchmarks/perf_table.py). Groups run in the order given
-# (default: all); each group takes about 3 to 8 minutes on an H100.
+# (default: all); not yet timed as a whole (each command compiles its model first).
 #
 #     bash benchmarks/readme_rows.sh                 # train infer t5
 #     bash benchmarks/readme_rows.sh train           # one group

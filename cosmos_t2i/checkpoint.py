@@ -21,11 +21,9 @@ import shutil
 import threading
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from .files import atomic_write, fsync_dir, temporary_name
@@ -33,9 +31,6 @@ from .models import diffusers_to_nvidia, diffusers_to_nvidia_key
 
 PARTS = ("model", "optim", "scheduler", "trainer")
 LATEST = "latest_checkpoint.txt"
-# How long processes wait for each other in a save: the main process alone writes the model file, which at 14B on
-# a slow shared file system takes many minutes (GPU collectives give up after 10)
-SAVE_TIMEOUT = timedelta(hours=2)
 logger = logging.getLogger(__name__)
 # one process without torch.distributed is a supported case, not a warning
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -256,17 +251,13 @@ class Checkpointer:
 
     def __init__(self, ckpt_dir, model, optimizer, scheduler, ema=None, lora_metadata=None, keep_last=None,
                  async_save=True, is_main=True):
-        from .distributed import is_portable
+        from .distributed import cpu_group, is_portable
 
         self.dir, self.model, self.optimizer = Path(ckpt_dir), model, optimizer
         self.scheduler, self.ema, self.lora_metadata = scheduler, ema, lora_metadata
         self.keep_last, self.async_save, self.is_main = keep_last, async_save, is_main
         self.portable = is_portable(optimizer)
-        # DCP coordinates its writes over the CPU, from a background thread during async saves: in its own group,
-        # or its collectives interleave with the training step's on the same group and both sides deadlock (seen
-        # with plain data parallel on CPU processes, whose default group is gloo too)
-        self.group = (dist.new_group(backend="gloo", timeout=SAVE_TIMEOUT)
-                      if dist.is_available() and dist.is_initialized() else None)
+        self.group = cpu_group()  # DCP's collectives and the wait for the main process's model file
         # one writer for every save, so the pinned host buffers that shards are staged into are reused
         self.writer = dcp.FileSystemWriter(str(self.dir), sync_files=True, thread_count=2,
                                            cache_staged_state_dict=torch.cuda.is_available())
@@ -358,12 +349,13 @@ class Checkpointer:
             raise RuntimeError(f"saving a checkpoint in {self.dir} failed: {error}") from error
 
     def wait_everyone(self) -> None:
-        """wait(), then every process waits for the others (the main one may still be writing the model file) over
-        this checkpoint group, with SAVE_TIMEOUT: call before processes exit, since a launcher kills the rest as
-        soon as one exits with a non-zero code (a stop's 75)."""
+        """wait(), then every process waits for the others (the main one may still be writing the model file) with
+        cpu_group's long timeout: call before processes exit, since a launcher kills the rest as soon as one exits
+        with a non-zero code (a stop's 75)."""
+        from .distributed import wait_for_everyone
+
         self.wait()
-        if self.group is not None:
-            dist.barrier(group=self.group)
+        wait_for_everyone()
 
     def restore(self, iteration: int) -> dict:
         """Load the checkpoint of `iteration` into the model, optimizer, scheduler and EMA (in place, each process

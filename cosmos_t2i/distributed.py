@@ -4,10 +4,38 @@ Training state is exchanged as each process's own shards (torch.distributed.chec
 saved on N processes resumes on any other number); nothing here gathers a full copy onto one process.
 """
 
+from datetime import timedelta
+
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+
+
+# How long processes wait for each other where one works alone for minutes: the main process writing a 14B model
+# file on a slow shared file system, a process encoding its share of a large latent cache (GPU collectives give up
+# after 10 minutes)
+LONG_WAIT = timedelta(hours=2)
+_cpu_group = []
+
+
+def cpu_group():
+    """One gloo process group with LONG_WAIT as its timeout, made on first use (every process must get there
+    together), or None without torch.distributed: for those waits and for checkpoints' own collectives, which DCP
+    runs over the CPU, from a background thread during async saves (on the default group they would interleave with
+    the training step's and both sides deadlock: seen with plain data parallel on CPU processes)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if not _cpu_group:
+        _cpu_group.append(torch.distributed.new_group(backend="gloo", timeout=LONG_WAIT))
+    return _cpu_group[0]
+
+
+def wait_for_everyone() -> None:
+    """A barrier over cpu_group (nothing with one process)."""
+    group = cpu_group()
+    if group is not None:
+        torch.distributed.barrier(group=group)
 
 
 def is_sharded(model) -> bool:

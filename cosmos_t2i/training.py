@@ -124,17 +124,23 @@ def prepare_latent_cache(args, dataset, accelerator):
 
     Returns the VAE if it had to be loaded and validation will need it, else None.
     """
+    from .distributed import cpu_group, wait_for_everyone
     from .latent_cache import LatentCache
     from .models import load_vae
 
     cache = LatentCache(args.latent_cache_dir or dataset.source.root / "latents_cache", dataset, args.vae_path)
-    stale, vae = cache.stale(), None
+    # one list for all: a process scanning the cache while another already fills it would see a shorter list, and
+    # the shares taken from different lists leave entries to nobody
+    stale, vae = [cache.stale() if accelerator.is_main_process else None], None
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(stale, src=0, group=cpu_group())
+    stale = stale[0]
     if stale:
         logger.info("encoding %d of %d images into the latent cache %s", len(stale), len(dataset), cache.dir)
         vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device)
         cache.fill(stale[accelerator.process_index::accelerator.num_processes], vae, accelerator.device,
                    show_progress=accelerator.is_local_main_process)
-    accelerator.wait_for_everyone()
+    wait_for_everyone()  # with a long timeout: for a large dataset, one share can take far longer than another
     dataset.latent_cache = cache
     return vae if args.validation_prompts else None
 
@@ -218,13 +224,16 @@ def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
                            ema=ema, lora_meta=lora_meta)
 
 
-def embed_validation_prompts(args, accelerator, group):
+def embed_validation_prompts(args, accelerator):
     """The validation prompts' T5 embeddings (on the CPU), or None without prompts. Only the main process loads the
-    T5, embeds and frees it, then sends the embeddings to the others over `group` (the checkpoint group: CPU, long
-    timeout), instead of every process loading the T5-11B encoder (4.9B parameters, about 10 GB in bf16) at once."""
+    T5, embeds and frees it, then sends the embeddings to the others (over cpu_group: long timeout), instead of every
+    process loading the T5-11B encoder (4.9B parameters, about 10 GB in bf16) at once."""
     if not args.validation_prompts:
         return None
+    from .distributed import cpu_group
     from .t5 import embed_prompts_once
+
+    group = cpu_group()
 
     embedded = [embed_prompts_once(args.text_encoder, args.validation_prompts, accelerator.device)
                 if accelerator.is_main_process else None]

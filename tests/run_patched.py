@@ -10,6 +10,8 @@
     COSMOS_TEST_PG_TIMEOUT=S           the default process group's collectives give up after S seconds (as NCCL's
                                        do after 10 minutes)
     COSMOS_TEST_T5_LOADS=FILE          append a line to FILE each time a process loads a T5 encoder
+    COSMOS_TEST_SLOW_CACHE=RANK:S      the process of that rank waits S seconds before it scans or fills the latent
+                                       cache (one share of a large dataset taking longer than the others)
 
     python tests/run_patched.py [train_text2image.py flags]   (or under accelerate launch / torch.distributed.run)
 """
@@ -17,6 +19,7 @@
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,8 +64,6 @@ if os.environ.get("COSMOS_TEST_KILL_IN_MODEL_FILE"):
     checkpoint.write_model_file = write_then_die
 
 if os.environ.get("COSMOS_TEST_SLOW_MODEL_FILE"):
-    import time
-
     from cosmos_t2i import checkpoint
 
     write_now = checkpoint.write_model_file
@@ -97,6 +98,20 @@ if os.environ.get("COSMOS_TEST_T5_LOADS"):
         return load_now(*args, **kwargs)
 
     t5.load_text_encoder = load_and_count
+
+if os.environ.get("COSMOS_TEST_SLOW_CACHE"):
+    from cosmos_t2i.latent_cache import LatentCache
+
+    slow_rank, slow_s = os.environ["COSMOS_TEST_SLOW_CACHE"].split(":")
+
+    def slowly(method):
+        def run(self, *args, **kwargs):
+            if os.environ.get("RANK", "0") == slow_rank:
+                time.sleep(float(slow_s))
+            return method(self, *args, **kwargs)
+        return run
+
+    LatentCache.stale, LatentCache.fill = slowly(LatentCache.stale), slowly(LatentCache.fill)
 
 import train_text2image  # noqa: E402
 

@@ -2,6 +2,7 @@
 checkpoints resume on any other process count with the same results."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,15 +109,21 @@ def test_run_with_loader_workers_and_a_background_save_ends_by_itself(tiny_bundl
     assert log.count("the launcher kills its trainers 0 s after it forwards a stop signal") == 1, log[-3000:]
 
 
-def test_processes_wait_for_a_model_file_longer_than_the_collective_timeout(tiny_bundle, tmp_path):
-    """The main process alone writes the model file of the last save while the others wait to exit: they wait in
-    the checkpoint group, not in a default-group collective, which gives up after its timeout (10 minutes for
-    NCCL; 10 s here, against a model file that takes 25 s) and takes the run and its last checkpoint down."""
-    run(2, tiny_bundle, tmp_path, "--max_iter", "2", "--save_iter", "2", fsdp=False, port=29649, timeout=300,
-        env={"COSMOS_TEST_PG_TIMEOUT": "10", "COSMOS_TEST_SLOW_MODEL_FILE": "25"})
+def test_processes_wait_for_one_another_longer_than_the_collective_timeout(tiny_bundle, tmp_path):
+    """Where one process works alone for long, the others wait with a long timeout, not in a default-group
+    collective, which gives up after its timeout (10 minutes for NCCL; 10 s here) and takes the run down: the main
+    process writing the last model file (20 s here), one process's share of the latent cache (20 s). The cache is
+    complete: every process fills its share of the one list of missing entries the main process found."""
+    data = tmp_path / "dataset"
+    shutil.copytree(tiny_bundle / "dataset", data)
+    args = ["--max_iter", "2", "--save_iter", "2", "--cache_latents", "--dataset_dir", data]
+    run(2, tiny_bundle, tmp_path, *args, fsdp=False, port=29649, timeout=300,
+        env={"COSMOS_TEST_PG_TIMEOUT": "10", "COSMOS_TEST_SLOW_MODEL_FILE": "20", "COSMOS_TEST_SLOW_CACHE": "1:20"})
     run_ckpts = ckpt.checkpoint_dir(tmp_path, "posttraining", "text2image", "t")
     assert ckpt.latest_iteration(run_ckpts) == 2 and ckpt.checkpoint_problem(run_ckpts, 2) is None
     assert (run_ckpts.parent / EXIT_CODE_FILE).read_text().strip() == "0"
+    cached = list((data / "latents_cache").rglob("*.safetensors"))
+    assert len(cached) == len(list((data / "images").iterdir()))
 
 
 def test_multi_node_config_two_launches_equal_one(tiny_bundle, tmp_path):
