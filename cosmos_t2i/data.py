@@ -58,7 +58,8 @@ def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
         raise ValueError(f"{root / 'images'}: images share a name, so they would share one caption and embedding: "
                          f"{_listing(clashes)}. Rename or remove one of each.")
     embeddings = {image: root / "t5_xxl" / f"{image.stem}.pickle" for image in images}
-    unreadable = check_files(images + [e for e in embeddings.values() if e.is_file()], root,
+    present = {image for image, embedding in embeddings.items() if embedding.is_file()}
+    unreadable = check_files(images + [embeddings[image] for image in images if image in present], root,
                              root / ".file_check.json")
     for image in images:
         caption, embedding = root / "metas" / f"{image.stem}.txt", embeddings[image]
@@ -68,7 +69,7 @@ def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
             problems.append(bad[0])
         elif not caption.is_file():
             problems.append(f"{image.name}: no caption {caption}")
-        elif not embedding.is_file():
+        elif image not in present:
             problems.append(f"{image.name}: no embedding {embedding}")
         else:
             samples.append({"name": image.stem, "image": image, "caption": caption, "embedding": embedding})
@@ -230,10 +231,6 @@ def check_files(paths, root, cache_file) -> dict[str, str]:
     except (OSError, ValueError):
         known = {}
 
-    def key(p):
-        stat = p.stat()
-        return f"{stat.st_size}-{stat.st_mtime_ns}"
-
     def check(path):
         try:
             _check_file(path)
@@ -241,19 +238,22 @@ def check_files(paths, root, cache_file) -> dict[str, str]:
         except ValueError as e:
             return str(e).split(" Replace or remove")[0].split(". Rerun precompute")[0].rstrip(".")
 
-    todo = [p for p in paths if known.get(str(p.relative_to(root))) != key(p)]
+    seen = {}  # relative name -> (path, size-mtime as found before reading: a file changed meanwhile is read again)
+    for path in paths:
+        stat = path.stat()
+        seen[str(path.relative_to(root))] = path, f"{stat.st_size}-{stat.st_mtime_ns}"
+    todo = [name for name, (_, key) in seen.items() if known.get(name) != key]
     problems = {}
     if todo:
         from tqdm import tqdm
         processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = max(1, min(32, (os.cpu_count() or 1) // processes_here))
         with ThreadPoolExecutor(threads) as pool:
-            results = tqdm(pool.map(check, todo), total=len(todo), desc="checking images and embeddings",
-                           disable=len(todo) < 500)
-            for path, problem in zip(todo, results):
-                name = str(path.relative_to(root))
+            results = tqdm(pool.map(check, [seen[name][0] for name in todo]), total=len(todo),
+                           desc="checking images and embeddings", disable=len(todo) < 500)
+            for name, problem in zip(todo, results):
                 if problem is None:
-                    known[name] = key(path)
+                    known[name] = seen[name][1]
                 else:
                     problems[name] = problem
                     known.pop(name, None)  # an earlier good file of that name no longer vouches for this one

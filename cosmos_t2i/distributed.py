@@ -38,6 +38,17 @@ def wait_for_everyone() -> None:
         torch.distributed.barrier(group=group)
 
 
+def from_main_process(compute):
+    """compute() on the main process (global rank 0) alone; every process gets its result, sent over cpu_group
+    (the others may wait minutes for it)."""
+    group = cpu_group()
+    if group is None:
+        return compute()
+    value = [compute() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(value, src=0, group=group)
+    return value[0]
+
+
 def is_sharded(model) -> bool:
     """True when parameters are DTensors (FSDP2)."""
     return any(hasattr(p, "device_mesh") for p in model.parameters())

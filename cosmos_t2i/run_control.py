@@ -106,10 +106,9 @@ def record_exit_code(run_dir, code: int | None) -> None:
     if code is None:
         path.unlink(missing_ok=True)
         return
-    from .files import atomic_write
+    from .checkpoint import atomic_write_text
     try:
-        with atomic_write(path, "w") as f:
-            f.write(f"{code}\n")
+        atomic_write_text(path, f"{code}\n")
     except OSError as e:  # the run itself is complete: its checkpoint is saved, so this is no reason to fail it
         logger.warning("could not write %s (%s): a job script reading it will see the launcher's exit code", path, e)
 

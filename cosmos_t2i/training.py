@@ -124,17 +124,14 @@ def prepare_latent_cache(args, dataset, accelerator):
 
     Returns the VAE if it had to be loaded and validation will need it, else None.
     """
-    from .distributed import cpu_group, wait_for_everyone
+    from .distributed import from_main_process, wait_for_everyone
     from .latent_cache import LatentCache
     from .models import load_vae
 
     cache = LatentCache(args.latent_cache_dir or dataset.source.root / "latents_cache", dataset, args.vae_path)
     # one list for all: a process scanning the cache while another already fills it would see a shorter list, and
     # the shares taken from different lists leave entries to nobody
-    stale, vae = [cache.stale() if accelerator.is_main_process else None], None
-    if accelerator.num_processes > 1:
-        torch.distributed.broadcast_object_list(stale, src=0, group=cpu_group())
-    stale = stale[0]
+    stale, vae = from_main_process(cache.stale), None
     if stale:
         logger.info("encoding %d of %d images into the latent cache %s", len(stale), len(dataset), cache.dir)
         vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device)
@@ -230,16 +227,11 @@ def embed_validation_prompts(args, accelerator):
     process loading the T5-11B encoder (4.9B parameters, about 10 GB in bf16) at once."""
     if not args.validation_prompts:
         return None
-    from .distributed import cpu_group
+    from .distributed import from_main_process
     from .t5 import embed_prompts_once
 
-    group = cpu_group()
-
-    embedded = [embed_prompts_once(args.text_encoder, args.validation_prompts, accelerator.device)
-                if accelerator.is_main_process else None]
-    if group is not None:
-        torch.distributed.broadcast_object_list(embedded, src=0, group=group)
-    return embedded[0].cpu()
+    return from_main_process(lambda: embed_prompts_once(args.text_encoder, args.validation_prompts,
+                                                        accelerator.device).cpu())
 
 
 def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -> torch.Tensor:
