@@ -240,9 +240,17 @@ def main():
         run("2b_1gpu_two_saves", single, 1, size_2b, ["--save_iter", args.iters // 2, "--keep_last", 1])
         shutil.rmtree(work / "runs", ignore_errors=True)
 
-    def reshard():  # 2B: keep gathered blocks from forward to backward (no second all-gather)
-        run(f"2b_fsdp_{widest}gpu_no_reshard", "fsdp_2b.yaml", widest, size_2b, no_save,
-            extra_launch=["--fsdp_reshard_after_forward", "false"])
+    def reshard():  # 2B: keep gathered blocks from forward to backward (no second all-gather), against the default
+        profiled = ["--profile_iters", 3, *no_save]
+        rates = {}
+        for keep in ("true", "false"):
+            r = run(f"2b_fsdp_{widest}gpu" + ("" if keep == "true" else "_no_reshard"), "fsdp_2b.yaml", widest,
+                    size_2b, profiled, extra_launch=["--fsdp_reshard_after_forward", keep])
+            rates[keep] = r.get("samples_per_s")
+            shutil.rmtree(work / "runs", ignore_errors=True)
+        if all(rates.values()):
+            emit({"run": f"2B FSDP {widest} GPUs, reshard_after_forward false vs true",
+                  "speedup_samples_per_s": rates["false"] / rates["true"]})
 
     def fourteen():  # fits 4 x 80 GB: bf16 weights (stochastic rounding), fp32 EMA sharded, activation checkpointing
         # on 2 x 80 GB only without the EMA (8 bytes per parameter: 56 GB per GPU); iterations 4-5 profiled
