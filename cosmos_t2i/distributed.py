@@ -54,6 +54,17 @@ def is_sharded(model) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters())
 
 
+def release_gathered_weights(model) -> None:
+    """After forwards without a backward (sampling): FSDP2 frees gathered weights in the backward, and its root
+    module's (all blocks' too without reshard_after_forward) stay gathered after a forward. A later forward does
+    not gather again, so it would compute with these copies: the EMA weights after sampling with them applied, the
+    weights before the optimizer step otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def inner_optimizer(optimizer):
     """The optimizer itself, without Accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from . import flow
 from .attention import use_lean_attention
+from .distributed import release_gathered_weights
 from .models import decode_latents, load_dit, load_vae
 
 SAMPLERS = ("ab2", "euler")
@@ -132,6 +133,7 @@ def save_validation_images(accelerator, transformer, vae, embeddings, iteration:
     height, width = image_size
     with accelerator.autocast():
         images = pipe(None, embeddings=embeddings, height=height, width=width, num_steps=num_steps, seed=seed)
+    release_gathered_weights(transformer)
     transformer.train(was_training)
     if not accelerator.is_main_process:
         return

@@ -2,6 +2,7 @@
 
     COSMOS_TEST_FSDP=1                 Accelerate enables FSDP only on accelerators: turn its FSDP2 on for CPU
                                        processes, with the settings of accelerate_configs/fsdp_2b.yaml
+                                       (FSDP_RESHARD_AFTER_FORWARD=true: fsdp_14b.yaml's)
     COSMOS_TEST_FSDP_BF16=1            with it, FSDP computes in bf16 (mixed precision, as on GPUs)
     COSMOS_TEST_FP8_ON_CPU=1           let --fp8 run on the CPU (torch has CPU float8 matmuls; no Hopper needed)
     COSMOS_TEST_KILL_IN_MODEL_FILE=N   SIGKILL the trainer while the background save of iteration N writes
@@ -35,7 +36,8 @@ if os.environ.get("COSMOS_TEST_FSDP") == "1":
         self.state.distributed_type = DistributedType.FSDP
         self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["CosmosTransformerBlock"], reshard_after_forward=True)
+            transformer_cls_names_to_wrap=["CosmosTransformerBlock"],
+            reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "false").lower() == "true")
         if os.environ.get("COSMOS_TEST_FSDP_BF16") == "1":  # bf16 all-gathers, as on GPUs with mixed_precision bf16
             import torch
             from torch.distributed.fsdp import MixedPrecisionPolicy
