@@ -27,7 +27,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from .files import atomic_write, fsync_dir, temporary_name
-from .models import diffusers_to_nvidia, diffusers_to_nvidia_key
+from .weight_files import diffusers_to_nvidia, diffusers_to_nvidia_key
 
 PARTS = ("model", "optim", "scheduler", "trainer")
 LATEST = "latest_checkpoint.txt"
@@ -288,7 +288,8 @@ class Checkpointer:
             return
         start = time.perf_counter()
         staged = self.writer.stage(self._state()[0])
-        size = sum(t.numel() * t.element_size() for t in tensors_in(staged)) / 2 ** 30
+        local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors_in(staged))  # DTensor: its shard
+        size = sum(t.numel() * t.element_size() for t in local) / 2 ** 30
         logger.info("checkpoint: %.1f GB of pinned host memory per process for background saves, allocated in %.1f s",
                     size, time.perf_counter() - start)
 

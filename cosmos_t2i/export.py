@@ -23,8 +23,8 @@ import torch
 
 from .checkpoint import atomic_save, resolve_model_file
 from .lora import read_lora, save_diffusers_adapter, to_comfyui
-from .models import diffusers_to_nvidia, quiet_library_logs
-from .models import load_dit, resolve_dit_path
+from .models import load_dit, quiet_library_logs, resolve_dit_path
+from .weight_files import diffusers_to_nvidia
 from .registry import MODEL_SIZES
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .models import diffusers_to_nvidia_key, nvidia_to_diffusers_key, read_weights, select_weights
+from .weight_files import diffusers_to_nvidia_key, nvidia_to_diffusers_key, read_weights, select_weights
 
 COMFY_PREFIX = "diffusion_model."
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"

@@ -1,52 +1,19 @@
-"""Loading the DiT and the Wan2.1 VAE from every form users hold; NVIDIA <-> diffusers key names.
+"""Loading the DiT and the Wan2.1 VAE from every form users hold (weight files and key names: weight_files.py).
 
 See docs/checkpoints.md for the accepted files and the key mapping.
 """
 
 import hashlib
 import logging
-import re
 from pathlib import Path
 
 import torch
 
 from .registry import check_size_matches, transformer_config
+from .weight_files import (NVIDIA_TOP_LEVEL, check_keys, diffusers_to_nvidia_key, mmap_safetensors, nvidia_to_diffusers,
+                           read_weights, select_weights)
 
 logger = logging.getLogger(__name__)
-
-# NVIDIA name fragment -> diffusers name fragment, applied in this order (the inverse runs it backwards).
-# Checked against diffusers' convert_cosmos_transformer_checkpoint_to_diffusers by the tests.
-_RENAMES = [
-    ("t_embedder.1", "time_embed.t_embedder"),
-    ("t_embedding_norm", "time_embed.norm"),
-    ("blocks", "transformer_blocks"),
-    ("adaln_modulation_self_attn.1", "norm1.linear_1"),
-    ("adaln_modulation_self_attn.2", "norm1.linear_2"),
-    ("adaln_modulation_cross_attn.1", "norm2.linear_1"),
-    ("adaln_modulation_cross_attn.2", "norm2.linear_2"),
-    ("adaln_modulation_mlp.1", "norm3.linear_1"),
-    ("adaln_modulation_mlp.2", "norm3.linear_2"),
-    ("self_attn", "attn1"),
-    ("cross_attn", "attn2"),
-    ("q_proj", "to_q"),
-    ("k_proj", "to_k"),
-    ("v_proj", "to_v"),
-    ("output_proj", "to_out.0"),
-    ("q_norm", "norm_q"),
-    ("k_norm", "norm_k"),
-    ("mlp.layer1", "ff.net.0.proj"),
-    ("mlp.layer2", "ff.net.2"),
-    ("x_embedder.proj.1", "patch_embed.proj"),
-    ("final_layer.adaln_modulation.1", "norm_out.linear_1"),
-    ("final_layer.adaln_modulation.2", "norm_out.linear_2"),
-    ("final_layer.linear", "proj_out"),
-]
-# NVIDIA entries that are not weights: RoPE buffers, training counters, TE extra state, the loss log-variance head.
-_NON_WEIGHT = re.compile(r"(^|\.)(pos_embedder\.|accum_|logvar)|\._extra_state$")
-
-
-_DIFFUSERS_TOP = ("transformer_blocks.", "time_embed.", "patch_embed.", "norm_out.", "proj_out.")
-_NVIDIA_TOP = ("blocks.", "t_embedder.", "t_embedding_norm.", "x_embedder.", "final_layer.")
 
 
 def keep_compile_cache() -> None:
@@ -64,127 +31,6 @@ def quiet_library_logs() -> None:
     diffusers_logging.set_verbosity_error()
 
 
-def nvidia_to_diffusers_key(key: str) -> str:
-    """`blocks.0.self_attn.q_proj.weight` -> `transformer_blocks.0.attn1.to_q.weight` (diffusers keys unchanged)."""
-    if key.startswith(_DIFFUSERS_TOP):
-        return key
-    for old, new in _RENAMES:
-        key = key.replace(old, new)
-    return key
-
-
-def diffusers_to_nvidia_key(key: str) -> str:
-    """Inverse of nvidia_to_diffusers_key (NVIDIA keys unchanged)."""
-    if key.startswith(_NVIDIA_TOP):
-        return key
-    for old, new in reversed(_RENAMES):
-        key = key.replace(new, old)
-    return key
-
-
-def is_non_weight_key(key: str) -> bool:
-    """NVIDIA checkpoint entries that hold no model weights and are ignored on load."""
-    return bool(_NON_WEIGHT.search(key))
-
-
-def mmap_safetensors(path) -> dict:
-    """A safetensors file as CPU tensors over a private memory map: nothing is read until a tensor is used, and
-    every process of a host shares the one copy in the page cache."""
-    import json
-    import struct
-
-    path = Path(path)
-    with open(path, "rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
-    base = 8 + header_len
-    out = {}
-    for name, entry in header.items():
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        start, end = entry["data_offsets"]
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage, base + start, (end - start,))
-        out[name] = flat.view(dtype).view(entry["shape"])
-    return out
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_weights(path) -> dict:
-    """A state dict from .pt/.pth (torch.load weights_only=True) or .safetensors, memory-mapped either way.
-
-    NVIDIA files written with Transformer Engine may carry `*._extra_state` entries as `io.BytesIO` objects
-    (older versions): that one class is admitted, nothing else, and those entries are dropped.
-    """
-    import io
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist.")
-    if path.suffix == ".safetensors":
-        return mmap_safetensors(path)
-    try:
-        with torch.serialization.safe_globals([io.BytesIO]):
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}). Only plain tensor "
-                         "checkpoints are loaded; convert other files to safetensors first.") from e
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and not any(
-            k.startswith("net") for k in state):
-        state = state["model"]
-    if isinstance(state, dict):
-        state = {k: v for k, v in state.items() if not (k.endswith("._extra_state") and isinstance(v, io.BytesIO))}
-    return state
-
-
-def select_weights(state: dict, load_ema: bool, source) -> dict:
-    """Pick `net_ema.*` (with --load_ema) or `net.*` and strip the prefix; bare keys pass through.
-
-    Unlike NVIDIA's loader, --load_ema on a file without EMA weights is an error, not a silent no-op.
-    """
-    has_net = any(k.startswith("net.") for k in state)
-    has_ema = any(k.startswith("net_ema.") for k in state)
-    if load_ema and not has_ema:
-        raise ValueError(f"{source}: --load_ema was given but the file holds no EMA weights (no 'net_ema.*' keys). "
-                         "Drop --load_ema, or train with EMA on.")
-    prefix = "net_ema." if load_ema else "net." if has_net else ""
-    if not prefix:
-        return {k: v for k, v in state.items() if torch.is_tensor(v)}
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def nvidia_to_diffusers(state: dict, source="checkpoint") -> dict:
-    """Rename NVIDIA keys to diffusers', dropping only NVIDIA's non-weight entries."""
-    return {nvidia_to_diffusers_key(k): v for k, v in state.items() if not is_non_weight_key(k)}
-
-
-def diffusers_to_nvidia(state: dict, prefix: str = "") -> dict:
-    """Rename diffusers keys to NVIDIA's, with an optional `net.`/`net_ema.` prefix."""
-    return {prefix + diffusers_to_nvidia_key(k): v for k, v in state.items()}
-
-
-def check_keys(model_state: dict, loaded: dict, source, file_name=None) -> None:
-    """Strict key and shape check with a readable list of what is missing, unknown or mis-shaped.
-
-    `file_name` turns a model key into the name the user's file uses (NVIDIA's), so the list can be searched for.
-    """
-    name = file_name or (lambda k: k)
-    missing = sorted(name(k) for k in set(model_state) - set(loaded))
-    unexpected = sorted(name(k) for k in set(loaded) - set(model_state))
-    wrong = sorted(f"{name(k)} {tuple(loaded[k].shape)} vs {tuple(model_state[k].shape)}" for k in set(loaded) & set(
-        model_state) if tuple(loaded[k].shape) != tuple(model_state[k].shape))
-    if missing or unexpected or wrong:
-        def show(keys):
-            return ", ".join(keys[:6]) + (f" (and {len(keys) - 6} more)" if len(keys) > 6 else "")
-        parts = [f"missing {len(missing)}: {show(missing)}" if missing else "",
-                 f"unexpected {len(unexpected)}: {show(unexpected)}" if unexpected else "",
-                 f"wrong shape {len(wrong)} (file vs model): {show(wrong)}" if wrong else ""]
-        raise ValueError(f"{source}: weights do not match the model ({'; '.join(p for p in parts if p)}). "
-                         "Check --model_size, and that the file is a Cosmos-Predict2 Text2Image DiT.")
 
 
 def new_transformer(model_size: str, dtype=torch.float32, device="cpu", **overrides):
@@ -227,7 +73,7 @@ def transformer_weights(path, model_size: str | None = None, load_ema: bool = Fa
         if any(".base_layer." in k for k in weights):
             from .lora import merge_peft_state
             weights = merge_peft_state(weights)
-        if any(k.startswith(_NVIDIA_TOP) for k in weights):  # errors name keys as the file does
+        if any(k.startswith(NVIDIA_TOP_LEVEL) for k in weights):  # errors name keys as the file does
             prefix = "net_ema." if load_ema else "net." if any(k.startswith("net.") for k in state) else ""
             file_name = lambda k: prefix + diffusers_to_nvidia_key(k)  # noqa: E731
         weights = nvidia_to_diffusers(weights, path)  # diffusers-named keys pass through unchanged

@@ -13,7 +13,8 @@ from PIL import Image
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i import flow
 from cosmos_t2i.checkpoint import atomic_save, full_model_state
-from cosmos_t2i.models import diffusers_to_nvidia, diffusers_to_nvidia_key, load_dit
+from cosmos_t2i.models import load_dit
+from cosmos_t2i.weight_files import diffusers_to_nvidia, diffusers_to_nvidia_key
 from cosmos_t2i.pipeline import CosmosText2Image
 
 
@@ -442,7 +443,7 @@ def test_transformer_engine_extra_state_loads_equal_to_diffusers_folder(base, tm
 def test_weights_files_are_memory_mapped_not_read(base, tmp_path):
     """Weight files are mapped, so processes of one host share the page cache instead of each reading a copy."""
     from safetensors.torch import save_file
-    from cosmos_t2i.models import read_weights
+    from cosmos_t2i.weight_files import read_weights
     state = {k: v.contiguous() for k, v in diffusers_to_nvidia(base.state_dict(), "net.").items()}
     save_file(state, tmp_path / "model.safetensors")
     torch.save(state, tmp_path / "model.pt")
