@@ -21,9 +21,9 @@ import torch
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.config import parse_with_config, to_yaml
 from cosmos_t2i.registry import MODEL_SIZES
-from cosmos_t2i.training import (NVIDIA_LORA_TARGETS, apply_gradients, build_data, build_training,
-                                 embed_validation_prompts, end_run, forward_backward, stop_with_checkpoint,
-                                 trainer_state)
+from cosmos_t2i.training import (NVIDIA_LORA_TARGETS, apply_gradients, background_save_ahead, build_data,
+                                 build_training, embed_validation_prompts, end_run, forward_backward,
+                                 stop_with_checkpoint, trainer_state)
 
 logger = logging.getLogger("train")
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
@@ -302,7 +302,7 @@ def main(argv=None):
             continue
         nonfinite_run = 0
         grad_norm = apply_gradients(t.params, t.optimizer, t.scheduler, t.ema, args.clip_grad_norm, iteration)
-        if iteration == start_iter + 1:
+        if iteration == start_iter + 1 and background_save_ahead(iteration, args.save_iter, args.max_iter):
             checkpointer.prepare_staging()  # once the optimizer state exists: later saves only copy into it
         progress.update(iteration, tick, mean_loss, grad_norm, t.scheduler.get_last_lr()[0], skipped)
         if validation is not None and iteration % args.validation_iter == 0:

@@ -119,6 +119,14 @@ def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteratio
     return grad_norm
 
 
+def background_save_ahead(iteration: int, save_iter: int, max_iter: int) -> bool:
+    """Whether a save in the background comes at `iteration` or later: a multiple of save_iter before max_iter
+    (the save at max_iter and a stop save are written synchronously). Without one, the pinned host buffers are not
+    worth allocating (14B on 4 GPUs: 53 GB per process, 139 s measured at the first step)."""
+    next_save = -(-iteration // save_iter) * save_iter
+    return next_save < max_iter
+
+
 def prepare_latent_cache(args, dataset, accelerator):
     """Encode what the cache lacks (split across processes) and switch the dataset to it.
 

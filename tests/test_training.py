@@ -528,3 +528,13 @@ def test_lora_on_an_fp8_base_saves_the_same_adapters_and_warns_when_merged(tiny_
     with caplog.at_level(logging.WARNING):
         load_dit(str(fp8_out / "posttraining/text2image/t"), dtype=torch.float32)
     assert "stored in fp8" in caplog.text
+
+
+def test_pinned_save_buffers_only_when_a_background_save_comes():
+    """The save at max_iter (and a stop save) is synchronous; only saves before it use the pinned buffers."""
+    from cosmos_t2i.training import background_save_ahead
+    assert background_save_ahead(1, 500, 1000)  # iteration 500 is saved in the background
+    assert not background_save_ahead(1, 1000, 1000)  # the only save is the last, synchronous one
+    assert not background_save_ahead(501, 500, 1000)  # resumed after the last background save
+    assert background_save_ahead(500, 500, 1000)  # the save of this very iteration
+    assert background_save_ahead(1, 1, 2) and not background_save_ahead(2, 1, 2)
