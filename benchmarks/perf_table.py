@@ -1,6 +1,6 @@
 """README's measured-results table, printed from benchmarks/results.jsonl.
 
-    python benchmarks/perf_table.py [--since 2026-11-26] [--results benchmarks/results.jsonl]
+    python benchmarks/perf_table.py [--since 2026-11-26] [--until 2026-11-26] [--results benchmarks/results.jsonl]
 
 Every GPU benchmark (bench_train, bench_infer, bench_t5, bench_multi_gpu, bench_compile_warmup) appends its JSON
 line to benchmarks/results.jsonl with the device, torch version, date and the command that reproduces it; this
@@ -53,12 +53,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results.jsonl"))
     parser.add_argument("--since", default="", help="only rows from this date on (YYYY-MM-DD)")
+    parser.add_argument("--until", default="9999", help="only rows up to this date (YYYY-MM-DD)")
     args = parser.parse_args()
     rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     print("| what | result | device | torch | date | command |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        if row.get("date", "") >= args.since:
+        if args.since <= row.get("date", "") <= args.until:
             print(f"| {describe(row)} | {result(row)} | {row.get('device', '')} | {row.get('torch', '')} | "
                   f"{row.get('date', '')} | `{row.get('command', '')}` |")
 
