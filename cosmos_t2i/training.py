@@ -102,13 +102,14 @@ def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteratio
     AdamW, schedule, EMA. Returns the gradient norm before clipping."""
     from torch.profiler import record_function
 
-    from .distributed import clip_grad_norm_, end_grad_scale
+    from .distributed import clip_grad_norm_, end_grad_scale, step_adamw_on_local_shards
 
     with record_function("clip_grad_norm"):  # with fused AdamW its kernel applies the clipping factor (no extra pass)
         grad_norm = clip_grad_norm_(params, max_norm, optimizer)
     with record_function("optimizer_step"):
         try:
-            optimizer.step()
+            if not step_adamw_on_local_shards(optimizer):  # FSDP: the same step without DTensor's dispatch
+                optimizer.step()
         finally:
             end_grad_scale(optimizer)
         scheduler.step()

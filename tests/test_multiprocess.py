@@ -177,13 +177,14 @@ def _sharded_gradients_worker(rank, world, port, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from cosmos_t2i.distributed import clip_grad_norm_
+    from cosmos_t2i.distributed import clip_grad_norm_, end_grad_scale, step_adamw_on_local_shards
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
+    # one mesh object per parameter, all equal, as Accelerate shards each block with its own
+    meshes = [init_device_mesh("cpu", (world,)) for _ in _gradients()]
     params = []
-    for full in _gradients():  # uneven shards included: 5 rows over 2 processes
+    for full, mesh in zip(_gradients(), meshes):  # uneven shards included: 5 rows over 2 processes
         p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(full), mesh, [Shard(0)]))
         p.grad = distribute_tensor(full, mesh, [Shard(0)])
         params.append(p)
@@ -191,13 +192,27 @@ def _sharded_gradients_worker(rank, world, port, out):
     grads = [p.grad.full_tensor() for p in params]
     # the same gradients again, the clipping factor handed to fused AdamW's step on the shards
     for p, full in zip(params, _gradients()):
-        p.grad = distribute_tensor(full, mesh, [Shard(0)])
+        p.grad = distribute_tensor(full, p.device_mesh, [Shard(0)])
     optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
     fused_norm = clip_grad_norm_(params, 1.0, optimizer)
+    assert not step_adamw_on_local_shards(optimizer)  # no state yet: torch's step creates it
     optimizer.step()
+    end_grad_scale(optimizer)
     stepped = [p.full_tensor() for p in params]
+    # a second step on the local shards, clipping factor included, and a third unclipped
+    for scale in (2.0, 0.1):
+        for p, full in zip(params, _gradients()):
+            p.grad = distribute_tensor(torch.nan_to_num(full, nan=0.0, posinf=0.0, neginf=0.0) * scale,
+                                       p.device_mesh, [Shard(0)])
+        clip_grad_norm_(params, 1.0, optimizer)
+        assert step_adamw_on_local_shards(optimizer)
+        end_grad_scale(optimizer)
+    state = [{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in optimizer.state[p].items()}
+             for p in params]
+    stepped3 = [p.full_tensor() for p in params]
     if rank == 0:
-        torch.save({"norm": norm, "grads": grads, "fused_norm": fused_norm, "stepped": stepped}, out)
+        torch.save({"norm": norm, "grads": grads, "fused_norm": fused_norm, "stepped": stepped,
+                    "stepped3": stepped3, "state3": state}, out)
     dist.barrier()
     os._exit(0)  # as cosmos_t2i.training.end_run: gloo's teardown at exit aborts now and then (SIGABRT)
 
@@ -213,7 +228,8 @@ def _gradients():
 def test_sharded_gradient_zeroing_and_clipping_equal_torch_on_full_tensors(tmp_path):
     """FSDP's gradients are clipped on local shards with one all-reduce: same norm and gradients as torch's
     clip_grad_norm_ over the full tensors (non-finite entries zeroed first, as NVIDIA); handed to fused AdamW on
-    the shards instead, the clipping gives the same step as AdamW on the clipped full gradients."""
+    the shards instead, the clipping gives the same step as AdamW on the clipped full gradients, and so do later
+    steps taken on the local shards without DTensor's dispatch."""
     import torch.multiprocessing as mp
     mp.spawn(_sharded_gradients_worker, args=(2, 29653, tmp_path / "out.pt"), nprocs=2)
     got = torch.load(tmp_path / "out.pt")
@@ -226,9 +242,21 @@ def test_sharded_gradient_zeroing_and_clipping_equal_torch_on_full_tensors(tmp_p
     for a, p in zip(got["grads"], params):
         torch.testing.assert_close(a, p.grad)
     torch.testing.assert_close(got["fused_norm"], norm)
-    torch.optim.AdamW(params, lr=0.1, foreach=True).step()  # on the clipped gradients
+    reference = torch.optim.AdamW(params, lr=0.1, foreach=True)
+    reference.step()  # on the clipped gradients
     for a, p in zip(got["stepped"], params):
         torch.testing.assert_close(a, p.detach())
+    # steps 2 and 3, taken on the local shards, equal torch's AdamW on the full tensors
+    for scale in (2.0, 0.1):
+        for p, g in zip(params, _gradients()):
+            p.grad = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) * scale
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        reference.step()
+    for a, p in zip(got["stepped3"], params):
+        torch.testing.assert_close(a, p.detach())
+    for a, p in zip(got["state3"], params):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(a[key], reference.state[p][key], msg=key)
 
 
 @pytest.mark.parametrize("reshard", ["true", "false"], ids=["reshard", "no_reshard"])
@@ -239,10 +267,10 @@ def test_fsdp_validation_leaves_training_unchanged(tiny_bundle, tmp_path, reshar
     the EMA weights."""
     args = ["--max_iter", "3", "--save_iter", "100", "--lr", "1e-2"]
     env = {"FSDP_RESHARD_AFTER_FORWARD": reshard}
-    plain = run(2, tiny_bundle, tmp_path / "plain", *args, port=29653, env=env)
+    plain = run(2, tiny_bundle, tmp_path / "plain", *args, port=29656, env=env)
     sampled = run(2, tiny_bundle, tmp_path / "sampled", *args, "--validation_prompts", "a red circle",
                   "--validation_iter", "1", "--validation_steps", "2", "--text_encoder",
-                  tiny_bundle / "models" / "text_encoder", port=29654, env=env)
+                  tiny_bundle / "models" / "text_encoder", port=29657, env=env)
     assert plain.keys() == sampled.keys() == {1, 2, 3}
     assert all(abs(plain[i] - sampled[i]) <= 1e-6 * abs(plain[i]) for i in plain), (plain, sampled)
     fa, fb = (torch.load(ckpt.model_file(ckpt.checkpoint_dir(tmp_path / o, "posttraining", "text2image", "t"), 3),
