@@ -240,11 +240,11 @@ def main():
         run("2b_1gpu_two_saves", single, 1, size_2b, ["--save_iter", args.iters // 2, "--keep_last", 1])
         shutil.rmtree(work / "runs", ignore_errors=True)
 
-    def reshard():  # 2B: keep gathered blocks from forward to backward (no second all-gather), against the default
+    def reshard():  # 2B: blocks kept gathered from forward to backward (fsdp_2b.yaml's setting) against resharded
         profiled = ["--profile_iters", 3, *no_save]
         rates = {}
         for keep in ("true", "false"):
-            r = run(f"2b_fsdp_{widest}gpu" + ("" if keep == "true" else "_no_reshard"), "fsdp_2b.yaml", widest,
+            r = run(f"2b_fsdp_{widest}gpu_" + ("reshard" if keep == "true" else "no_reshard"), "fsdp_2b.yaml", widest,
                     size_2b, profiled, extra_launch=["--fsdp_reshard_after_forward", keep])
             rates[keep] = r.get("samples_per_s")
             shutil.rmtree(work / "runs", ignore_errors=True)

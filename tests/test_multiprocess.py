@@ -259,20 +259,24 @@ def test_sharded_gradient_zeroing_and_clipping_equal_torch_on_full_tensors(tmp_p
             torch.testing.assert_close(a[key], reference.state[p][key], msg=key)
 
 
-@pytest.mark.parametrize("reshard", ["true", "false"], ids=["reshard", "no_reshard"])
-def test_fsdp_validation_leaves_training_unchanged(tiny_bundle, tmp_path, reshard):
+def test_fsdp_validation_leaves_training_unchanged(tiny_bundle, tmp_path):
     """Sampling validation images (EMA weights, no backward) between steps changes nothing in training: FSDP does
     not re-gather weights it still holds gathered after a forward without backward (its root module's, and every
     block's without reshard_after_forward), so they must be released after sampling or the next step computes with
-    the EMA weights."""
+    the EMA weights. With reshard_after_forward false (fsdp_2b.yaml) and true (fsdp_14b.yaml)."""
     args = ["--max_iter", "3", "--save_iter", "100", "--lr", "1e-2"]
-    env = {"FSDP_RESHARD_AFTER_FORWARD": reshard}
-    plain = run(2, tiny_bundle, tmp_path / "plain", *args, port=29656, env=env)
-    sampled = run(2, tiny_bundle, tmp_path / "sampled", *args, "--validation_prompts", "a red circle",
-                  "--validation_iter", "1", "--validation_steps", "2", "--text_encoder",
-                  tiny_bundle / "models" / "text_encoder", port=29657, env=env)
-    assert plain.keys() == sampled.keys() == {1, 2, 3}
-    assert all(abs(plain[i] - sampled[i]) <= 1e-6 * abs(plain[i]) for i in plain), (plain, sampled)
-    fa, fb = (torch.load(ckpt.model_file(ckpt.checkpoint_dir(tmp_path / o, "posttraining", "text2image", "t"), 3),
-                         weights_only=True) for o in ("plain", "sampled"))
-    assert_close_dicts(fa, fb, tol=1e-6)
+    sampling = ["--validation_prompts", "a red circle", "--validation_iter", "1", "--validation_steps", "2",
+                "--text_encoder", tiny_bundle / "models" / "text_encoder"]
+    losses = {"plain": run(2, tiny_bundle, tmp_path / "plain", *args, port=29656)}
+    for reshard in ("false", "true"):
+        losses[reshard] = run(2, tiny_bundle, tmp_path / reshard, *args, *sampling, port=29657 + (reshard == "true"),
+                              env={"FSDP_RESHARD_AFTER_FORWARD": reshard})
+    plain = losses["plain"]
+    plain_file = torch.load(ckpt.model_file(ckpt.checkpoint_dir(tmp_path / "plain", "posttraining", "text2image", "t"),
+                                            3), weights_only=True)
+    for reshard in ("false", "true"):
+        assert losses[reshard].keys() == plain.keys() == {1, 2, 3}
+        assert all(abs(plain[i] - losses[reshard][i]) <= 1e-6 * abs(plain[i]) for i in plain), (reshard, losses)
+        sampled_file = torch.load(ckpt.model_file(ckpt.checkpoint_dir(tmp_path / reshard, "posttraining", "text2image",
+                                                                      "t"), 3), weights_only=True)
+        assert_close_dicts(plain_file, sampled_file, tol=1e-6)
