@@ -65,7 +65,7 @@ def build_transformer(args, device, sharded: bool):
     model is loaded here, on `device`, and the returned weights are None.
     """
     from .models import (fingerprint, load_dit, load_transformer, lora_file_state, new_transformer,
-                                   resolve_dit_path, transformer_weights)
+                         resolve_dit_path, transformer_weights)
     from .registry import size_of_config
 
     dtype = base_dtype(args.train_architecture, args.mixed_precision, args.weight_dtype)
