@@ -23,6 +23,7 @@ from common import cuda_time, matmul_peak_tflops, peak_gb, report, reset_peak  #
 from cosmos_t2i.ema import PowerEMA  # noqa: E402
 from cosmos_t2i.flow import flow_loss  # noqa: E402
 from cosmos_t2i.models import new_transformer, training_flops_per_sample  # noqa: E402
+from cosmos_t2i.monitor import finish_profile, start_profile  # noqa: E402
 from cosmos_t2i.schedule import make_optimizer, make_scheduler  # noqa: E402
 from cosmos_t2i.training import NVIDIA_LORA_TARGETS, apply_gradients, base_dtype, prepare_for_training  # noqa: E402
 
@@ -80,8 +81,9 @@ def step_flops(model_size):
     return training_flops_per_sample(model_size, 768, 1360)
 
 
-def measure(model_size, mode, batch, steps, vae=None):
-    """Time the step; with a VAE, also the step that encodes its images on the fly (no latent cache)."""
+def measure(model_size, mode, batch, steps, vae=None, profile_dir=None):
+    """Time the step; with a VAE, also the step that encodes its images on the fly (no latent cache); with a
+    profile folder, profile two more steps there (trace, op table) and add GPU milliseconds by kernel kind."""
     reset_peak()
     parts = build(model_size, **MODES[mode])
     data = make_batch(batch)
@@ -102,6 +104,12 @@ def measure(model_size, mode, batch, steps, vae=None):
             train_step(*parts, data, next(counter))
         result["sec_per_iter_encoding_on_the_fly"] = cuda_time(step_with_encode, 1, steps)
         result["latent_cache_speedup"] = result["sec_per_iter_encoding_on_the_fly"] / seconds
+    if profile_dir is not None:
+        profile = start_profile()
+        for _ in range(2):
+            train_step(*parts, data, next(counter))
+        summary = finish_profile(profile, 2, Path(profile_dir) / f"{model_size}_{mode}_b{batch}", 0)
+        result["profile_ms_per_iter"] = {k: round(v, 1) for k, v in summary["kernels_ms"].items()}
     parts = data = None  # free the model before the next measurement
     gc.collect()
     return result
@@ -117,8 +125,14 @@ def main():
     parser.add_argument("--against", choices=list(MODES),
                         help="also measure this mode at the same batch size and report the ratio (e.g. --mode "
                              "compile_fp8 --against compile)")
+    parser.add_argument("--against_batch_size", type=int,
+                        help="batch size of the --against mode (default: --batch_size), e.g. each mode at the "
+                             "largest batch that fits the card")
     parser.add_argument("--vae", action="store_true",
                         help="also time the step with the Wan2.1 VAE encoding its images (what --cache_latents saves)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="profile two steps of each mode after timing them: trace and op table under DIR, GPU "
+                             "milliseconds per step by kernel kind (matmul, attention, triton, ...) in the JSON")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak_tflops()
@@ -133,13 +147,15 @@ def main():
     if args.vae:
         from diffusers import AutoencoderKLWan
         vae = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)  # Wan2.1 shape
-    ours = measure(args.model_size, args.mode, args.batch_size, args.steps, vae)
+    ours = measure(args.model_size, args.mode, args.batch_size, args.steps, vae, args.profile)
     out.update(ours)
     out["mfu"] = flops_per_sample * args.batch_size / ours["sec_per_iter"] / (peak * 1e12)
     if "lora" in args.mode:
         out["note"] = "MFU counts full-model FLOPs; LoRA skips weight gradients of the frozen base"
     if args.against:
-        other = measure(args.model_size, args.against, args.batch_size, args.steps)
+        other_batch = args.against_batch_size or args.batch_size
+        other = measure(args.model_size, args.against, other_batch, args.steps, profile_dir=args.profile)
+        out[f"{args.against}_batch_size"] = other_batch
         out.update({f"{args.against}_{k}": v for k, v in other.items()})
         out[f"speedup_vs_{args.against}"] = ours["samples_per_s"] / other["samples_per_s"]
     if not args.skip_baseline:

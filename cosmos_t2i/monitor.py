@@ -1,7 +1,9 @@
 """What the training log reports: progress (loss, speed, MFU, GPU memory), host memory, and --profile_iters."""
 
+import json
 import logging
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ def start_profile() -> torch.profiler.profile:
 
 def finish_profile(profile, iterations: int, out_dir: Path, rank: int) -> dict:
     """Stop; write trace_rank<r>.json (chrome://tracing, Perfetto) and ops_rank<r>.txt; log milliseconds per
-    iteration of each training phase (CPU time to issue it, device time it ran) and of all non-NCCL kernels."""
+    iteration of each training phase (CPU time to issue it, device time it ran) and of the kernels by kind."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     profile.stop()
@@ -41,14 +43,38 @@ def finish_profile(profile, iterations: int, out_dir: Path, rank: int) -> dict:
                                "device_ms": e.device_time_total / 1e3 / iterations}
     summary = {"phases": per_iter}
     if on_gpu:
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        summary["kernels_ms"] = sum(e.self_device_time_total for e in kernels
-                                    if "nccl" not in e.key.lower()) / 1e3 / iterations
-        summary["nccl_ms"] = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower()) / 1e3 / iterations
+        summary["kernels_ms"] = kernel_time_by_kind(out_dir / f"trace_rank{rank}.json", iterations)
     logger.info("profile of %d iterations (ms per iteration): %s; trace and op table in %s", iterations,
                 "; ".join(f"{k} cpu {v['cpu_ms']:.1f} device {v['device_ms']:.1f}" for k, v in per_iter.items())
-                + "".join(f"; {k} {summary[k]:.1f}" for k in ("kernels_ms", "nccl_ms") if k in summary), out_dir)
+                + "".join(f"; {k} {v:.1f}" for k, v in summary.get("kernels_ms", {}).items()), out_dir)
     return summary
+
+
+# kernel name fragments (lower case) of each kind, tried in this order; anything else is "other"
+KERNEL_KINDS = (("nccl", ("nccl",)), ("attention", ("flash", "fmha", "sdpa", "attention")),
+                ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "triton_tem")),
+                ("multi_tensor", ("multi_tensor", "foreach", "adam")), ("triton", ("triton",)))
+
+
+def kernel_time_by_kind(trace_path: Path, iterations: int) -> dict:
+    """Milliseconds per iteration of GPU work read off a chrome trace: each kind's summed kernel time (matmul,
+    attention, triton = compiled fused elementwise/norm/cast kernels, multi_tensor = optimizer/EMA/clip, nccl, copies,
+    other) and busy_ms, the time at least one kernel runs, so that kernels overlapping on several streams (NCCL beside
+    compute) count once."""
+    events = json.loads(Path(trace_path).read_text())["traceEvents"]
+    work = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    by_kind = defaultdict(float)
+    for e in work:
+        name = e["name"].lower()
+        kind = "copies" if e["cat"] != "kernel" else next(
+            (kind for kind, parts in KERNEL_KINDS if any(part in name for part in parts)), "other")
+        by_kind[kind] += e["dur"]
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in work):
+        if stop > end:
+            busy, end = busy + stop - max(start, end), stop
+    out = {f"{kind}_ms": us / 1e3 / iterations for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])}
+    return {"busy_ms": busy / 1e3 / iterations, **out}
 
 
 class IterationProfiler:

@@ -538,3 +538,22 @@ def test_pinned_save_buffers_only_when_a_background_save_comes():
     assert not background_save_ahead(501, 500, 1000)  # resumed after the last background save
     assert background_save_ahead(500, 500, 1000)  # the save of this very iteration
     assert background_save_ahead(1, 1, 2) and not background_save_ahead(2, 1, 2)
+
+
+def test_profile_kernel_time_by_kind_counts_overlap_once(tmp_path):
+    from cosmos_t2i.monitor import kernel_time_by_kind
+
+    kernels = [("sm90_xmma_gemm_bf16bf16_bf16f32", 0, 10), ("ncclDevKernel_AllGather_RING_LL", 5, 15),
+               ("triton_poi_fused__to_copy_abs_amax_0", 30, 5), ("flash_fwd_kernel", 50, 10),
+               ("multi_tensor_apply_kernel", 62, 3), ("void at::native::elementwise_kernel", 63, 4),
+               ("triton_tem_fused_mm_1", 70, 2)]
+    events = [{"cat": "kernel", "name": n, "ts": ts, "dur": d} for n, ts, d in kernels]
+    events += [{"cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 40, "dur": 1},
+               {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100}]  # host events are not GPU time
+    (tmp_path / "trace.json").write_text(__import__("json").dumps({"traceEvents": events}))
+    got = kernel_time_by_kind(tmp_path / "trace.json", iterations=2)
+    busy_us = len({t for e in events if e["cat"] != "cpu_op" for t in range(e["ts"], e["ts"] + e["dur"])})
+    assert got["busy_ms"] == pytest.approx(busy_us / 2e3)
+    assert got == pytest.approx({"busy_ms": busy_us / 2e3, "matmul_ms": 12 / 2e3, "nccl_ms": 15 / 2e3,
+                                 "triton_ms": 5 / 2e3, "attention_ms": 10 / 2e3, "multi_tensor_ms": 3 / 2e3,
+                                 "other_ms": 4 / 2e3, "copies_ms": 1 / 2e3})
