@@ -557,3 +557,25 @@ def test_profile_kernel_time_by_kind_counts_overlap_once(tmp_path):
     assert got == pytest.approx({"busy_ms": busy_us / 2e3, "matmul_ms": 12 / 2e3, "nccl_ms": 15 / 2e3,
                                  "triton_ms": 5 / 2e3, "attention_ms": 10 / 2e3, "multi_tensor_ms": 3 / 2e3,
                                  "other_ms": 4 / 2e3, "copies_ms": 1 / 2e3})
+
+
+def test_trace_gaps_charges_idle_time_to_the_launch_that_ends_it(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from trace_gaps import gaps
+
+    def kernel(ts, dur, corr):
+        return {"cat": "kernel", "name": "k", "ts": ts, "dur": dur, "tid": 7, "args": {"correlation": corr}}
+
+    def launch(ts, corr):
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "tid": 1,
+                "args": {"correlation": corr}}
+    host = [{"cat": "user_annotation", "name": "optimizer_step", "ts": 100, "dur": 100, "tid": 1},
+            {"cat": "cpu_op", "name": "aten::_fused_adamw_", "ts": 110, "dur": 50, "tid": 1},
+            {"cat": "cpu_op", "name": "aten::item", "ts": 20, "dur": 5, "tid": 1}]
+    events = host + [kernel(0, 10, 1), launch(5, 1), kernel(40, 10, 2), launch(22, 2),  # 30 us gap after an item()
+                     kernel(52, 100, 3), launch(30, 3),  # 2 us: below the threshold
+                     kernel(170, 10, 4), launch(150, 4)]  # 18 us gap, launched inside the optimizer step
+    (tmp_path / "trace.json").write_text(__import__("json").dumps({"traceEvents": events}))
+    got = gaps(tmp_path / "trace.json", min_gap_us=5)
+    assert got["gaps"] == 2 and got["span_ms"] == pytest.approx(0.18) and got["idle_ms"] == pytest.approx(0.048)
+    assert got["idle_ms_by_launch_site"] == {"- / aten::item": 0.03, "optimizer_step / aten::_fused_adamw_": 0.018}
