@@ -191,7 +191,7 @@ def main():
         try:
             text = launch(config, n, flags, work / f"{name}.log", port[0], {**env, **(env_extra or {})}, machine,
                           extra_launch, args.launch_timeout)
-        finally:  # the profile tables and rank 0's trace are kept when the launch fails too; the runs folder is removed between runs
+        finally:  # op tables and rank 0's trace are kept when the launch fails too; runs/ is removed between runs
             profile = work / "runs" / "posttraining" / "text2image" / name / "profile"
             for table in [*profile.glob("ops_rank*.txt"), *profile.glob("trace_rank0.json")]:
                 shutil.copy(table, work / f"{name}_{table.name}")
