@@ -251,17 +251,22 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
     from .models import encode_images
 
     device, total = accelerator.device, torch.zeros((), device=accelerator.device)
+
+    def to_device(x):  # from pinned memory (the loader pins its batches): no wait for the GPU's queue to drain
+        return x.to(device, non_blocking=True)
     for micro in range(args.grad_accum):
         batch = next(data_iter)
-        latents = batch["latents"].to(device, non_blocking=True) if "latents" in batch else \
-            encode_images(vae, batch["images"].to(device, non_blocking=True))
+        latents = to_device(batch["latents"]) if "latents" in batch else encode_images(vae, to_device(batch["images"]))
         # each sample's noise, sigma and dropout depend on its place in the global batch, not on the process count
         first = (micro * accelerator.num_processes + accelerator.process_index) * args.batch_size
-        sigma, noise, keep = draw_training_randomness(args.seed, iteration, range(first, first + args.batch_size),
-                                                      latents.shape[1:], args.caption_dropout)
+        randomness = draw_training_randomness(args.seed, iteration, range(first, first + args.batch_size),
+                                              latents.shape[1:], args.caption_dropout)
+        # a copy from pageable memory synchronises with the GPU: the host would wait for the previous step's
+        # optimizer and EMA, then launch this forward onto an empty queue
+        sigma, noise, keep = (to_device(x.pin_memory() if device.type == "cuda" else x) for x in randomness)
         with accelerator.autocast(), record_function("forward"):
-            loss = flow_loss(model, latents, batch["t5_text_embeddings"].to(device), sigma.to(device),
-                             noise.to(device), keep.to(device), batch["padding_mask"].to(device), args.loss_scale)
+            loss = flow_loss(model, latents, to_device(batch["t5_text_embeddings"]), sigma, noise, keep,
+                             to_device(batch["padding_mask"]), args.loss_scale)
         with record_function("backward"), \
                 accelerator.no_sync(model) if micro < args.grad_accum - 1 else contextlib.nullcontext():
             accelerator.backward(loss / args.grad_accum)
