@@ -130,7 +130,10 @@ def local_parts(tensors) -> list:
     In-place work on these changes the DTensors themselves without DTensor's per-operation dispatch, which costs
     tens of microseconds per tensor: with hundreds of parameters, every step, that is most of FSDP's overhead.
     """
-    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    from torch.distributed.tensor import DTensor
+
+    # the attribute, not to_local(): that goes through an autograd function, about 4 us per tensor per call
+    return [t._local_tensor if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _fully_sharded(tensors) -> bool:
