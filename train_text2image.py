@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_steps", type=int, default=35)
     g.add_argument("--text_encoder", default="google-t5/t5-11b", help="T5 for validation prompts (freed after)")
     g.add_argument("--profile_iters", type=int, default=0,
-                   help="profile N iterations after 3 warm-up ones: per-phase times in the log, a trace per process "
-                        "in <run>/profile/ (chrome://tracing or ui.perfetto.dev)")
+                   help="profile N iterations after 3 warm-up ones: per-phase times and GPU time by kernel kind in the "
+                        "log, a trace per process in <run>/profile/ (ui.perfetto.dev; benchmarks/trace_gaps.py "
+                        "finds where the GPU waited for the host)")
     g.add_argument("--dryrun", action="store_true", help="print the resolved config and exit")
     return p
 

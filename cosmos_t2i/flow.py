@@ -49,12 +49,13 @@ def flow_loss(transformer, latents, text_embeddings, sigma, noise, keep_text, pa
 def run_transformer(transformer, x, timestep, context, padding_mask):
     """The DiT forward with a padding mask per sample.
 
-    diffusers broadcasts one [1,1,H,W] mask over the batch; when the batch's masks differ (padded aspect
-    buckets), each sample's own mask, resized as diffusers does (nearest), replaces the mask channel.
+    diffusers broadcasts one [1,1,H,W] mask over the batch; given one mask per sample (padded aspect buckets),
+    each sample's own mask, resized as diffusers does (nearest), replaces the mask channel. Callers pass a single
+    mask when all are equal: deciding that here, on GPU tensors, would stall the host at every forward.
     """
     call = dict(hidden_states=x, timestep=timestep, encoder_hidden_states=context, padding_mask=padding_mask[:1],
                 return_dict=False)
-    if padding_mask.shape[0] == 1 or not padding_mask.any() or bool((padding_mask == padding_mask[:1]).all()):
+    if padding_mask.shape[0] == 1:
         return transformer(**call)[0]
     mask = torch.nn.functional.interpolate(padding_mask, size=x.shape[-2:], mode="nearest").unsqueeze(2)
 

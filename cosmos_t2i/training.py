@@ -264,9 +264,11 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
         # a copy from pageable memory synchronises with the GPU: the host would wait for the previous step's
         # optimizer and EMA, then launch this forward onto an empty queue
         sigma, noise, keep = (to_device(x.pin_memory() if device.type == "cuda" else x) for x in randomness)
+        masks = batch["padding_mask"]  # one for all when they are equal, decided here on the CPU (no GPU sync)
+        masks = masks[:1] if bool((masks == masks[:1]).all()) else masks
         with accelerator.autocast(), record_function("forward"):
             loss = flow_loss(model, latents, to_device(batch["t5_text_embeddings"]), sigma, noise, keep,
-                             to_device(batch["padding_mask"]), args.loss_scale)
+                             to_device(masks), args.loss_scale)
         with record_function("backward"), \
                 accelerator.no_sync(model) if micro < args.grad_accum - 1 else contextlib.nullcontext():
             accelerator.backward(loss / args.grad_accum)

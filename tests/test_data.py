@@ -85,7 +85,9 @@ def test_per_sample_padding_masks_match_single_forwards(tiny_bundle):
         singles = torch.cat([run_transformer(model, x[i:i + 1], t[i:i + 1], ctx[i:i + 1], masks[i:i + 1])
                              for i in range(2)])
         unmasked = run_transformer(model, x, t, ctx, torch.zeros(2, 1, 64, 64))
+        broadcast = run_transformer(model, x, t, ctx, torch.zeros(1, 1, 64, 64))  # diffusers' own path
     torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unmasked, broadcast, rtol=1e-5, atol=1e-5)  # a mask per sample, all equal
     assert (batched[0] - unmasked[0]).abs().max() > 1e-4  # the mask reached the model
 
 
