@@ -8,7 +8,9 @@ Every run is `accelerate launch --config_file accelerate_configs/... train_text2
 randomly initialised DiT at the real shape. Timings, peak GPU memory, host RSS and checkpoint stalls are read off
 the training script's own log. The baseline for weak scaling is the plain single-GPU path (no FSDP) on the same
 machine in the same invocation. MFU = model FLOPs per sample (torch's FLOP counter, as bench_train.py) x samples
-per second per GPU / the bf16 matmul rate measured here.
+per second per GPU / the bf16 matmul rate measured here. s/iter is the median of the log's windows of --log_every
+iterations (one GPU sync per window, as in a user's run; before 2026-11-28 every iteration was logged and synced,
+which `--log_every 1` reproduces).
 """
 
 import argparse
@@ -55,13 +57,17 @@ def make_dataset(work: Path, n_images: int, height: int, width: int) -> tuple[Pa
     return data, vae_dir
 
 
-def parse_log(text: str, skip: int) -> dict:
-    """Seconds per iteration (median after `skip` warm-up iterations), losses, memory and checkpoint lines."""
+def parse_log(text: str, skip: int, log_every: int = 1) -> dict:
+    """Seconds per iteration (median of the logged windows of `log_every` iterations that lie wholly after `skip`
+    warm-up iterations), losses, memory, checkpoint and resume lines."""
     speeds = [(int(i), float(s)) for i, s in re.findall(r"iter (\d+) loss \S+ lr \S+ grad_norm \S+ iter_speed ([\d.]+)",
                                                         text)]
     losses = {int(i): float(v) for i, v in re.findall(r"iter (\d+) loss ([-\d.eE+naif]+)", text)}
     out = {"losses": losses}
-    steady = [s for i, s in speeds[skip:]] or [s for _, s in speeds]
+    resumed = re.findall(r"resumed from \S+ at iteration (\d+)", text)
+    if resumed:
+        out["resumed_at"] = int(resumed[-1])
+    steady = [s for i, s in speeds if i - log_every >= skip] or [s for _, s in speeds]
     if steady:
         out["sec_per_iter"] = statistics.median(steady)
     saves = re.findall(r"checkpoint \S+: stalled ([\d.]+) s, written in ([\d.]+) s", text)
@@ -147,9 +153,13 @@ def main():
     parser.add_argument("--work", default="/tmp/cosmos_bench")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch_size", type=int, default=2, help="per GPU")
-    parser.add_argument("--iters", type=int, default=14)
-    parser.add_argument("--skip", type=int, default=7,
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--skip", type=int, default=8,
                         help="iterations left out of the median: warm-up, and the profiled ones (4-6) in scaling")
+    parser.add_argument("--log_every", type=int, default=4,
+                        help="the script's --logging_iter for timed runs: s/iter is the mean over each logged window, "
+                             "with one GPU sync per window as in a user's run (the loss comparisons log every "
+                             "iteration)"),
     parser.add_argument("--images", type=int, help="dataset size (default: enough that no image repeats)")
     parser.add_argument("--launch_timeout", type=int, default=1200,
                         help="seconds after which a launch that has not ended is killed (reported as failed)")
@@ -171,7 +181,7 @@ def main():
         torch.cuda.empty_cache()
     size_2b = "tiny" if args.tiny else "2B"
     common = ["--dit_path", "random", "--vae_path", vae, "--dataset_dir", data, "--image_size", height, width, "--num_workers", 4,
-              "--cache_latents", "--report_to", "none", "--logging_iter", 1, "--hit_thres", 0,
+              "--cache_latents", "--report_to", "none", "--logging_iter", args.log_every, "--hit_thres", 0,
               "--scheduler", "constant",
               "--lr", "1e-5", "--output_root", work / "runs"]
     if args.tiny:
@@ -182,11 +192,11 @@ def main():
     port = [29700]
 
     def run(name, config, n, model_size, extra, machine=None, env_extra=None, batch=None, report=True,
-            extra_launch=()):
+            extra_launch=(), log_every=None):
         port[0] += 1
-        batch = batch or args.batch_size
+        batch, log_every = batch or args.batch_size, log_every or args.log_every
         flags = common + ["--model_size", model_size, "--batch_size", batch, "--max_iter", args.iters,
-                          "--save_iter", args.iters, "--name", name, *extra]
+                          "--save_iter", args.iters, "--name", name, "--logging_iter", log_every, *extra]
         start = time.perf_counter()
         try:
             text = launch(config, n, flags, work / f"{name}.log", port[0], {**env, **(env_extra or {})}, machine,
@@ -196,7 +206,7 @@ def main():
             for table in [*profile.glob("ops_rank*.txt"), *profile.glob("trace_rank0.json")]:
                 shutil.copy(table, work / f"{name}_{table.name}")
         result = dict(run=name, gpus=n, model_size=model_size, batch_per_gpu=batch, wall_s=time.perf_counter() - start,
-                      **parse_log(text, args.skip))
+                      **parse_log(text, args.skip, log_every))
         saved = work / "runs" / "posttraining" / "text2image" / name / "checkpoints"
         if saved.is_dir():
             result["checkpoints_on_disk_gb"] = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 2 ** 30
@@ -233,8 +243,7 @@ def main():
         if widest > 2:  # resume the widest run's checkpoint on 2 GPUs
             r = run(f"2b_fsdp_{widest}gpu", "fsdp_2b.yaml", 2, size_2b,
                     ["--max_iter", args.iters + 4, "--no-final_save"])
-            emit({"run": f"resume {widest}->2 GPUs", "resumed": bool(r["losses"]) and
-                  min(r["losses"]) == args.iters + 1})
+            emit({"run": f"resume {widest}->2 GPUs", "resumed": r.get("resumed_at") == args.iters})
         shutil.rmtree(work / "runs", ignore_errors=True)
 
     def stall():  # two saves: the second shows the steady-state stall (pinned buffers allocated at the first step)
@@ -253,17 +262,19 @@ def main():
             emit({"run": f"2B FSDP {widest} GPUs, reshard_after_forward false vs true",
                   "speedup_samples_per_s": rates["false"] / rates["true"]})
 
+    # 14B: few, slow iterations (over a second each), so every one is logged and timed
     def fourteen():  # fits 4 x 80 GB: bf16 weights (stochastic rounding), fp32 EMA sharded, activation checkpointing
         # on 2 x 80 GB only without the EMA (8 bytes per parameter: 56 GB per GPU); iterations 4-5 profiled
         ema = [] if widest >= 4 else ["--no-ema"]
         run("14b_fsdp_bf16" + ("_no_ema" if ema else ""), "fsdp_14b.yaml", widest, size_14b,
-            ["--weight_dtype", "bf16", "--max_iter", 10, "--profile_iters", 2, *ema, *no_save], batch=1)
+            ["--weight_dtype", "bf16", "--max_iter", 10, "--profile_iters", 2, *ema, *no_save], batch=1, log_every=1)
 
     def fourteen_nvidia():  # NVIDIA's recipe: fp32 master weights and fp32 EMA (20 bytes per parameter)
-        run("14b_fsdp_fp32_nvidia", "fsdp_14b.yaml", widest, size_14b, ["--max_iter", 6, *no_save], batch=1)
+        run("14b_fsdp_fp32_nvidia", "fsdp_14b.yaml", widest, size_14b, ["--max_iter", 6, *no_save], batch=1,
+            log_every=1)
 
     def fourteen_fp8():  # NVIDIA's recipe with and without --fp8 (14B's width, 5120, is where float8 should pay)
-        runs = {name: run(name, "fsdp_14b.yaml", widest, size_14b, [*extra, *no_save], batch=1)
+        runs = {name: run(name, "fsdp_14b.yaml", widest, size_14b, [*extra, *no_save], batch=1, log_every=1)
                 for name, extra in (("14b_fsdp_fp32_nvidia", []), ("14b_fsdp_fp32_nvidia_fp8", ["--fp8"]))}
         bf16, fp8 = (runs[n].get("samples_per_s") for n in ("14b_fsdp_fp32_nvidia", "14b_fsdp_fp32_nvidia_fp8"))
         if bf16 and fp8:
@@ -290,15 +301,16 @@ def main():
     def multinode():  # two "machines" of half the GPUs each on one host against one launch of all GPUs
         # On GPUs bf16 reductions are not bitwise reproducible, so the second launch of the same command gives the
         # run-to-run noise; iteration 1 (before any update) must agree exactly.
-        one = run("multinode_reference", "fsdp_2b.yaml", widest, size_2b, no_save, batch=1, report=False)
+        one = run("multinode_reference", "fsdp_2b.yaml", widest, size_2b, no_save, batch=1, report=False, log_every=1)
         shutil.rmtree(work / "runs", ignore_errors=True)
-        again = run("multinode_reference", "fsdp_2b.yaml", widest, size_2b, no_save, batch=1, report=False)
+        again = run("multinode_reference", "fsdp_2b.yaml", widest, size_2b, no_save, batch=1, report=False,
+                    log_every=1)
         shutil.rmtree(work / "runs", ignore_errors=True)
         results, half = {}, widest // 2
 
         def side(machine, visible):
             flags = common + ["--model_size", size_2b, "--batch_size", 1, "--max_iter", args.iters, "--no-final_save",
-                              "--name", "multinode_two_launches"]
+                              "--name", "multinode_two_launches", "--logging_iter", 1]
             results[machine] = launch("multi_node_fsdp.yaml", widest, flags, work / f"multinode_{machine}.log", 29690,
                                       {**env, **({} if args.tiny else {"CUDA_VISIBLE_DEVICES": visible})}, machine,
                                       timeout=args.launch_timeout)
@@ -323,7 +335,7 @@ def main():
     def fp8():  # one GPU, 2B: bf16 against --fp8 over the same iterations (same data order, noise and sigmas)
         runs = {}
         for name, extra in (("2b_bf16_curve", []), ("2b_fp8_curve", ["--fp8"])):
-            runs[name] = run(name, single, 1, size_2b, [*extra, *no_save])
+            runs[name] = run(name, single, 1, size_2b, [*extra, *no_save], log_every=1)
             shutil.rmtree(work / "runs", ignore_errors=True)
         bf16, fp8 = runs["2b_bf16_curve"]["losses"], runs["2b_fp8_curve"]["losses"]
         window = 20
