@@ -5,7 +5,8 @@
 Baseline, measured in the same run: the same step eager (no compile; diffusers defaults), fp32 weights under
 bf16 autocast, fused AdamW, fp32 EMA, batch 1. Ours: the training script's own functions (its model preparation
 `prepare_for_training`, precision decision, optimizer factory, `flow_loss` and `apply_gradients`: GradClip, AdamW,
-schedule, PowerEMA) in the chosen mode. MFU = model FLOPs of one eager step without
+schedule, PowerEMA) in the chosen mode, timed over --steps steps run back to back (before 2026-11-28: the median
+of steps synced one by one). MFU = model FLOPs of one eager step without
 checkpointing (torch's FLOP counter on 1- and 2-block models, extrapolated to the depth, times the batch) / (seconds x bf16 matmul peak measured here).
 """
 
@@ -65,7 +66,7 @@ def make_batch(batch, height=768, width=1360):
                 text=torch.randn(batch, 512, 1024, device="cuda", generator=g),
                 sigma=torch.randn(batch, device="cuda", generator=g).exp(),
                 noise=torch.randn(shape, device="cuda", generator=g), keep=torch.ones(batch, device="cuda"),
-                padding_mask=torch.zeros(batch, 1, height, width, device="cuda"))
+                padding_mask=torch.zeros(1, 1, height, width, device="cuda"))  # equal masks: one, as the script
 
 
 def train_step(model, optimizer, scheduler, ema, params, batch, iteration):
@@ -92,7 +93,14 @@ def measure(model_size, mode, batch, steps, vae=None, profile_dir=None):
     train_step(*parts, data, next(counter))
     torch.cuda.synchronize()
     first = time.perf_counter() - start
-    seconds = cuda_time(lambda: train_step(*parts, data, next(counter)), 2, steps)
+    for _ in range(2):  # warm-up
+        train_step(*parts, data, next(counter))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):  # back to back, as the training loop runs them: no sync between steps
+        train_step(*parts, data, next(counter))
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
     result = dict(sec_per_iter=seconds, samples_per_s=batch / seconds, peak_gb=peak_gb(),
                   peak_reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30, first_step_s=first)
     if vae is not None:

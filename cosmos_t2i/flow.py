@@ -99,7 +99,9 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
     context = context.to(dtype)
 
     def denoise(x, sigma):
-        t = torch.as_tensor(sigma / (1 + sigma), dtype=torch.float32, device=x.device)
+        # a number is filled in on the device: copied from the host, it would make the host wait for the last step
+        t = (sigma / (1 + sigma)).to(x.device, torch.float32) if torch.is_tensor(sigma) else \
+            torch.full((), sigma / (1 + sigma), dtype=torch.float32, device=x.device)
         batch = torch.cat([x, x]) if use_cfg else x
         model_in = ((1 - t) * batch).to(dtype)
         timestep = t.to(dtype).expand(batch.shape[0])
