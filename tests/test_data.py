@@ -86,8 +86,12 @@ def test_per_sample_padding_masks_match_single_forwards(tiny_bundle):
                              for i in range(2)])
         unmasked = run_transformer(model, x, t, ctx, torch.zeros(2, 1, 64, 64))
         broadcast = run_transformer(model, x, t, ctx, torch.zeros(1, 1, 64, 64))  # diffusers' own path
+        padded_alike = run_transformer(model, x, t, ctx, masks[:1].repeat(2, 1, 1, 1))
+        padded_broadcast = run_transformer(model, x, t, ctx, masks[:1])
     torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(unmasked, broadcast, rtol=1e-5, atol=1e-5)  # a mask per sample, all equal
+    # a mask per sample, all equal, gives what one mask for the batch gives (what the training step passes then)
+    torch.testing.assert_close(unmasked, broadcast, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_alike, padded_broadcast, rtol=1e-5, atol=1e-5)
     assert (batched[0] - unmasked[0]).abs().max() > 1e-4  # the mask reached the model
 
 
