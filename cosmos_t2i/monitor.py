@@ -67,7 +67,7 @@ def kernel_time_by_kind(trace_path: Path, iterations: int) -> dict:
     for e in work:
         name = e["name"].lower()
         kind = "copies" if e["cat"] != "kernel" else next(
-            (kind for kind, parts in KERNEL_KINDS if any(part in name for part in parts)), "other")
+            (k for k, parts in KERNEL_KINDS if any(part in name for part in parts)), "other")
         by_kind[kind] += e["dur"]
     busy, end = 0.0, float("-inf")
     for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in work):
