@@ -287,7 +287,8 @@ def main(argv=None):
         profiler.begin(iteration)
         loss = forward_backward(args, accelerator, t.model, vae, data_iter, iteration)
         # the loss and each process's stop request in one reduction: every process decides alike, no extra sync
-        wants_stop = torch.tensor(float(stop.requested or clock.out_of_time()), device=accelerator.device)
+        # (the flag is filled in on the device: copied from the host, it would wait for the backward to finish)
+        wants_stop = torch.full((), float(stop.requested or clock.out_of_time()), device=accelerator.device)
         summed = accelerator.reduce(torch.stack([loss.float(), wants_stop]), "sum")
         mean_loss, stop_here = summed[0] / accelerator.num_processes, bool(summed[1] > 0)
         if not torch.isfinite(mean_loss):  # the same decision on every process: no deadlock
