@@ -8,6 +8,8 @@ multiply-adds per half written straight into the output's dtype (products and su
 rounding at the end). Under torch.compile the two are fused alike; the processor is for the eager path.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -27,9 +29,26 @@ def rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 class LeanCosmosAttnProcessor:
-    """Drop-in for diffusers' CosmosAttnProcessor2_0 (self- and cross-attention of Cosmos-Predict2)."""
+    """Drop-in for diffusers' CosmosAttnProcessor2_0 (self- and cross-attention of Cosmos-Predict2).
+
+    `context_rows` (set by zero_context_rows): in cross-attention, the batch rows from this index on have an
+    all-zero text context. Their output is then exactly zero (no q/k/v/out biases, and the RMS norm of a zero key is
+    zero, so every value is zero), so only the rows before it are computed: the unconditional half of a guided step
+    with NVIDIA's default zero negative embedding.
+    """
+
+    context_rows = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        rows = self.context_rows
+        if (encoder_hidden_states is not None and rows is not None and rows < hidden_states.shape[0]
+                and attention_mask is None and all(m.bias is None for m in (attn.to_k, attn.to_v, attn.to_out[0]))):
+            out = self.attend(attn, hidden_states[:rows], encoder_hidden_states[:rows])
+            return torch.cat([out, out.new_zeros((hidden_states.shape[0] - rows, *out.shape[1:]))])
+        return self.attend(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    @staticmethod
+    def attend(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
         k = attn.to_k(context).unflatten(2, (attn.heads, -1))
@@ -56,3 +75,21 @@ def use_lean_attention(transformer) -> int:
             module.set_processor(LeanCosmosAttnProcessor())
             swapped += 1
     return swapped
+
+
+def lean_processors(transformer) -> list:
+    return [m.processor for m in transformer.modules()
+            if isinstance(getattr(m, "processor", None), LeanCosmosAttnProcessor)]
+
+
+@contextlib.contextmanager
+def zero_context_rows(processors, first: int):
+    """Within the block, these lean processors' cross-attention takes the batch rows from `first` on as having an
+    all-zero text context (see LeanCosmosAttnProcessor); the caller guarantees it."""
+    for processor in processors:
+        processor.context_rows = first
+    try:
+        yield
+    finally:
+        for processor in processors:
+            processor.context_rows = None

@@ -93,10 +93,14 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
 
     `x0_dtype` casts each branch's x0 before guidance (diffusers' pipeline casts to the model dtype).
     """
+    from .attention import lean_processors, zero_context_rows
+
     dtype = dtype or _param_dtype(transformer)
     use_cfg = guidance != 0 and uncond is not None
     context = torch.cat([cond, uncond]) if use_cfg else cond
     context = context.to(dtype)
+    # NVIDIA's default negative is a zero embedding: its cross-attention output is zero and need not be computed
+    zero_uncond = lean_processors(transformer) if use_cfg and not uncond.any() else []
 
     def denoise(x, sigma):
         # a number is filled in on the device: copied from the host, it would make the host wait for the last step
@@ -105,7 +109,7 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
         batch = torch.cat([x, x]) if use_cfg else x
         model_in = ((1 - t) * batch).to(dtype)
         timestep = t.to(dtype).expand(batch.shape[0])
-        with torch.no_grad():
+        with torch.no_grad(), zero_context_rows(zero_uncond, len(cond)):
             out = run_transformer(transformer, model_in, timestep, context, padding_mask.to(dtype))
         x0 = (1 - t) * batch - t * out.float()
         if x0_dtype is not None:

@@ -218,6 +218,35 @@ def test_lean_attention_computes_what_diffusers_does(tiny_bundle, base, probe):
     assert isinstance(pipe.transformer.transformer_blocks[0].attn2.processor, LeanCosmosAttnProcessor)
 
 
+def test_zero_negative_skips_its_cross_attention_exactly(base, monkeypatch):
+    """With NVIDIA's default zero negative embedding the guided step computes cross-attention for the conditional
+    rows only (the unconditional rows' output is zero); x0 equals diffusers' processors computing every row."""
+    import copy
+
+    from cosmos_t2i.attention import LeanCosmosAttnProcessor, use_lean_attention
+    reference = perturbed(base, seed=3)
+    lean = copy.deepcopy(reference)
+    use_lean_attention(lean)
+    rows = []
+    attend = LeanCosmosAttnProcessor.attend
+
+    def counting(attn, hidden_states, encoder_hidden_states=None, *rest):
+        if encoder_hidden_states is not None:
+            rows.append(hidden_states.shape[0])
+        return attend(attn, hidden_states, encoder_hidden_states, *rest)
+    monkeypatch.setattr(LeanCosmosAttnProcessor, "attend", staticmethod(counting))
+    g = torch.Generator().manual_seed(6)
+    cond, x = torch.randn(2, 512, 1024, generator=g), torch.randn(2, 16, 1, 8, 8, generator=g) * 3
+    pm = torch.zeros(1, 1, 64, 64)
+    for uncond, computed in ((torch.zeros_like(cond), 2), (torch.randn(2, 512, 1024, generator=g), 4)):
+        rows.clear()
+        ours = flow.make_denoiser(lean, cond, uncond, 4.0, pm)(x, 2.5)
+        assert rows == [computed] * len(lean.transformer_blocks)  # 2 conditional rows of 4, or all 4
+        torch.testing.assert_close(ours, flow.make_denoiser(reference, cond, uncond, 4.0, pm)(x, 2.5),
+                                   rtol=1e-5, atol=1e-5)
+    assert all(p.context_rows is None for p in (b.attn2.processor for b in lean.transformer_blocks))
+
+
 def test_euler_sampler_reproduces_diffusers_pipeline(tiny_bundle, base):
     from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
 
