@@ -284,12 +284,13 @@ class Checkpointer:
         Call after the first optimizer step (the optimizer state must exist); without it the first save pays the
         allocation (tens of seconds for tens of GB) as a training stall.
         """
+        from .distributed import local_parts
+
         if not (self.async_save and torch.cuda.is_available()):
             return
         start = time.perf_counter()
         staged = self.writer.stage(self._state()[0])
-        local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors_in(staged))  # DTensor: its shard
-        size = sum(t.numel() * t.element_size() for t in local) / 2 ** 30
+        size = sum(t.numel() * t.element_size() for t in local_parts(list(tensors_in(staged)))) / 2 ** 30
         logger.info("checkpoint: %.1f GB of pinned host memory per process for background saves, allocated in %.1f s",
                     size, time.perf_counter() - start)
 
