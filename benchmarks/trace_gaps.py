@@ -10,10 +10,12 @@ synchronising call (aten::item, aten::_local_scalar_dense) is a host sync. Print
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cosmos_t2i.monitor import gpu_work  # noqa: E402
 
 
 def enclosing(ranges: list, times: list) -> dict:
@@ -34,7 +36,7 @@ def enclosing(ranges: list, times: list) -> dict:
 
 def gaps(trace_path: Path, min_gap_us: float = 5.0) -> dict:
     events = json.loads(Path(trace_path).read_text())["traceEvents"]
-    work = sorted((e for e in events if e.get("cat") in GPU_WORK and "dur" in e), key=lambda e: e["ts"])
+    work = gpu_work(events)
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     found, end = [], work[0]["ts"]  # (gap, the launch of the work after it or None)

@@ -56,13 +56,18 @@ KERNEL_KINDS = (("nccl", ("nccl",)), ("attention", ("flash", "fmha", "sdpa", "at
                 ("multi_tensor", ("multi_tensor", "foreach", "adam")), ("triton", ("triton",)))
 
 
+def gpu_work(events: list) -> list:
+    """A chrome trace's GPU events (kernels, copies, memsets), in order of their start."""
+    return sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                  key=lambda e: e["ts"])
+
+
 def kernel_time_by_kind(trace_path: Path, iterations: int) -> dict:
     """Milliseconds per iteration of GPU work read off a chrome trace: each kind's summed kernel time (matmul,
     attention, triton = compiled fused elementwise/norm/cast kernels, multi_tensor = optimizer/EMA/clip, nccl, copies,
     other) and busy_ms, the time at least one kernel runs, so that kernels overlapping on several streams (NCCL beside
     compute) count once."""
-    events = json.loads(Path(trace_path).read_text())["traceEvents"]
-    work = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    work = gpu_work(json.loads(Path(trace_path).read_text())["traceEvents"])
     by_kind = defaultdict(float)
     for e in work:
         name = e["name"].lower()
@@ -70,7 +75,7 @@ def kernel_time_by_kind(trace_path: Path, iterations: int) -> dict:
             (k for k, parts in KERNEL_KINDS if any(part in name for part in parts)), "other")
         by_kind[kind] += e["dur"]
     busy, end = 0.0, float("-inf")
-    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in work):
+    for start, stop in ((e["ts"], e["ts"] + e["dur"]) for e in work):
         if stop > end:
             busy, end = busy + stop - max(start, end), stop
     out = {f"{kind}_ms": us / 1e3 / iterations for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])}
