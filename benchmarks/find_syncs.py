@@ -5,8 +5,8 @@
 
 Runs train_text2image.py in this process with the given flags (without any: the first line's run, its data made
 under /tmp/cosmos_find_syncs as benchmarks/bench_multi_gpu.py makes it) under
-torch.cuda.set_sync_debug_mode("warn") and prints, most frequent first, each distinct stack of this repository's and diffusers' frames that led to a sync,
-with how many times it ran. A site that runs once per iteration (count = --max_iter, or a multiple) stalls every
+torch.cuda.set_sync_debug_mode("warn") and prints, most frequent first, each distinct stack of this repository's
+and diffusers' frames that led to a sync, with how many times it ran. A site that runs once per iteration (count = --max_iter, or a multiple) stalls every
 step: after it the GPU's queue is empty, and the GPU idles until the host has launched enough work again. Start-up
 syncs (loading, compiling, the latent cache) show up with small counts. Needs a GPU.
 """
