@@ -6,8 +6,8 @@ Ours: CosmosText2Image (NVIDIA's AB2 sampler, cond+uncond batched in one forward
 processor that from_pretrained installs) with T5 encoding and
 VAE decode included and reported separately; its sampling is timed again with a non-zero negative embedding, which
 makes cross-attention run for the unconditional rows (the default zero negative skips it). Baseline in the same
-run: diffusers' Cosmos2TextToImagePipeline (eager, two forwards per step) on the same transformer and VAE, fed the same prompt embeddings (its T5 time is
-the same and is added). T5: the T5-11B encoder shape (24 layers, d_model 1024, d_ff 65536, 128 heads).
+run: diffusers' Cosmos2TextToImagePipeline (eager, two forwards per step) on the same transformer and VAE, fed
+the same prompt embeddings (its T5 time is the same and is added). T5: the T5-11B encoder shape (24 layers, d_model 1024, d_ff 65536, 128 heads).
 """
 
 import argparse
