@@ -11,6 +11,7 @@ checkpointing (torch's FLOP counter on 1- and 2-block models, extrapolated to th
 """
 
 import argparse
+import functools
 import gc
 import sys
 import time
@@ -69,11 +70,12 @@ def make_batch(batch, height=768, width=1360):
                 padding_mask=torch.zeros(1, 1, height, width, device="cuda"))  # equal masks: one, as the script
 
 
-def train_step(model, optimizer, scheduler, ema, params, batch, iteration):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = flow_loss(model, batch["latents"], batch["text"], batch["sigma"], batch["noise"], batch["keep"],
-                         batch["padding_mask"])
-    loss.backward()
+def train_step(model, optimizer, scheduler, ema, params, batch, iteration, grad_accum=1):
+    for _ in range(grad_accum):  # as the script's --grad_accum: backward through each micro-batch, then one update
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = flow_loss(model, batch["latents"], batch["text"], batch["sigma"], batch["noise"], batch["keep"],
+                             batch["padding_mask"])
+        (loss / grad_accum).backward()
     apply_gradients(params, optimizer, scheduler, ema, 1.0, iteration)
 
 
@@ -82,26 +84,27 @@ def step_flops(model_size):
     return training_flops_per_sample(model_size, 768, 1360)
 
 
-def measure(model_size, mode, batch, steps, vae=None, profile_dir=None):
+def measure(model_size, mode, batch, steps, vae=None, profile_dir=None, grad_accum=1):
     """Time the step; with a VAE, also the step that encodes its images on the fly (no latent cache); with a
     profile folder, profile two more steps there (trace, op table) and add GPU milliseconds by kernel kind."""
     reset_peak()
     parts = build(model_size, **MODES[mode])
     data = make_batch(batch)
     counter = iter(range(1, 10 ** 6))
+    step = functools.partial(train_step, *parts, data, grad_accum=grad_accum)
     start = time.perf_counter()
-    train_step(*parts, data, next(counter))
+    step(next(counter))
     torch.cuda.synchronize()
     first = time.perf_counter() - start
     for _ in range(2):  # warm-up
-        train_step(*parts, data, next(counter))
+        step(next(counter))
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):  # back to back, as the training loop runs them: no sync between steps
-        train_step(*parts, data, next(counter))
+        step(next(counter))
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    result = dict(sec_per_iter=seconds, samples_per_s=batch / seconds, peak_gb=peak_gb(),
+    result = dict(sec_per_iter=seconds, samples_per_s=batch * grad_accum / seconds, peak_gb=peak_gb(),
                   peak_reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30, first_step_s=first)
     if vae is not None:
         from cosmos_t2i.models import encode_images
@@ -109,13 +112,13 @@ def measure(model_size, mode, batch, steps, vae=None, profile_dir=None):
 
         def step_with_encode():
             data["latents"] = encode_images(vae, images)
-            train_step(*parts, data, next(counter))
+            step(next(counter))
         result["sec_per_iter_encoding_on_the_fly"] = cuda_time(step_with_encode, 1, steps)
         result["latent_cache_speedup"] = result["sec_per_iter_encoding_on_the_fly"] / seconds
     if profile_dir is not None:
         profile = start_profile()
         for _ in range(2):
-            train_step(*parts, data, next(counter))
+            step(next(counter))
         summary = finish_profile(profile, 2, Path(profile_dir) / f"{model_size}_{mode}_b{batch}", 0)
         result["profile_ms_per_iter"] = {k: round(v, 1) for k, v in summary["kernels_ms"].items()}
     parts = data = None  # free the model before the next measurement
@@ -138,6 +141,9 @@ def main():
                              "largest batch that fits the card")
     parser.add_argument("--vae", action="store_true",
                         help="also time the step with the Wan2.1 VAE encoding its images (what --cache_latents saves)")
+    parser.add_argument("--grad_accum", type=int, default=1,
+                        help="micro-batches of --batch_size per optimizer step, as the script's --grad_accum: the "
+                             "optimizer, EMA and clipping run once per --grad_accum x --batch_size samples")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile two steps of each mode after timing them: trace and op table under DIR, GPU "
                              "milliseconds per step by kernel kind (matmul, attention, triton, ...) in the JSON")
@@ -146,6 +152,7 @@ def main():
     peak = matmul_peak_tflops()
     flops_per_sample = step_flops(args.model_size)
     out = dict(bench="train", model_size=args.model_size, mode=args.mode, batch_size=args.batch_size,
+               **({"grad_accum": args.grad_accum} if args.grad_accum > 1 else {}),
                resolution="768x1360", matmul_peak_tflops=peak, tflops_per_sample=flops_per_sample / 1e12)
     if not args.skip_baseline:
         base = measure(args.model_size, "eager", 1, args.steps)
@@ -155,9 +162,9 @@ def main():
     if args.vae:
         from diffusers import AutoencoderKLWan
         vae = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)  # Wan2.1 shape
-    ours = measure(args.model_size, args.mode, args.batch_size, args.steps, vae, args.profile)
+    ours = measure(args.model_size, args.mode, args.batch_size, args.steps, vae, args.profile, args.grad_accum)
     out.update(ours)
-    out["mfu"] = flops_per_sample * args.batch_size / ours["sec_per_iter"] / (peak * 1e12)
+    out["mfu"] = flops_per_sample * ours["samples_per_s"] / (peak * 1e12)
     if "lora" in args.mode:
         out["note"] = "MFU counts full-model FLOPs; LoRA skips weight gradients of the frozen base"
     if args.against:

@@ -40,6 +40,8 @@ def describe(row: dict) -> str:
     parts = [row.get("bench", "?"), row.get("model_size", ""), row.get("mode", ""), row.get("variant", "")]
     if "batch_size" in row:
         parts.append(f"batch {row['batch_size']}")
+    if row.get("grad_accum", 1) > 1:
+        parts.append(f"x {row['grad_accum']} accumulated")
     if "compile" in row:
         parts.append("compiled" if row["compile"] else "eager")
     return " ".join(p for p in parts if p)
