@@ -67,24 +67,6 @@ def psnr(a, b) -> float:
     return float(10 * np.log10(255 ** 2 / max((diff ** 2).mean(), 1e-12)))
 
 
-def time_cuda_graphs(pipe, embedding, latents, repeat, prefix=""):
-    """Sampling again with the pipeline's CUDA graphs (captured during the first image, timed alone): seconds per
-    image's sampling and the largest latent difference from `latents` (sampled without them)."""
-    pipe.cuda_graphs = {}
-    try:
-        start = time.perf_counter()
-        graphed = pipe.sample_latents(embedding, seeds=[0])
-        torch.cuda.synchronize()
-        first = time.perf_counter() - start
-        seconds = cuda_time(lambda: pipe.sample_latents(embedding, seeds=[0]), 1, repeat)
-    except RuntimeError as error:  # recorded, so that the rest of the run still reports
-        return {f"{prefix}cuda_graphs_error": str(error)[:500]}
-    finally:
-        pipe.cuda_graphs = None
-    return {f"{prefix}sampling_s_cuda_graphs": seconds, f"{prefix}cuda_graphs_first_sampling_s": first,
-            f"{prefix}cuda_graphs_max_abs_latent_diff": (graphed - latents).abs().max().item()}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_size", default="2B")
@@ -94,8 +76,6 @@ def main():
     parser.add_argument("--fp8", action="store_true",
                         help="then quantize the same transformer as infer_text2image.py --fp8 does and time it again; "
                              "PSNR of its image against the bf16 one (same seed)")
-    parser.add_argument("--cuda_graphs", action="store_true",
-                        help="also time sampling with CUDA graphs (infer_text2image.py --cuda_graphs), bf16 and --fp8")
     args = parser.parse_args()
     from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
 
@@ -130,11 +110,6 @@ def main():
     nonzero = torch.full_like(embedding, 1e-3)
     full_s = cuda_time(lambda: pipe.sample_latents(embedding, nonzero, seeds=[0]), 1, args.repeat)
     out.update(sampling_s_nonzero_negative=full_s, zero_negative_skip_speedup=full_s / sample_s)
-    if args.cuda_graphs:
-        out.update(time_cuda_graphs(pipe, embedding, latents, args.repeat))
-        if "sampling_s_cuda_graphs" in out:
-            out["sec_per_image_cuda_graphs"] = t5_s + out["sampling_s_cuda_graphs"] + decode_s
-            out["cuda_graphs_speedup"] = sample_s / out["sampling_s_cuda_graphs"]
     if args.fp8:
         bf16_image = pipe.decode(latents)[0]
         torch._dynamo.reset()  # the blocks' weights become float8 tensors: compile them afresh
@@ -146,10 +121,6 @@ def main():
                    fp8_peak_gb_without_t5=peak_gb(), fp8_speedup_vs_bf16=sample_s / fp8_sample_s,
                    fp8_psnr_db=psnr(bf16_image, pipe.decode(fp8_latents)[0]),
                    fp8_latent_rel_err=((fp8_latents - latents).norm() / latents.norm()).item())
-        if args.cuda_graphs:
-            out.update(time_cuda_graphs(pipe, embedding, fp8_latents, args.repeat, "fp8_"))
-            if "fp8_sampling_s_cuda_graphs" in out:
-                out["fp8_sec_per_image_cuda_graphs"] = t5_s + out["fp8_sampling_s_cuda_graphs"] + decode_s
 
     if not args.skip_baseline:
         pipe = transformer = None

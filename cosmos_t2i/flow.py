@@ -88,12 +88,10 @@ def initial_noise(seed: int, shape) -> torch.Tensor:
     return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
 
 
-def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtype=None, x0_dtype=None, graphs=None):
+def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtype=None, x0_dtype=None):
     """x0(x, sigma) with guidance x0 = c + g (c - u); cond and uncond run as one batched forward.
 
-    `x0_dtype` casts each branch's x0 before guidance (diffusers' pipeline casts to the model dtype). Given a dict
-    `graphs` (CUDA only), each call replays a CUDA graph of the whole step, captured on first use and kept there
-    for later calls of the same shapes and settings (see cuda_graphed); the arithmetic is the same.
+    `x0_dtype` casts each branch's x0 before guidance (diffusers' pipeline casts to the model dtype).
     """
     from .attention import lean_processors, zero_context_rows
 
@@ -104,7 +102,7 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
     # NVIDIA's default negative is a zero embedding: its cross-attention output is zero and need not be computed
     zero_uncond = lean_processors(transformer) if use_cfg and not uncond.any() else []
 
-    def guided_x0(x, sigma, context, padding_mask):
+    def denoise(x, sigma):
         # a number is filled in on the device: copied from the host, it would make the host wait for the last step
         t = (sigma / (1 + sigma)).to(x.device, torch.float32) if torch.is_tensor(sigma) else \
             torch.full((), sigma / (1 + sigma), dtype=torch.float32, device=x.device)
@@ -121,48 +119,7 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
         c, u = x0.chunk(2)
         return c + guidance * (c - u)
 
-    def denoise(x, sigma):
-        if graphs is None:
-            return guided_x0(x, sigma, context, padding_mask)
-        # as a float64 tensor, sigma / (1 + sigma) rounds to the same float32 as the Python number does
-        sigma = sigma if torch.is_tensor(sigma) else torch.full((), sigma, dtype=torch.float64, device=x.device)
-        key = (id(transformer), tuple(x.shape), x.dtype, sigma.dtype, tuple(context.shape), context.dtype, guidance,
-               bool(zero_uncond), x0_dtype, tuple(padding_mask.shape))
-        if key not in graphs:
-            graphs[key] = cuda_graphed(guided_x0, x, sigma, context, padding_mask)
-        return graphs[key](x, sigma, context, padding_mask)
-
     return denoise
-
-
-def cuda_graphed(step, *inputs):
-    """`step(*inputs)` as a CUDA graph: returns run(*new_inputs), which copies them into the graph's own input
-    buffers, replays it and returns a copy of its output.
-
-    A compiled 2B forward costs the host about as long as the GPU takes to run it (guards, wrappers and some 2,000
-    kernel launches), so the GPU waits between steps; a replay is one launch. Two warm-up calls on a side stream
-    first (compilation, cuBLAS and cuDNN set-up), then one capture. The graph reads the module's weights where they
-    are: whoever replaces them (another LoRA, quantizing) must drop the graph. Its memory pool stays allocated.
-    """
-    static = [i.clone() for i in inputs]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step(*static)
-
-    def run(*new_inputs):
-        for buffer, value in zip(static, new_inputs):
-            if buffer.data_ptr() != value.data_ptr():
-                buffer.copy_(value)
-        graph.replay()
-        return out.clone()
-
-    return run
 
 
 def sample_ab2(denoise, x, sigmas, progress=None) -> torch.Tensor:

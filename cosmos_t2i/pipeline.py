@@ -38,24 +38,17 @@ def prepare_for_inference(transformer, fp8: bool = False, compile: bool = False,
 class CosmosText2Image:
     """Transformer + VAE (+ optional T5) with NVIDIA's sampler; call with prompts to get PIL images."""
 
-    def __init__(self, transformer, vae, tokenizer=None, text_encoder=None, device="cpu", cuda_graphs=False):
-        """cuda_graphs=True (CUDA only): each sampling step replays a CUDA graph of the denoiser, captured at the
-        first image of each size and guidance and kept in `self.cuda_graphs`. Clear that dict after replacing the
-        transformer's weights (the graphs read them where they were)."""
+    def __init__(self, transformer, vae, tokenizer=None, text_encoder=None, device="cpu"):
         self.transformer, self.vae = transformer, vae
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.device = torch.device(device)
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a CUDA device; this pipeline is on {self.device}.")
-        self.cuda_graphs = {} if cuda_graphs else None
 
     @classmethod
     def from_pretrained(cls, dit_path=None, vae_path=None, text_encoder=None, model_size=None, load_ema=False,
                         lora_path=None, lora_scale=1.0, base_dit_path=None, device=None, dtype=torch.bfloat16,
-                        text_encoder_dtype=None, text_encoder_8bit=False, compile=False, fp8=False,
-                        cuda_graphs=False):
+                        text_encoder_dtype=None, text_encoder_8bit=False, compile=False, fp8=False):
         """Load every part; `text_encoder=None` means prompts come as embeddings (see `embeddings=`); fp8=True runs
-        the blocks' projections as float8 matmuls (torchao, H100-class GPU, bf16 dtype); cuda_graphs: see __init__."""
+        the blocks' projections as float8 matmuls (torchao, H100-class GPU, bf16 dtype)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if vae_path is None:
             raise ValueError("Pass vae_path: a diffusers AutoencoderKLWan folder or NVIDIA's tokenizer.pth.")
@@ -67,7 +60,7 @@ class CosmosText2Image:
             from .t5 import load_text_encoder
             tokenizer, encoder = load_text_encoder(text_encoder, device, text_encoder_dtype,
                                                    load_in_8bit=text_encoder_8bit)
-        return cls(transformer, vae, tokenizer, encoder, device, cuda_graphs)
+        return cls(transformer, vae, tokenizer, encoder, device)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> zero-padded T5 embeddings [B, 512, 1024] (fp32), exactly as the training data."""
@@ -97,13 +90,13 @@ class CosmosText2Image:
         x = torch.cat([flow.initial_noise(int(s), shape) for s in seeds]).to(self.device) * flow.SIGMA_MAX
         padding_mask = torch.zeros(1, 1, height, width, device=self.device)
         if distill_steps:
-            denoise = flow.make_denoiser(self.transformer, cond, None, 0.0, padding_mask, graphs=self.cuda_graphs)
+            denoise = flow.make_denoiser(self.transformer, cond, None, 0.0, padding_mask)
             return flow.sample_distilled(denoise, x, distill_steps, int(seeds[0]), progress)
         if sampler == "euler":  # diffusers' Cosmos2TextToImagePipeline, step for step
             denoise = flow.make_denoiser(self.transformer, cond, uncond, guidance, padding_mask,
-                                         x0_dtype=self.transformer.dtype, graphs=self.cuda_graphs)
+                                         x0_dtype=self.transformer.dtype)
             return flow.sample_euler(denoise, x, flow.euler_sigmas(num_steps).to(self.device), progress)
-        denoise = flow.make_denoiser(self.transformer, cond, uncond, guidance, padding_mask, graphs=self.cuda_graphs)
+        denoise = flow.make_denoiser(self.transformer, cond, uncond, guidance, padding_mask)
         return flow.sample_ab2(denoise, x, flow.karras_sigmas(num_steps), progress)
 
     def decode(self, latents) -> list[Image.Image]:
