@@ -9,8 +9,8 @@ randomly initialised DiT at the real shape. Timings, peak GPU memory, host RSS a
 the training script's own log. The baseline for weak scaling is the plain single-GPU path (no FSDP) on the same
 machine in the same invocation. MFU = model FLOPs per sample (torch's FLOP counter, as bench_train.py) x samples
 per second per GPU / the bf16 matmul rate measured here. s/iter is the median of the log's windows of --log_every
-iterations (one GPU sync per window, as in a user's run; before 2026-11-28 every iteration was logged and synced,
-which `--log_every 1` reproduces).
+iterations (one GPU sync per window, as in a user's run; results.jsonl's lines 1-61, up to 2026-11-27, logged and
+synced every iteration, which `--log_every 1` reproduces).
 """
 
 import argparse

@@ -5,9 +5,10 @@
 Baseline, measured in the same run: the same step eager (no compile; diffusers defaults), fp32 weights under
 bf16 autocast, fused AdamW, fp32 EMA, batch 1. Ours: the training script's own functions (its model preparation
 `prepare_for_training`, precision decision, optimizer factory, `flow_loss` and `apply_gradients`: GradClip, AdamW,
-schedule, PowerEMA) in the chosen mode, timed over --steps steps run back to back (before 2026-11-28: the median
-of steps synced one by one). MFU = model FLOPs of one eager step without
-checkpointing (torch's FLOP counter on 1- and 2-block models, extrapolated to the depth, times the batch) / (seconds x bf16 matmul peak measured here).
+schedule, PowerEMA) in the chosen mode, timed over --steps steps run back to back (results.jsonl's lines 1-61, up
+to 2026-11-27: the median of steps synced one by one). MFU = model FLOPs of one eager step without checkpointing
+(torch's FLOP counter on 1- and 2-block models, extrapolated to the depth, times the batch) / (seconds x bf16 matmul
+peak measured here).
 """
 
 import argparse

@@ -1,6 +1,7 @@
 """README's measured-results table, printed from benchmarks/results.jsonl.
 
-    python benchmarks/perf_table.py [--since 2026-11-26] [--until 2026-11-26] [--results benchmarks/results.jsonl]
+    python benchmarks/perf_table.py [--since 2026-11-26] [--until 2026-11-26] [--from_line 62]
+                                    [--results benchmarks/results.jsonl]
 
 Every GPU benchmark (bench_train, bench_infer, bench_t5, bench_multi_gpu, bench_compile_warmup) appends its JSON
 line to benchmarks/results.jsonl with the device, torch version, date and the command that reproduces it; this
@@ -60,8 +61,11 @@ def main():
     parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results.jsonl"))
     parser.add_argument("--since", default="", help="only rows from this date on (YYYY-MM-DD)")
     parser.add_argument("--until", default="9999", help="only rows up to this date (YYYY-MM-DD)")
+    parser.add_argument("--from_line", type=int, default=1,
+                        help="only rows from this line of the results file on (1-based): one session's rows of a day")
     args = parser.parse_args()
-    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    lines = Path(args.results).read_text().splitlines()[args.from_line - 1:]
+    rows = [json.loads(line) for line in lines if line.strip()]
     print("| what | result | device | torch | date | command |")
     print("|---|---|---|---|---|---|")
     for row in rows:
