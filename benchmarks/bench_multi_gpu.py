@@ -73,6 +73,11 @@ def parse_log(text: str, skip: int, log_every: int = 1) -> dict:
     saves = re.findall(r"checkpoint \S+: stalled ([\d.]+) s, written in ([\d.]+) s", text)
     if saves:
         out["checkpoint_stall_s"], out["checkpoint_written_s"] = float(saves[-1][0]), float(saves[-1][1])
+    staging = re.findall(r"checkpoint: ([\d.]+) GB of pinned host memory per process for background saves, "
+                         r"allocated in ([\d.]+) s", text)
+    if staging:  # one line per process; the slowest is the step's stall
+        out["staging_gb"] = float(staging[0][0])
+        out["staging_alloc_s"] = max(float(t) for _, t in staging)
     rss = re.findall(r"host RSS per process \(GB, now/peak\): ([^;\n]+)", text)
     if rss:
         out["host_rss_gb_startup"], out["host_rss_gb_end"] = rss[0].strip(), rss[-1].strip()

@@ -284,13 +284,15 @@ class Checkpointer:
         Call after the first optimizer step (the optimizer state must exist); without it the first save pays the
         allocation (tens of seconds for tens of GB) as a training stall.
         """
-        from .distributed import local_parts
+        from .distributed import host_copy_target, local_parts
 
         if not (self.async_save and torch.cuda.is_available()):
             return
         start = time.perf_counter()
-        staged = self.writer.stage(self._state()[0])
-        size = sum(t.numel() * t.element_size() for t in local_parts(list(tensors_in(staged)))) / 2 ** 30
+        # DCP's writer copies each save into its state_dict_cache, which it would otherwise allocate itself
+        self.writer.state_dict_cache = host_copy_target(self._state()[0], pin=True)
+        size = sum(t.numel() * t.element_size() for t in local_parts(list(tensors_in(self.writer.state_dict_cache))))
+        size /= 2 ** 30
         logger.info("checkpoint: %.1f GB of pinned host memory per process for background saves, allocated in %.1f s",
                     size, time.perf_counter() - start)
 

@@ -136,6 +136,61 @@ def local_parts(tensors) -> list:
     return [t._local_tensor if isinstance(t, DTensor) else t for t in tensors]
 
 
+def host_copy_target(state: dict, pin: bool) -> dict:
+    """Where background saves copy `state` to: the same nesting of dicts, a CPU tensor for each tensor (for each
+    DTensor, a DTensor around a CPU copy of its local shard), all views into one host buffer of exactly their size
+    (each view page-aligned), registered with the CUDA driver as page-locked if `pin`. Returns it; raises nothing
+    if pinning fails (it logs why, and the saves copy more slowly).
+
+    DCP's own staging pins each tensor through torch's caching host allocator, which rounds every block up to a
+    power of two (14B on 4 GPUs: 68 instead of 53 GiB per process) and asks the driver for each one in turn (139 s
+    measured, 4 processes at once). Here 8 threads touch the pages first and the driver registers them once.
+    """
+    import concurrent.futures
+    import logging
+
+    from torch.distributed.tensor import DTensor
+
+    from .checkpoint import tensors_in
+
+    page = 4096
+    locals_ = [t._local_tensor if isinstance(t, DTensor) else t for t in tensors_in(state)]
+    offsets, total = {}, 0
+    for t in locals_:
+        if t.dim() and t.numel() and id(t) not in offsets:
+            offsets[id(t)] = total
+            total += -(-t.numel() * t.element_size() // page) * page
+    raw = torch.empty(total + page, dtype=torch.uint8)
+    buffer = raw[(-raw.data_ptr()) % page:][:total]  # starts on a page: the driver locks whole pages
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # fill_ releases the GIL: the page faults run in parallel
+        list(pool.map(lambda chunk: chunk.fill_(0), buffer.chunk(8)))
+    if pin and total:
+        error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), total, 1))  # 1: portable, as torch's
+        if error:
+            logging.getLogger(__name__).warning(
+                "could not page-lock %.1f GB of host memory for checkpoint staging (cudaError %d): background saves "
+                "copy from the GPU more slowly", total / 2 ** 30, error)
+
+    def copy_of(local):
+        if not local.dim():  # as DCP: scalars (the optimizer's step) get their own small tensor
+            return torch.tensor(0, dtype=local.dtype)
+        if not local.numel():
+            return torch.zeros_like(local, device="cpu")
+        start = offsets[id(local)]
+        return buffer[start:start + local.numel() * local.element_size()].view(local.dtype).view(local.shape)
+
+    def mirror(obj):
+        if isinstance(obj, dict):
+            return {k: mirror(v) for k, v in obj.items()}
+        if isinstance(obj, DTensor):
+            return obj if not obj.dim() else DTensor(copy_of(obj._local_tensor), obj._spec, requires_grad=False)
+        if torch.is_tensor(obj):
+            return copy_of(obj)
+        return obj
+
+    return mirror(state)
+
+
 def _fully_sharded(tensors) -> bool:
     """DTensors sharded over every dimension of one mesh (FSDP2's 1-D mesh): local sums add up to the global sum.
     One mesh by value: Accelerate shards each block with a mesh object of its own, all equal."""
