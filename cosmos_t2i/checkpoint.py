@@ -27,7 +27,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from .files import atomic_write, fsync_dir, temporary_name
-from .weight_files import diffusers_to_nvidia, diffusers_to_nvidia_key
+from .weight_files import diffusers_to_nvidia_key
 
 PARTS = ("model", "optim", "scheduler", "trainer")
 LATEST = "latest_checkpoint.txt"
@@ -397,19 +397,3 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
-
-
-# ---------------------------------------------------------------- model-file formats
-def full_model_state(model_state: dict, ema_state: dict | None) -> dict:
-    """NVIDIA's post-training model file in memory: `net.*` in bf16 and `net_ema.*` in fp32, NVIDIA key names
-    (for small models and tests; training runs build the file from their shards with write_model_file)."""
-    out = diffusers_to_nvidia({k: v.to(torch.bfloat16) for k, v in model_state.items()}, "net.")
-    if ema_state is not None:
-        out.update(diffusers_to_nvidia({k: v.float() for k, v in ema_state.items()}, "net_ema."))
-    return out
-
-
-def is_lora_file(state: dict) -> bool:
-    """True for this project's adapter-only LoRA files (and ComfyUI-style adapter files)."""
-    return "lora_metadata" in state or (
-        any(".lora_A." in k for k in state) and not any(".base_layer." in k for k in state))

@@ -146,7 +146,7 @@ def resolve_dit_path(dit_path: str) -> str:
 
 def lora_file_state(dit_path: str) -> dict | None:
     """The contents of an adapter-only LoRA file (ours, ComfyUI's), memory-mapped; None for anything else."""
-    from .checkpoint import is_lora_file
+    from .weight_files import is_lora_file
 
     path = Path(dit_path)
     if not (path.is_file() and path.suffix in (".pt", ".pth", ".safetensors")):

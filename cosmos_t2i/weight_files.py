@@ -1,5 +1,6 @@
 """Weight files and key names: reading `.pt`/`.safetensors` files (memory-mapped), picking `net.`/`net_ema.`,
-NVIDIA <-> diffusers key names, and a strict check against a model's keys.
+NVIDIA <-> diffusers key names, a strict check against a model's keys, NVIDIA's model file built in memory, and
+telling an adapter-only LoRA file from a full model.
 
 See docs/checkpoints.md for the accepted files and the key mapping.
 """
@@ -164,3 +165,18 @@ def check_keys(model_state: dict, loaded: dict, source, file_name=None) -> None:
                  f"wrong shape {len(wrong)} (file vs model): {show(wrong)}" if wrong else ""]
         raise ValueError(f"{source}: weights do not match the model ({'; '.join(p for p in parts if p)}). "
                          "Check --model_size, and that the file is a Cosmos-Predict2 Text2Image DiT.")
+
+
+def full_model_state(model_state: dict, ema_state: dict | None) -> dict:
+    """NVIDIA's post-training model file in memory: `net.*` in bf16 and `net_ema.*` in fp32, NVIDIA key names
+    (for small models and tests; training runs build the file from their shards with write_model_file)."""
+    out = diffusers_to_nvidia({k: v.to(torch.bfloat16) for k, v in model_state.items()}, "net.")
+    if ema_state is not None:
+        out.update(diffusers_to_nvidia({k: v.float() for k, v in ema_state.items()}, "net_ema."))
+    return out
+
+
+def is_lora_file(state: dict) -> bool:
+    """True for this project's adapter-only LoRA files (and ComfyUI-style adapter files)."""
+    return "lora_metadata" in state or (
+        any(".lora_A." in k for k in state) and not any(".base_layer." in k for k in state))

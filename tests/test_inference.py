@@ -12,7 +12,8 @@ from PIL import Image
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i import flow
-from cosmos_t2i.checkpoint import atomic_save, full_model_state
+from cosmos_t2i.checkpoint import atomic_save
+from cosmos_t2i.weight_files import full_model_state
 from cosmos_t2i.models import load_dit
 from cosmos_t2i.weight_files import diffusers_to_nvidia, diffusers_to_nvidia_key
 from cosmos_t2i.pipeline import CosmosText2Image
