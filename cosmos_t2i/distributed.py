@@ -138,9 +138,9 @@ def local_parts(tensors) -> list:
 
 def host_copy_target(state: dict, pin: bool) -> dict:
     """Where background saves copy `state` to: the same nesting of dicts, a CPU tensor for each tensor (for each
-    DTensor, a DTensor around a CPU copy of its local shard), all views into one host buffer of exactly their size
-    (each view page-aligned), registered with the CUDA driver as page-locked if `pin`. Returns it; raises nothing
-    if pinning fails (it logs why, and the saves copy more slowly).
+    DTensor, a DTensor around a CPU copy of its local shard), all page-aligned slices of one host allocation of
+    their total size, registered with the CUDA driver as page-locked if `pin`. Returns it; raises nothing if
+    pinning fails (it logs why, and the saves copy more slowly).
 
     DCP's own staging pins each tensor through torch's caching host allocator, which rounds every block up to a
     power of two (14B on 4 GPUs: 68 instead of 53 GiB per process) and asks the driver for each one in turn (139 s
@@ -148,6 +148,7 @@ def host_copy_target(state: dict, pin: bool) -> dict:
     """
     import concurrent.futures
     import logging
+    import mmap
 
     from torch.distributed.tensor import DTensor
 
@@ -160,24 +161,28 @@ def host_copy_target(state: dict, pin: bool) -> dict:
         if t.dim() and t.numel() and id(t) not in offsets:
             offsets[id(t)] = total
             total += -(-t.numel() * t.element_size() // page) * page
-    raw = torch.empty(total + page, dtype=torch.uint8)
-    buffer = raw[(-raw.data_ptr()) % page:][:total]  # starts on a page: the driver locks whole pages
+    # anonymous memory, page-aligned; each view gets a storage of exactly its own size (DCP's writer clones any
+    # tensor whose storage is larger than the tensor before writing it)
+    buffer = mmap.mmap(-1, max(total, page))
+    whole = torch.frombuffer(buffer, dtype=torch.uint8)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # fill_ releases the GIL: the page faults run in parallel
-        list(pool.map(lambda chunk: chunk.fill_(0), buffer.chunk(8)))
-    if pin and total:
-        error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), total, 1))  # 1: portable, as torch's
-        if error:
-            logging.getLogger(__name__).warning(
-                "could not page-lock %.1f GB of host memory for checkpoint staging (cudaError %d): background saves "
-                "copy from the GPU more slowly", total / 2 ** 30, error)
+        list(pool.map(lambda chunk: chunk.fill_(0), whole.chunk(8)))
+        error = 0
+        if pin and total:  # in a worker thread: a failure stays that thread's last CUDA error, where the training
+            # thread's next kernel-launch check would report it (flag 1, portable, as torch registers memory)
+            error = int(pool.submit(torch.cuda.cudart().cudaHostRegister, whole.data_ptr(), total, 1).result())
+    if error:
+        logging.getLogger(__name__).warning(
+            "could not page-lock %.1f GB of host memory for checkpoint staging (cudaError %d): background saves copy "
+            "from the GPU more slowly", total / 2 ** 30, error)
 
     def copy_of(local):
         if not local.dim():  # as DCP: scalars (the optimizer's step) get their own small tensor
             return torch.tensor(0, dtype=local.dtype)
         if not local.numel():
             return torch.zeros_like(local, device="cpu")
-        start = offsets[id(local)]
-        return buffer[start:start + local.numel() * local.element_size()].view(local.dtype).view(local.shape)
+        return torch.frombuffer(buffer, dtype=local.dtype, count=local.numel(), offset=offsets[id(local)]).view(
+            local.shape)
 
     def mirror(obj):
         if isinstance(obj, dict):
