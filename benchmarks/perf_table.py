@@ -32,7 +32,8 @@ FIGURES = [("sec_per_iter", "{:.3f} s/iter"), ("samples_per_s", "{:.2f} samples/
            ("fp8_speedup_samples_per_s", "--fp8 {:.2f}x bf16 samples/s"),
            ("max_rel_diff_window_mean", "20-iteration mean losses within {:.1%}"),
            ("max_rel_diff_per_iteration", "single iterations within {:.0%}"), ("resumed", "resumed: {}"), ("captions_per_s", "{:.0f} captions/s"),
-           ("staging_gb", "{:.1f} GB pinned staging"), ("staging_alloc_s", "allocated in {:.1f} s"), ("interconnect", "{}"), ("failed", "failed"), ("code", "code: {}"), ("note", "{}")]
+           ("staging_gb", "{:.1f} GB pinned staging"), ("staging_alloc_s", "allocated in {:.1f} s"),
+           ("interconnect", "{}"), ("failed", "failed"), ("code", "code: {}"), ("note", "{}")]
 
 
 def describe(row: dict) -> str:

@@ -314,6 +314,9 @@ def _staging_worker(rank, world, port, folder):
         t.add_(1)  # the next save must carry the new values through the same buffer
     dcp.async_save(state, checkpoint_id=str(folder / "b"), storage_writer=writer, process_group=group).result()
     assert writer.state_dict_cache is target
+    # the second save's values went through this buffer (not through a copy DCP made for itself)
+    for staged, live in zip(local_parts(list(ckpt.tensors_in(target))), local_parts(list(ckpt.tensors_in(state)))):
+        torch.testing.assert_close(staged, live)
     for name, offset in (("a", 0), ("b", 1)):
         loaded = {"model": {"w": distribute_tensor(torch.zeros_like(full["w"]), mesh, [Shard(0)]),
                             "v": distribute_tensor(torch.zeros_like(full["v"]), mesh, [Shard(0)])},
