@@ -155,9 +155,8 @@ def host_copy_target(state: dict, pin: bool) -> dict:
     from .checkpoint import tensors_in
 
     page = 4096
-    locals_ = [t._local_tensor if isinstance(t, DTensor) else t for t in tensors_in(state)]
     offsets, total = {}, 0
-    for t in locals_:
+    for t in local_parts(list(tensors_in(state))):
         if t.dim() and t.numel() and id(t) not in offsets:
             offsets[id(t)] = total
             total += -(-t.numel() * t.element_size() // page) * page
