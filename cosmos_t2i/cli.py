@@ -1,0 +1,147 @@
+"""How the scripts talk to the terminal: an error a user can cause ends in one line (what, which file, the fix) and an
+exit code, the traceback going to a log file; output survives a terminal or launcher that went away.
+
+    if __name__ == "__main__":
+        run_main(main, "infer_text2image.py")
+
+COSMOS_T2I_DEBUG=1 prints the traceback too.
+"""
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+DEBUG_ENV = "COSMOS_T2I_DEBUG"
+
+
+class ResilientStream(io.TextIOBase):
+    """A text stream over another that never raises on write or flush, and copies whole lines to a log file.
+
+    accelerate launch >= 1.16 pipes its trainer's stderr through itself: once the launcher is gone, a write raised
+    BrokenPipeError and ended the trainer before its stop save. Writes to a stream that failed are dropped; lines
+    with a carriage return (progress bars redrawn in place) are not copied to the log file.
+    """
+
+    def __init__(self, stream):
+        self.stream, self.log, self.broken = stream, None, False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):  # EPIPE, EIO, or a closed file
+                self.broken = True
+        if self.log is not None and "\r" not in text:
+            try:
+                self.log.write(text)
+                self.log.flush()
+            except (OSError, ValueError):
+                self.log = None
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def writable(self) -> bool:
+        return True
+
+
+def resilient_output() -> None:
+    """Put ResilientStream over stdout and stderr (once); call before logging is configured."""
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), ResilientStream):
+            setattr(sys, name, ResilientStream(getattr(sys, name)))
+
+
+_log_path: Path | None = None
+
+
+def log_to_file(path) -> Path | None:
+    """Copy everything written to stdout and stderr from now on into `path` (appended), where a user reads what
+    happened after a preemption or a closed terminal; returns the path, or None if it cannot be written."""
+    global _log_path
+    resilient_output()
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(path, "a", buffering=1)
+    except OSError:
+        return None
+    log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    sys.stdout.log = sys.stderr.log = log
+    _log_path = path
+    return path
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """parser.error prints one line naming the script and --help, not argparse's usage block."""
+    def error(message):
+        sys.stderr.write(f"{parser.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+    parser.error = error
+    return parser
+
+
+def run_main(main, script: str) -> None:
+    """Run a script's main(); an exception becomes one line on stderr and exit code 1, its traceback written to the
+    run's log file (log_to_file), or to a file in the temporary folder whose name the line gives."""
+    resilient_output()
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record  # the error in torchrun's summary
+        main = record(main)
+    except ImportError:
+        pass
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{script}: interrupted\n")
+        sys.exit(130)
+    except Exception as error:
+        sys.stderr.flush()
+        sys.stderr.write(f"{script} failed: {describe(error)}{where_traceback_went(error)}\n")
+        sys.exit(1)
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message`, on one line."""
+    message = " ".join(str(error).split()) or repr(error)
+    return f"{type(error).__name__}: {message}"
+
+
+def where_traceback_went(error: BaseException) -> str:
+    """Write the traceback to the log file (or a temporary file) and return the text that says where."""
+    text = "".join(traceback.format_exception(error))
+    if os.environ.get(DEBUG_ENV):
+        sys.stderr.write(text)
+        return ""
+    if _log_path is not None and sys.stderr.log is not None:
+        sys.stderr.log.write(text)  # the file only
+        return f" (traceback in {_log_path})"
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="cosmos_t2i-", suffix=".traceback", delete=False) as f:
+            f.write(text)
+        return f" (traceback in {f.name}; {DEBUG_ENV}=1 prints it)"
+    except OSError:
+        return f" ({DEBUG_ENV}=1 prints the traceback)"
