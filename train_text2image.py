@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -222,10 +221,12 @@ def validate(args, parser) -> None:
 
 
 def main(argv=None):
+    from cosmos_t2i.cli import one_line_errors, resilient_output
     from cosmos_t2i.models import quiet_library_logs
 
+    resilient_output()  # a launcher or terminal that went away must not end the run at its next log line
     quiet_library_logs()
-    parser = build_parser()
+    parser = one_line_errors(build_parser())
     args = parse_with_config(parser, argv)
     validate(args, parser)
     if args.dryrun:
@@ -239,6 +240,7 @@ def main(argv=None):
         from cosmos_t2i.models import keep_compile_cache
         keep_compile_cache()
 
+    from cosmos_t2i.cli import log_to_file
     from cosmos_t2i.monitor import IterationProfiler, Progress, memory_report
     from cosmos_t2i.run_control import (StopRequest, WallClock, apply_optimizer_settings, check_resume_settings,
                                         claim_run, launcher_grace_s, parse_duration, record_exit_code,
@@ -254,6 +256,7 @@ def main(argv=None):
 
     # Claim the run folder and find where to resume before loading anything: a finished run exits here.
     latest = claim_run(accelerator, run_dir, ckpt_dir)
+    log_to_file(run_dir / ("train.log" if accelerator.is_main_process else f"train.rank{accelerator.process_index}.log"))
     start_iter = latest or 0
     if start_iter >= args.max_iter:
         accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
@@ -335,12 +338,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record  # the error in torchrun's summary
+    from cosmos_t2i.cli import run_main
 
-    try:
-        record(main)()
-    except Exception as error:  # the traceback, then one line that says what failed, last
-        import traceback
-        traceback.print_exc()
-        sys.stderr.write(f"\ntrain_text2image.py failed: {type(error).__name__}: {error}\n")
-        sys.exit(1)
+    run_main(main, "train_text2image.py")

@@ -36,8 +36,12 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+
+
 class StopRequest:
-    """Set by SIGTERM, SIGINT or SIGUSR1 (and by the launcher's death); a second SIGINT or SIGUSR1 aborts at once.
+    """Set by SIGTERM, SIGINT, SIGUSR1 or SIGHUP (a closed terminal or SSH session), and by the launcher's death; a
+    second SIGINT or SIGUSR1 aborts at once.
 
     A repeated SIGTERM does not abort: under a launcher one preemption arrives as several (the scheduler signals
     every process, the launcher forwards its own, and the kernel sends one when the launcher exits), and aborting
@@ -45,7 +49,7 @@ class StopRequest:
 
     def __init__(self):
         self.reason, self.pid = None, os.getpid()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
         if sys.platform.startswith("linux"):
             # the kernel sends us SIGTERM when the process that started us (accelerate launch) dies
@@ -58,8 +62,8 @@ class StopRequest:
             signal.signal(signum, signal.SIG_IGN)
             return
         name = signal.Signals(signum).name
-        if self.reason is not None and signum == signal.SIGTERM:
-            sys.stderr.write(f"\nSIGTERM again: already stopping ({self.reason}); the save goes on (SIGINT aborts).\n")
+        if self.reason is not None and signum in (signal.SIGTERM, signal.SIGHUP):
+            sys.stderr.write(f"\n{name} again: already stopping ({self.reason}); the save goes on (SIGINT aborts).\n")
             return
         if self.reason is not None:
             sys.stderr.write(f"\n{name} again: aborting now; the last complete checkpoint stays the latest.\n")
@@ -76,7 +80,7 @@ class StopRequest:
 def ignore_stop_signals(_worker_id=None) -> None:
     """DataLoader worker_init_fn: workers leave stop signals to the training process, which ends them after its
     save (by default a worker dies on SIGTERM and takes the run down before it can save)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -19,15 +19,17 @@ from cosmos_t2i.run_control import (EXIT_CODE_FILE, LOCK, STOPPED_EXIT_CODE, lau
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals and /proc")
 
 
-def start(args, launcher=None):
+LAUNCHERS = {"accelerate": ["-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+                              "--dynamo_backend", "no"],
+             "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29671"]}
+
+
+def start(args, launcher=None, env=None):
     """The trainer in its own process group, output in files (no pipe to fill)."""
     log = open(args[args.index("--output_root") + 1] + ".log", "w")
-    command = [sys.executable, *map(str, args)]
-    if launcher:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision",
-                   "no", "--dynamo_backend", "no", *map(str, args)]
+    command = [sys.executable, *LAUNCHERS.get(launcher, []), *map(str, args)]
     return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1")), log.name
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))), log.name
 
 
 def wait_for_iteration(log, n, timeout=240):
@@ -99,20 +101,47 @@ def test_second_signal_aborts_and_keeps_the_previous_checkpoint(tiny_bundle, tmp
     assert after is not None and after >= before and ckpt.checkpoint_problem(run_dir(out), after) is None
 
 
-def test_trainer_stops_and_saves_when_its_launcher_dies(tiny_bundle, tmp_path):
+def accelerate_versions():
+    """The installed accelerate, and an older one where CI put it (COSMOS_TEST_ACCELERATE_DIRS: folders made by
+    `pip install --target DIR accelerate==X`, separated by ':'): each launcher release changes how it stops."""
+    return [None, *filter(None, os.environ.get("COSMOS_TEST_ACCELERATE_DIRS", "").split(":"))]
+
+
+@pytest.mark.parametrize("launcher,accelerate_dir", [("accelerate", d) for d in accelerate_versions()]
+                         + [("torchrun", None)])
+def test_trainer_stops_and_saves_when_its_launcher_dies(tiny_bundle, tmp_path, launcher, accelerate_dir):
+    """accelerate launch >= 1.16 pipes the trainer's stderr through itself: once it is killed, the trainer's next
+    log line went to a closed pipe and ended it (exit 1, no save). It must stop with a checkpoint, and say so in the
+    run's own log file, the only place left to read."""
     out = str(tmp_path / "ck")
-    launcher, log = start(tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "100"), launcher=True)
+    env = {"PYTHONPATH": os.pathsep.join([accelerate_dir, os.environ.get("PYTHONPATH", "")])} if accelerate_dir else {}
+    launcher_proc, log = start(tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "100"),
+                               launcher=launcher, env=env)
     wait_for_iteration(log, 4)
-    trainer = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == launcher.pid]
+    trainer = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == launcher_proc.pid]
     assert trainer
-    launcher.send_signal(signal.SIGKILL)  # the launcher alone, as when its own job step is killed
-    launcher.wait()
+    launcher_proc.send_signal(signal.SIGKILL)  # the launcher alone, as when its own job step is killed
+    launcher_proc.wait()
     deadline = time.time() + 120
     while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _parent(p) is not None for p in trainer):
         time.sleep(0.5)
     assert not any(os.path.exists(f"/proc/{p}") and _parent(p) is not None for p in trainer), "trainer orphaned"
-    assert "stopped (SIGTERM)" in open(log).read()
+    run_log = (run_dir(out).parent / "train.log").read_text()
+    assert "stopped (SIGTERM)" in run_log, run_log[-3000:]
     assert ckpt.latest_iteration(run_dir(out)) >= 4
+    assert (run_dir(out).parent / EXIT_CODE_FILE).read_text().strip() == str(STOPPED_EXIT_CODE)
+
+
+def test_sighup_from_a_closed_terminal_stops_with_a_checkpoint(tiny_bundle, tmp_path):
+    """A closed terminal or SSH session sends SIGHUP and takes the terminal away: a stop request, not a death."""
+    out = str(tmp_path / "ck")
+    proc, log = start(tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "100"))
+    wait_for_iteration(log, 3)
+    os.killpg(proc.pid, signal.SIGHUP)
+    assert proc.wait(timeout=120) == STOPPED_EXIT_CODE, open(log).read()[-3000:]
+    assert "SIGHUP received" in (run_dir(out).parent / "train.log").read_text()
+    assert ckpt.checkpoint_problem(run_dir(out), ckpt.latest_iteration(run_dir(out))) is None
+    assert not (run_dir(out).parent / LOCK).exists()
 
 
 def test_preemption_of_a_multi_process_run_saves_despite_repeated_sigterms(tiny_bundle, tmp_path):
