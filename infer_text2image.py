@@ -12,6 +12,7 @@ gives NVIDIA's image); `--sampler euler` reproduces diffusers' Cosmos2TextToImag
 import argparse
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -19,12 +20,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cosmos_t2i.cli import one_line_errors, run_main
 from cosmos_t2i.config import parse_with_config
 from cosmos_t2i.models import keep_compile_cache
 from cosmos_t2i.registry import MODEL_SIZES, RESOLUTIONS, image_size_for
 
 logger = logging.getLogger("infer")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MAX_SEED = 2 ** 32 - 1  # numpy's RandomState, which draws the noise (and NVIDIA's distilled re-noising, seed + 1)
 
 
 def build_parser():
@@ -69,7 +72,31 @@ def build_parser():
     a("--text_encoder_8bit", action="store_true", help="load the T5 in 8 bits (bitsandbytes): about half the memory")
     a("--disable_guardrail", action="store_true", help="accepted for NVIDIA compatibility (there is no guardrail)")
     a("--offload_guardrail", action="store_true", help="accepted for NVIDIA compatibility")
-    return p
+    return one_line_errors(p)
+
+
+def check_numbers(args, parser) -> None:
+    """Every numeric flag in its range, before anything is loaded or written."""
+    if args.num_steps < 1:
+        parser.error(f"--num_steps must be at least 1, got {args.num_steps} (NVIDIA's default is 35).")
+    if args.sampler == "euler" and args.num_steps < 2 and not args.distill_steps:
+        parser.error("--sampler euler needs --num_steps 2 or more: its last step is a no-op (diffusers' schedule), "
+                     "so 1 step would save pure noise.")
+    if args.num_images < 1:
+        parser.error(f"--num_images must be at least 1, got {args.num_images}.")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value < 16:
+            parser.error(f"--{flag} must be a positive multiple of 16, got {value}.")
+    if not 1 <= args.jpeg_quality <= 100:
+        parser.error(f"--jpeg_quality must be between 1 and 100, got {args.jpeg_quality}.")
+    if not 0 <= args.seed <= MAX_SEED - args.num_images:
+        parser.error(f"--seed must be between 0 and {MAX_SEED - args.num_images} (numpy's seed range, less "
+                     f"--num_images), got {args.seed}.")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        parser.error(f"--guidance must be a finite number of 0 or more (0 turns guidance off), got {args.guidance}.")
+    if not math.isfinite(args.lora_scale):
+        parser.error(f"--lora_scale must be a finite number, got {args.lora_scale}.")
 
 
 def resolve_jobs(args, parser) -> list[dict]:
@@ -81,10 +108,18 @@ def resolve_jobs(args, parser) -> list[dict]:
             jobs = [{"prompt": str(i["prompt"]), "path": Path(i["output_image"])} for i in items]
         except (OSError, ValueError, KeyError, TypeError) as e:
             parser.error(f"--batch_input_json {path}: expected a JSON list of {{prompt, output_image}} ({e})")
-    elif args.prompt:
-        jobs = [{"prompt": args.prompt, "path": Path(args.save_path)}]
-    else:
+        if not jobs:
+            parser.error(f"--batch_input_json {path}: the list is empty; add {{prompt, output_image}} entries.")
+        empty = [i for i, job in enumerate(jobs) if not job["prompt"].strip()]
+        if empty:
+            parser.error(f"--batch_input_json {path}: entries {empty[:5]} have an empty prompt; give each the text "
+                         "of its image.")
+    elif args.prompt is None:
         parser.error("give --prompt (with --save_path) or --batch_input_json.")
+    elif not args.prompt.strip():
+        parser.error("--prompt is empty (an unset shell variable?): give the text of the image to generate.")
+    else:
+        jobs = [{"prompt": args.prompt, "path": Path(args.save_path)}]
     for job in jobs:
         suffix = job["path"].suffix.lower()
         if suffix in (".mp4", ".avi", ".mov", ".gif"):
@@ -114,6 +149,7 @@ def main(argv=None):
     parser = build_parser()
     args = parse_with_config(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_numbers(args, parser)
     jobs = resolve_jobs(args, parser)
     height, width = image_size_for(args.resolution, args.aspect_ratio)
     height, width = args.height or height, args.width or width
@@ -184,4 +220,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "infer_text2image.py")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cosmos_t2i.cli import one_line_errors, run_main
 from cosmos_t2i.data import list_images
 from cosmos_t2i.t5 import MAX_LENGTH, encode_prompts, load_text_encoder, read_embedding, write_embedding
 
@@ -44,7 +45,15 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default=None,
                         help="one caption for every image (NVIDIA's cosmos_nemo_assets variant); metas/ is not read")
     parser.add_argument("--cache_dir", default=None, help="accepted for NVIDIA compatibility; unused")
-    return parser.parse_args(argv)
+    args = one_line_errors(parser).parse_args(argv)
+    if bool(args.dataset_path) == bool(args.dataset_name):
+        parser.error("give exactly one of --dataset_path (the seed's folder layout) and --dataset_name.")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}.")
+    if not 1 <= args.max_length <= MAX_LENGTH:
+        parser.error(f"--max_length must be 1 to {MAX_LENGTH} (the embedding format holds at most {MAX_LENGTH} "
+                     f"tokens), got {args.max_length}.")
+    return args
 
 
 def read_captions(dataset: Path, prompt: str | None) -> dict[str, str]:
@@ -82,8 +91,9 @@ def encoder_or_exit(args, device, dtype):
     try:
         tokenizer, encoder = load_text_encoder(args.text_encoder, device, dtype, args.load_in_8bit)
     except OSError as e:
-        raise SystemExit(f"Cannot load the T5 encoder from {args.text_encoder!r}: {e}\nPass --text_encoder with a "
-                         "local folder (see README: google-t5/t5-11b). Nothing was written.")
+        reason = " ".join(str(e).split())
+        raise SystemExit(f"Cannot load the T5 encoder from {args.text_encoder!r}: {reason} Pass --text_encoder with "
+                         "a local folder (see README: google-t5/t5-11b). Nothing was written.")
     return tokenizer, (torch.compile(encoder, dynamic=True) if args.compile else encoder)
 
 
@@ -111,9 +121,12 @@ def precompute_hf(args, device, dtype) -> None:
     tokenizer, encoder = encoder_or_exit(args, device, dtype)
     unique = sorted(set(captions))
     bar = tqdm(total=len(unique), desc="T5", unit="caption")
+    too_long = []
     arrays = dict(zip(unique, encode_prompts(tokenizer, encoder, unique, args.max_length, args.batch_size,
-                                             on_batch=bar.update)))
+                                             on_batch=bar.update, too_long=too_long)))
     bar.close()
+    first_row = {c: i for i, c in reversed(list(enumerate(captions)))}
+    report_long_captions([(f"row {first_row[unique[i]]}", n) for i, n in too_long], len(unique), args.max_length)
     features = ds.features.copy()
     features[EMBEDDING_COLUMN] = datasets.Array2D(shape=(None, 1024), dtype="float16")
     ds = ds.map(lambda batch, idx: {EMBEDDING_COLUMN: [arrays[captions[i]] for i in idx]}, with_indices=True,
@@ -125,6 +138,18 @@ def precompute_hf(args, device, dtype) -> None:
         shutil.rmtree(out)
     tmp.rename(out)
     print(f"wrote {len(ds)} rows with a {EMBEDDING_COLUMN} column to {out}")
+
+
+def report_long_captions(too_long: list[tuple[str, int]], total: int, max_length: int, shown: int = 5) -> None:
+    """One summary, after the progress bar, of the captions cut at the token limit (a warning per caption was
+    drawn over by the bar and easy to miss)."""
+    if not too_long:
+        return
+    names = ", ".join(f"{name} ({n} tokens)" for name, n in too_long[:shown])
+    more = f" and {len(too_long) - shown} more" if len(too_long) > shown else ""
+    print(f"{len(too_long)} of {total} captions are over the {max_length}-token limit: {names}{more}. Their "
+          f"embeddings hold the first {max_length} tokens of each and the rest was dropped, as NVIDIA's encoder "
+          "does; shorten those captions if their ends matter.")
 
 
 def is_valid_embedding(path) -> bool:
@@ -144,11 +169,10 @@ def main(argv=None):
     quiet_library_logs()
     args = parse_args(argv)
     from accelerate import PartialState
+    from accelerate.utils import gather_object
 
     state = PartialState()
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if state.device.type == "cuda" else torch.float32)
-    if bool(args.dataset_path) == bool(args.dataset_name):
-        raise SystemExit("give exactly one of --dataset_path (the seed's folder layout) and --dataset_name.")
     if args.dataset_name:
         if state.is_main_process:  # one process: the copy is written once
             precompute_hf(args, state.device, dtype)
@@ -169,18 +193,22 @@ def main(argv=None):
     start = time.perf_counter()
     # Encode and write in chunks, so an interrupted run keeps what it finished.
     chunk = max(args.batch_size * 8, 256)
+    too_long = []
     for i in range(0, len(mine), chunk):
-        stems = mine[i:i + chunk]
+        stems, cut = mine[i:i + chunk], []
         arrays = encode_prompts(tokenizer, encoder, [captions[s] for s in stems], args.max_length,
-                                args.batch_size, on_batch=bar.update)
+                                args.batch_size, on_batch=bar.update, too_long=cut)
+        too_long += [(f"metas/{stems[j]}.txt" if args.prompt is None else "--prompt", n) for j, n in cut]
         for stem, array in zip(stems, arrays):
             write_embedding(out_dir / f"{stem}.pickle", array)
         bar.set_postfix(captions_per_s=f"{(i + len(stems)) / (time.perf_counter() - start):.1f}")
     bar.close()
+    too_long = gather_object(too_long)  # every process's, in one summary
     state.wait_for_everyone()
     if state.is_main_process:
         print(f"wrote {len(todo)} embeddings to {out_dir}")
+        report_long_captions(too_long, len(todo), args.max_length)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "precompute_t5.py")

@@ -1,6 +1,7 @@
 """`--config FILE.yaml` supplies any flag; command-line flags override it. Shared by the three scripts."""
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
         path = Path(known.config)
         if not path.is_file():
             parser.error(f"--config {path}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = _read_yaml(parser, path)
         if not isinstance(values, dict):
             parser.error(f"{path}: expected a mapping of flag names to values")
         actions = {a.dest: a for a in parser._actions if a.option_strings}
@@ -49,11 +50,51 @@ def _as_flags(parser, action, key, value, path) -> list[str]:
     if action.nargs in (None, "?"):
         if isinstance(value, (list, dict)):
             parser.error(f"{path}: {key}: expected one value, got {value!r}")
-        return [flag, str(value)]
-    items = value if isinstance(value, list) else [value]
-    if any(isinstance(v, (list, dict)) for v in items):
-        parser.error(f"{path}: {key}: expected a list of values, got {value!r}")
-    return [flag, *map(str, items)]
+        tokens = [flag, str(value)]
+    else:
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (list, dict)) for v in items):
+            parser.error(f"{path}: {key}: expected a list of values, got {value!r}")
+        tokens = [flag, *map(str, items)]
+    _check_value(parser, action, key, value, tokens, path)
+    return tokens
+
+
+def _read_yaml(parser, path):
+    """The YAML file's contents; unreadable or malformed YAML is one error naming the file and the line."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"--config {path}: cannot be read ({e}).")
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        parser.error(f"{path}: not valid YAML{line} ({getattr(e, 'problem', None) or e}); fix the file's syntax.")
+
+
+def _check_value(parser, action, key, value, tokens, path) -> None:
+    """Parse one YAML entry with its flag alone, so a wrong type, count or choice names the file, key and expected
+    type (argparse's own error would name only the flag, as if it came from the command line)."""
+    alone = argparse.ArgumentParser(prog=parser.prog, add_help=False)
+    alone._add_action(copy.copy(action))
+
+    def error(message):
+        parser.error(f"{path}: {key}: {value!r} is not {_expected(action)} ({message})")
+    alone.error = error
+    alone.parse_args(tokens)
+
+
+def _expected(action) -> str:
+    """What a flag accepts, in words: 'an integer', 'a list of 2 integers', 'one of ab2, euler'."""
+    one, many = {int: ("an integer", "integers"), float: ("a number", "numbers"), None: ("a string", "strings")}.get(
+        action.type, (f"a {getattr(action.type, '__name__', 'valid')} value",) * 2)
+    if action.choices:
+        one = many = "one of " + ", ".join(map(str, action.choices))
+    if isinstance(action.nargs, int):
+        return f"a list of {action.nargs} {many}" if not action.choices else f"a list of {action.nargs} values, each {one}"
+    if action.nargs in ("+", "*"):
+        return f"{one} or a list of {many}" if not action.choices else f"a list of values, each {one}"
+    return one
 
 
 def to_yaml(args: argparse.Namespace) -> str:

@@ -15,6 +15,7 @@ Folder exports (diffusers, lora-diffusers) get a model card, README.md: the base
 """
 
 import argparse
+import os
 import re
 import shutil
 from pathlib import Path
@@ -22,10 +23,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_save, resolve_model_file
+from .cli import one_line_errors, run_main
+from .files import atomic_write, temporary_name
 from .lora import read_lora, save_diffusers_adapter, to_comfyui
 from .models import load_dit, quiet_library_logs, resolve_dit_path
-from .weight_files import diffusers_to_nvidia
 from .registry import MODEL_SIZES
+from .weight_files import diffusers_to_nvidia
+
+LEFTOVER = re.compile(r"^\.(.+)\.tmp(\d+)$")  # files.temporary_name's `.<name>.tmp<pid>`
 
 
 CARD_SETTINGS = ("model_size", "train_architecture", "lora_rank", "lora_alpha", "lora_target_modules", "dataset_dir",
@@ -67,8 +72,66 @@ def write_model_card(folder: Path, source, kind: str, load_ema: bool, sample_ima
     if sample_image:
         shutil.copy(sample_image, folder / ("sample" + Path(sample_image).suffix))
         lines += ["", "## Sample", "", f"![sample](sample{Path(sample_image).suffix})"]
-    (folder / "README.md").write_text("\n".join(lines) + "\n")
+    with atomic_write(folder / "README.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
     return folder / "README.md"
+
+
+def remove_leftovers(folder, name: str | None = None) -> list[Path]:
+    """Delete the temporary files (and staging folders) that killed exports left in `folder`: every entry named as
+    files.temporary_name names them, or only those of the output `name`; one whose writer still runs on this host is
+    kept. Returns what was removed."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        match = LEFTOVER.match(path.name)
+        if not match or (name is not None and match.group(1) != name) or process_alive(int(match.group(2))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (a temporary file's writer may still be writing it)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_destination(out: Path, folder_export: bool) -> None:
+    """Before writing: remove the leftovers of interrupted exports to the same place, and say so."""
+    removed = remove_leftovers(out) if folder_export else remove_leftovers(out.parent, out.name)
+    if removed:
+        print(f"removed {len(removed)} leftover temporary file(s) of an interrupted export: "
+              + ", ".join(str(p) for p in removed))
+
+
+def save_transformer_folder(model, out: Path) -> None:
+    """save_pretrained into a staging folder inside `out`, then each file renamed into place: a killed export leaves
+    no half-written weight file under its real name, only a staging folder the next export removes."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = temporary_name(out / "export")
+    model.save_pretrained(staging, safe_serialization=True)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out / path.name)
+    staging.rmdir()
+
+
+def save_comfyui(adapter: dict, out: Path) -> None:
+    """ComfyUI's LoRA file, written to a temporary name and renamed."""
+    from safetensors.torch import save
+
+    with atomic_write(out) as f:
+        f.write(save(to_comfyui(adapter)))
 
 
 def main(argv=None):
@@ -84,19 +147,20 @@ def main(argv=None):
                         help="merged export: bf16 as NVIDIA's files, or fp32 to keep the merge exact over an fp32 base")
     parser.add_argument("--sample_image", help="an image made with the export, shown in the model card (folders)")
     parser.add_argument("--output", required=True)
-    args = parser.parse_args(argv)
+    args = one_line_errors(parser).parse_args(argv)
     quiet_library_logs()
     out = Path(args.output)
+    if args.format == "diffusers" and not args.dit_path:
+        parser.error("diffusers export needs --dit_path")
+    if args.format != "diffusers" and not args.lora_path:
+        parser.error(f"{args.format} export needs --lora_path")
+    clean_destination(out, folder_export=args.format in ("diffusers", "lora-diffusers"))
     if args.format == "diffusers":
-        if not args.dit_path:
-            parser.error("diffusers export needs --dit_path")
         model = load_dit(args.dit_path, args.model_size, args.load_ema, base_dit_path=args.base_dit_path,
                          dtype=torch.bfloat16)
-        model.save_pretrained(out, safe_serialization=True)
+        save_transformer_folder(model, out)
         write_model_card(out, resolve_dit_path(args.dit_path), "full", args.load_ema, args.sample_image)
     else:
-        if not args.lora_path:
-            parser.error(f"{args.format} export needs --lora_path")
         lora_file = resolve_model_file(args.lora_path)
         if args.format == "merged":
             model = load_dit(str(lora_file), args.model_size, args.load_ema, base_dit_path=args.base_dit_path,
@@ -109,11 +173,9 @@ def main(argv=None):
                 save_diffusers_adapter(adapter, out)
                 write_model_card(out, lora_file, "lora", args.load_ema, args.sample_image, meta)
             else:
-                from safetensors.torch import save_file
-                out.parent.mkdir(parents=True, exist_ok=True)
-                save_file(to_comfyui(adapter), str(out))
+                save_comfyui(adapter, out)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m cosmos_t2i.export")

@@ -53,14 +53,20 @@ def adapter_from_state(state: dict, alpha=None, load_ema: bool = False, source="
             continue
         for part in ("lora_A", "lora_B"):
             if f".{part}." in k:
-                module = nvidia_to_diffusers_key(k.split(f".{part}.")[0])
-                modules.setdefault(module, {})[part[-1]] = value
+                entry = modules.setdefault(nvidia_to_diffusers_key(k.split(f".{part}.")[0]), {})
+                entry[part[-1]] = value
+                entry.setdefault("keys", {})[part[-1]] = key  # as the file names it, for error messages
     if not modules:
         raise ValueError(f"{source}: no LoRA weights found (expected keys with lora_A/lora_B).")
     for module, entry in modules.items():
         if "A" not in entry or "B" not in entry:
             raise ValueError(f"{source}: module {module} has only one of lora_A / lora_B.")
-        entry.setdefault("alpha", float(alpha) if alpha is not None else float(entry["A"].shape[0]))
+        a, b = entry["A"], entry["B"]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"{source}: {entry['keys']['A']} {tuple(a.shape)} and {entry['keys']['B']} "
+                             f"{tuple(b.shape)} are not a LoRA pair (B's columns must equal A's rows, the rank). "
+                             "The file is damaged: export or download it again.")
+        entry.setdefault("alpha", float(alpha) if alpha is not None else float(a.shape[0]))
     return modules
 
 
@@ -101,15 +107,56 @@ def read_lora(path, load_ema: bool = False):
 
 
 @torch.no_grad()
-def merge_adapter(model, adapter: dict, scale: float = 1.0) -> None:
-    """W += scale * (alpha / rank) * B @ A for each adapted module (in place)."""
+def merge_adapter(model, adapter: dict, scale: float = 1.0, source="the LoRA") -> None:
+    """W += scale * (alpha / rank) * B @ A for each adapted module (in place), once the adapter is known to fit."""
+    check_adapter_fits(model, adapter, source)
     modules = dict(model.named_modules())
-    missing = sorted(m for m in adapter if m not in modules)
-    if missing:
-        raise ValueError(f"LoRA modules not in the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}. "
-                         "Is this adapter for this model size?")
     for name, entry in adapter.items():
         modules[name].weight.copy_(merged_weight(modules[name].weight, entry, scale))
+
+
+def check_adapter_fits(model, adapter: dict, source) -> None:
+    """Raise naming the file, the first key that does not fit and both shapes, and the model size the adapter was
+    made for when its width tells (a 2B LoRA on a 14B base, say)."""
+    from .registry import size_of_config
+
+    modules = dict(model.named_modules())
+    loaded = size_of_config(dict(getattr(model, "config", {}))) or "loaded"
+    made_for = adapter_size(adapter)
+    fix = (f" It was made for the {made_for} model, not the {loaded} one: pass a {made_for} model as --dit_path "
+           f"(or --base_dit_path), or a LoRA trained for the {loaded} model." if made_for and made_for != loaded else
+           " Pass the base model this LoRA was trained for as --dit_path (or --base_dit_path).")
+    for name in sorted(adapter, key=_block_order):
+        entry, module = adapter[name], modules.get(name)
+        keys = entry.get("keys", {"A": f"{name}.lora_A", "B": f"{name}.lora_B"})
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise ValueError(f"{source}: LoRA key {keys['A']} adapts {name}, which the {loaded} model does not "
+                             f"have.{fix}")
+        out_features, in_features = module.weight.shape
+        a, b = tuple(entry["A"].shape), tuple(entry["B"].shape)
+        if a[1] != in_features:
+            raise ValueError(f"{source}: LoRA key {keys['A']} has shape {a}, but the {loaded} model's {name} takes "
+                             f"{in_features} inputs (it needs ({a[0]}, {in_features})).{fix}")
+        if b[0] != out_features:
+            raise ValueError(f"{source}: LoRA key {keys['B']} has shape {b}, but the {loaded} model's {name} has "
+                             f"{out_features} outputs (it needs ({out_features}, {b[1]})).{fix}")
+
+
+def adapter_size(adapter: dict) -> str | None:
+    """The registry size whose width matches the adapter's self-attention inputs, or None."""
+    from .registry import MODEL_SIZES, transformer_config
+
+    widths = {e["A"].shape[1] for m, e in adapter.items() if m.endswith("attn1.to_q")}
+    for name in MODEL_SIZES:
+        config = transformer_config(name)
+        if widths == {config["num_attention_heads"] * config["attention_head_dim"]}:
+            return name
+    return None
+
+
+def _block_order(name: str):
+    """transformer_blocks.2 before transformer_blocks.10, so the first misfit reported is the first in the model."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def to_comfyui(adapter: dict) -> dict:
@@ -124,8 +171,11 @@ def to_comfyui(adapter: dict) -> dict:
 
 
 def save_diffusers_adapter(adapter: dict, folder) -> Path:
-    """A folder that CosmosTransformer3DModel.load_lora_adapter(folder, weight_name=...) loads."""
-    from safetensors.torch import save_file
+    """A folder that CosmosTransformer3DModel.load_lora_adapter(folder, weight_name=...) loads (the file written to a
+    temporary name and renamed, so an interrupted export leaves no half file)."""
+    from safetensors.torch import save
+
+    from .files import atomic_write
 
     alphas = {e["alpha"] for e in adapter.values()}
     ranks = {e["A"].shape[0] for e in adapter.values()}
@@ -143,8 +193,8 @@ def save_diffusers_adapter(adapter: dict, folder) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     # diffusers keeps pipeline-level adapters under the component prefix, metadata keys included
     prefixed = {f"transformer.{k}": v for k, v in config.items()}
-    save_file(tensors, str(folder / DIFFUSERS_FILE), metadata={"format": "pt",
-                                                               "lora_adapter_metadata": json.dumps(prefixed)})
+    with atomic_write(folder / DIFFUSERS_FILE) as f:
+        f.write(save(tensors, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(prefixed)}))
     return folder / DIFFUSERS_FILE
 
 

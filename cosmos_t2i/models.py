@@ -11,7 +11,7 @@ import torch
 
 from .registry import check_size_matches, transformer_config
 from .weight_files import (NVIDIA_TOP_LEVEL, check_keys, diffusers_to_nvidia_key, mmap_safetensors, nvidia_to_diffusers,
-                           read_weights, select_weights)
+                           read_weights, safetensors_header, select_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,6 @@ def quiet_library_logs() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()
-
-
 
 
 def new_transformer(model_size: str, dtype=torch.float32, device="cpu", **overrides):
@@ -119,6 +117,7 @@ def load_transformer(dit_path: str | None, model_size: str | None = None, load_e
         if load_ema:
             raise ValueError(f"{path}: --load_ema was given but a diffusers folder holds no EMA weights (one set "
                              "only). Drop --load_ema, or export the EMA weights with --load_ema.")
+        check_folder_files(folder)
         model = CosmosTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype)
         check_size_matches(model_size, dict(model.config), str(folder / "config.json"))
         return model.to(device)
@@ -133,6 +132,13 @@ def load_transformer(dit_path: str | None, model_size: str | None = None, load_e
     model = CosmosTransformer3DModel.from_pretrained(dit_path, subfolder="transformer", torch_dtype=dtype)
     check_size_matches(model_size, dict(model.config), dit_path)
     return model.to(device)
+
+
+def check_folder_files(folder) -> None:
+    """Each safetensors file of a diffusers folder is complete (its header against its size): a truncated one is a
+    one-sentence error naming it, not an OSError from deep inside from_pretrained."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        safetensors_header(path)
 
 
 def resolve_dit_path(dit_path: str) -> str:
@@ -184,11 +190,11 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
                 "%s was trained against its base stored in fp8 (--lora_base_dtype fp8); it is merged into the "
                 "full-precision base, whose outputs differ slightly from what training saw.", dit_path)
         model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32)
-        merge_adapter(model, adapter_from_state(lora_state, meta.get("alpha"), load_ema, dit_path))
+        merge_adapter(model, adapter_from_state(lora_state, meta.get("alpha"), load_ema, dit_path), source=dit_path)
     else:
         model = load_transformer(dit_path, model_size, load_ema, torch.float32, "cpu")
     if lora_path:
-        merge_adapter(model, read_lora(lora_path)[0], lora_scale)
+        merge_adapter(model, read_lora(lora_path)[0], lora_scale, source=lora_path)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -224,6 +230,7 @@ def load_vae(vae_path: str, dtype=torch.bfloat16, device="cpu"):
         kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
         if kind != "AutoencoderKLWan":
             raise ValueError(f"{folder} holds {'a ' + kind if kind else 'no config.json'}, not a VAE: " + not_a_vae)
+        check_folder_files(folder)
         vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype)
     elif path.is_file():
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers

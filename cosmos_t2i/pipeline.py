@@ -84,6 +84,12 @@ class CosmosText2Image:
             raise ValueError(f"height and width must be multiples of 16, got {height}x{width}.")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if distill_steps:
+            if not 1 <= distill_steps <= len(flow.DISTILL_SIGMAS):
+                raise ValueError(f"distill_steps must be 1 to {len(flow.DISTILL_SIGMAS)}, got {distill_steps}.")
+        elif num_steps < (2 if sampler == "euler" else 1):
+            raise ValueError(f"num_steps must be at least {2 if sampler == 'euler' else 1} for the {sampler} sampler, "
+                             f"got {num_steps}.")
         cond = embeddings.to(self.device)
         uncond = negative_embeddings.to(self.device) if negative_embeddings is not None else torch.zeros_like(cond)
         shape = (1, self.transformer.config.in_channels, 1, height // 8, width // 8)

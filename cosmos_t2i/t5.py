@@ -124,19 +124,24 @@ def load_text_encoder(path: str, device="cpu", dtype=None, load_in_8bit: bool = 
 
 
 def encode_prompts(tokenizer, encoder, prompts: list[str], max_length: int = MAX_LENGTH, batch_size: int = 64,
-                   on_batch=None) -> list[np.ndarray]:
+                   on_batch=None, too_long: list | None = None) -> list[np.ndarray]:
     """Encode captions to float16 (n_tokens, 1024) arrays trimmed to their true length (with </s>).
 
     Captions are sorted by token count and batched so each batch pads only to its longest member; with T5's
     bidirectional attention and the padding masked out, this equals one-at-a-time encoding. On a GPU each batch's
     output is converted to float16 there and copied out asynchronously, and the CPU trims it while the GPU encodes
-    the next batch.
+    the next batch. A caption over max_length tokens is cut to its first max_length: logged as a warning, or, given
+    the list `too_long`, appended to it as (index, token count) for the caller to report once.
     """
     import torch
 
     full = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]
-    for prompt, n in zip(prompts, full):
-        if n > max_length:
+    for index, (prompt, n) in enumerate(zip(prompts, full)):
+        if n <= max_length:
+            continue
+        if too_long is not None:
+            too_long.append((index, n))
+        else:
             logger.warning("prompt of %d tokens (%r...): the T5 encoder reads the first %d, the rest is dropped", n,
                            prompt[:60], max_length)
     lengths = [min(n, max_length) for n in full]

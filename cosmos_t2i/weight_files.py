@@ -6,7 +6,11 @@ See docs/checkpoints.md for the accepted files and the key mapping.
 """
 
 import io
+import json
+import math
+import pickle
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -71,28 +75,66 @@ def is_non_weight_key(key: str) -> bool:
 def mmap_safetensors(path) -> dict:
     """A safetensors file as CPU tensors over a private memory map: nothing is read until a tensor is used, and
     every process of a host shares the one copy in the page cache."""
-    import json
-    import struct
-
     path = Path(path)
-    with open(path, "rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
+    header, base = safetensors_header(path)
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
-    base = 8 + header_len
     out = {}
     for name, entry in header.items():
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
         start, end = entry["data_offsets"]
         flat = torch.empty(0, dtype=torch.uint8).set_(storage, base + start, (end - start,))
-        out[name] = flat.view(dtype).view(entry["shape"])
+        out[name] = flat.view(_SAFETENSORS_DTYPES[entry["dtype"]]).view(entry["shape"])
     return out
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+def safetensors_header(path) -> tuple[dict, int]:
+    """(tensor entries, offset of the data) of a safetensors file, every entry checked against the file's size: a
+    truncated or corrupted file is a ValueError naming the file and the first tensor that is not all there."""
+    path = Path(path)
+    size = path.stat().st_size
+
+    def broken(what):
+        return ValueError(f"{path} is not a complete safetensors file: {what}. It is truncated or corrupted (an "
+                          "interrupted download or copy?): copy or download it again.")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise broken(f"it has {size} bytes, fewer than the 8 of the header's length")
+        header_len = struct.unpack("<Q", head)[0]
+        if header_len > size - 8:
+            raise broken(f"its header claims {header_len} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise broken("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise broken("its header is not a table of tensors")
+    header.pop("__metadata__", None)
+    cut = []
+    for name, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            numel, dtype = math.prod(entry["shape"]), entry["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise broken(f"the entry of tensor {name} is malformed ({entry!r:.100})") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {dtype}, which this loader does not read (it reads "
+                             f"{', '.join(_SAFETENSORS_DTYPES)}); convert the file to one of those.")
+        itemsize = _SAFETENSORS_DTYPES[dtype].itemsize
+        if not 0 <= start <= end or end - start != numel * itemsize:
+            raise broken(f"tensor {name} has {end - start} bytes for a {entry['dtype']} shape {entry['shape']}")
+        if 8 + header_len + end > size:
+            cut.append((start, name))
+    if cut:
+        raise broken(f"it has {size} bytes, too few for {len(cut)} of its {len(header)} tensors (the first of them "
+                     f"{min(cut)[1]})")
+    return header, 8 + header_len
 
 
 def read_weights(path) -> dict:
@@ -110,15 +152,23 @@ def read_weights(path) -> dict:
     try:
         with torch.serialization.safe_globals([io.BytesIO]):
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
+    except pickle.UnpicklingError as e:  # weights_only refused something that is not a tensor
         raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}). Only plain tensor "
                          "checkpoints are loaded; convert other files to safetensors first.") from e
+    except Exception as e:  # a truncated or damaged archive
+        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({one_sentence(e)}). It is truncated or "
+                         "corrupted (an interrupted download, copy or save?): copy or download it again.") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and not any(
             k.startswith("net") for k in state):
         state = state["model"]
     if isinstance(state, dict):
         state = {k: v for k, v in state.items() if not (k.endswith("._extra_state") and isinstance(v, io.BytesIO))}
     return state
+
+
+def one_sentence(error: BaseException) -> str:
+    """The first sentence of an exception's message, on one line (torch's load errors run to a paragraph)."""
+    return " ".join(str(error).split(". ")[0].split()) or type(error).__name__
 
 
 def select_weights(state: dict, load_ema: bool, source) -> dict:
