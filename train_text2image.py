@@ -22,6 +22,7 @@ from cosmos_t2i.config import parse_with_config, to_yaml
 from cosmos_t2i.registry import MODEL_SIZES
 from cosmos_t2i.training import (NVIDIA_LORA_TARGETS, apply_gradients, background_save_ahead, build_data,
                                  build_training, embed_validation_prompts, end_run, forward_backward,
+                                 make_checkpointer, resume, save_or_exit, save_or_warn, stop_on_unreadable_data,
                                  stop_with_checkpoint, trainer_state)
 
 logger = logging.getLogger("train")
@@ -114,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group", default="text2image")
     g.add_argument("--name", default="2b_custom_data")
     g.add_argument("--save_iter", type=int, default=500)
+    g.add_argument("--save_interval", help="also save (in the background) once this much time has passed since the "
+                                            "last save, e.g. 30m: bounds what a hard kill loses when a launcher "
+                                            "allows less time than a stop save takes (docs/preemption.md)")
     g.add_argument("--keep_last", type=int, default=None, help="keep only the newest K checkpoints (default all)")
+    g.add_argument("--start_over", action="store_true",
+                   help="when no checkpoint of this run folder can be resumed from, train from iteration 0 there "
+                        "instead of stopping (files are kept until saves of the same iterations replace them)")
     g.add_argument("--max_wall_time", help="save and exit (code 75) before this much time has passed, e.g. 3h50m "
                                             "for a 4-hour job slot; uses the measured iteration and save times")
     g.add_argument("--final_save", action=argparse.BooleanOptionalAction, default=True,
@@ -174,12 +181,14 @@ def validate(args, parser) -> None:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
             parser.error("--report_to wandb needs the wandb package: pip install wandb (or use tensorboard).")
-    if args.max_wall_time is not None:
-        from cosmos_t2i.run_control import parse_duration
-        try:
-            parse_duration(args.max_wall_time)
-        except ValueError as e:
-            parser.error(f"--max_wall_time: {e}")
+    for name in ("max_wall_time", "save_interval"):
+        if getattr(args, name) is not None:
+            from cosmos_t2i.run_control import parse_duration
+            try:
+                if parse_duration(getattr(args, name)) <= 0:
+                    parser.error(f"--{name} must be longer than 0 s.")
+            except ValueError as e:
+                parser.error(f"--{name}: {e}")
     if args.bucket_fit is not None:
         args.resize_mode = {"crop": "center_crop", "pad": "pad"}[args.bucket_fit]
     if args.resize_mode is None:
@@ -242,9 +251,8 @@ def main(argv=None):
 
     from cosmos_t2i.cli import log_to_file
     from cosmos_t2i.monitor import IterationProfiler, Progress, memory_report
-    from cosmos_t2i.run_control import (StopRequest, WallClock, apply_optimizer_settings, check_resume_settings,
-                                        claim_run, launcher_grace_s, parse_duration, record_exit_code,
-                                        stop_save_warning)
+    from cosmos_t2i.run_control import (StopRequest, WallClock, check_one_job, check_resume_settings, claim_run,
+                                        parse_duration, record_exit_code, stop_save_warning)
 
     ckpt_dir = ckpt.checkpoint_dir(args.output_root, args.project, args.group, args.name)
     run_dir = ckpt_dir.parent
@@ -252,10 +260,11 @@ def main(argv=None):
                               log_with=None if args.report_to == "none" else args.report_to)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    check_one_job(accelerator)
     set_seed(args.seed + accelerator.process_index)
 
     # Claim the run folder and find where to resume before loading anything: a finished run exits here.
-    latest = claim_run(accelerator, run_dir, ckpt_dir)
+    latest = claim_run(accelerator, run_dir, ckpt_dir, args.start_over)
     log_to_file(run_dir / ("train.log" if accelerator.is_main_process else f"train.rank{accelerator.process_index}.log"))
     start_iter = latest or 0
     if start_iter >= args.max_iter:
@@ -268,35 +277,37 @@ def main(argv=None):
 
     dataset, sampler, loader, vae = build_data(args, accelerator, start_iter)
     t = build_training(args, accelerator, len(dataset))
-    checkpointer = ckpt.Checkpointer(ckpt_dir, t.unwrapped, t.optimizer, t.scheduler, t.ema, t.lora_meta,
-                                     args.keep_last, args.async_save, accelerator.is_main_process)
+    checkpointer, (launcher, grace_s) = make_checkpointer(args, accelerator, t, ckpt_dir, start_iter)
     if latest is not None:
-        state = checkpointer.restore(latest)
-        apply_optimizer_settings(t.optimizer, t.scheduler, args.lr, args.betas, args.eps, args.weight_decay)
-        torch.set_rng_state(state["rng"]["torch"])
-        logger.info("resumed from %s at iteration %d", ckpt_dir, latest)
+        resume(args, checkpointer, t, sampler, len(dataset), latest)
     logger.info("%s", memory_report(accelerator))
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(args))
     accelerator.init_trackers(args.name, config={k: str(v) for k, v in vars(args).items()})
     validation = embed_validation_prompts(args, accelerator)  # None without prompts
 
     stop = StopRequest()  # from here on a signal means: save at the end of this iteration, then exit
     clock = WallClock(parse_duration(args.max_wall_time) if args.max_wall_time else None)
-    grace_s, grace_warning = launcher_grace_s(), None  # once a save is slower than the launcher's grace: warn once
+    save_interval = parse_duration(args.save_interval) if args.save_interval else None
+    grace_warning, last_save = None, time.monotonic()  # once a save is slower than the launcher's grace: warn once
     profiler = IterationProfiler(args.profile_iters, start_iter + 4, run_dir / "profile", accelerator.process_index)
     progress, data_iter, nonfinite_run, skipped = Progress(args, accelerator, start_iter), iter(loader), 0, 0
 
     for iteration in range(start_iter + 1, args.max_iter + 1):
         tick = time.perf_counter()
         profiler.begin(iteration)
-        loss = forward_backward(args, accelerator, t.model, vae, data_iter, iteration)
-        # the loss and each process's stop request in one reduction: every process decides alike, no extra sync
-        # (the flag is filled in on the device: copied from the host, it would wait for the backward to finish)
-        wants_stop = torch.full((), float(stop.requested or clock.out_of_time()), device=accelerator.device)
-        summed = accelerator.reduce(torch.stack([loss.float(), wants_stop]), "sum")
-        mean_loss, stop_here = summed[0] / accelerator.num_processes, bool(summed[1] > 0)
+        loss, unreadable = forward_backward(args, accelerator, t.model, vae, data_iter, iteration)
+        # the loss and each process's requests in one reduction: every process decides alike, no extra sync (the
+        # flags are filled in on the device: copied from the host, they would wait for the backward to finish)
+        flags = [float(stop.requested or clock.out_of_time()), float(bool(unreadable)),
+                 float(save_interval is not None and time.monotonic() - last_save >= save_interval)]
+        summed = accelerator.reduce(torch.stack([loss.float(), *(torch.full((), f, device=accelerator.device)
+                                                                 for f in flags)]), "sum")
+        mean_loss, stop_here, bad_data, save_now = summed[0] / accelerator.num_processes, *(summed[1:] > 0).tolist()
+        if bad_data:  # this step is not applied: save what the previous one left and stop, naming the file
+            t.optimizer.zero_grad(set_to_none=True)
+            stop_on_unreadable_data(accelerator, checkpointer, run_dir, iteration - 1, unreadable,
+                                    trainer_state(args, sampler, iteration - 1, skipped))
         if not torch.isfinite(mean_loss):  # the same decision on every process: no deadlock
             t.optimizer.zero_grad(set_to_none=True)
             nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
@@ -310,7 +321,8 @@ def main(argv=None):
             continue
         nonfinite_run = 0
         grad_norm = apply_gradients(t.params, t.optimizer, t.scheduler, t.ema, args.clip_grad_norm, iteration)
-        if iteration == start_iter + 1 and background_save_ahead(iteration, args.save_iter, args.max_iter):
+        if iteration == start_iter + 1 and (save_interval or background_save_ahead(iteration, args.save_iter,
+                                                                                   args.max_iter)):
             checkpointer.prepare_staging()  # once the optimizer state exists: later saves only copy into it
         progress.update(iteration, tick, mean_loss, grad_norm, t.scheduler.get_last_lr()[0], skipped)
         if validation is not None and iteration % args.validation_iter == 0:
@@ -322,14 +334,16 @@ def main(argv=None):
         if stop_here:
             stop_with_checkpoint(accelerator, checkpointer, run_dir, iteration,
                                  trainer_state(args, sampler, iteration, skipped), stop.reason)
-        if iteration % args.save_iter == 0 or (iteration == args.max_iter and args.final_save):
-            checkpointer.save(iteration, trainer_state(args, sampler, iteration, skipped),
-                              blocking=iteration == args.max_iter)  # the process ends right after the last
+        if iteration == args.max_iter and args.final_save:
+            save_or_exit(accelerator, checkpointer, run_dir, iteration, trainer_state(args, sampler, iteration, skipped))
+        elif iteration % args.save_iter == 0 or save_now:
+            save_or_warn(checkpointer, iteration, trainer_state(args, sampler, iteration, skipped))
+            last_save = time.monotonic()
         clock.record_iteration(time.perf_counter() - tick)
         clock.record_save(checkpointer.last_save_s)
-        if grace_warning is None and (grace_warning := stop_save_warning(checkpointer.last_save_s, grace_s)):
+        if grace_warning is None and (grace_warning := stop_save_warning(checkpointer.last_save_s, grace_s, launcher)):
             logger.warning("%s", grace_warning)
-    checkpointer.wait_everyone()
+    save_or_exit(accelerator, checkpointer, run_dir, None, None)  # waits for a save still being written
     logger.info("%s", memory_report(accelerator))
     progress.bar.close()
     if skipped:

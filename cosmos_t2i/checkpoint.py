@@ -15,8 +15,6 @@ in threads, the model file is then built on the main process from the written sh
 """
 
 import logging
-import mmap
-import os
 import shutil
 import threading
 import time
@@ -26,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from .files import atomic_write, fsync_dir, temporary_name
-from .weight_files import diffusers_to_nvidia_key
+from . import shards
+from .files import atomic_write
+from .shards import canonical_name, read_shards, write_model_file  # noqa: F401 (callers and tests reach them here)
 
 PARTS = ("model", "optim", "scheduler", "trainer")
 LATEST = "latest_checkpoint.txt"
@@ -85,35 +84,60 @@ def load_part(ckpt_dir, part: str, iteration: int):
 
 
 def resolve_model_file(path) -> Path:
-    """A model file from itself, a run folder, or its checkpoints/ folder (then the latest iteration)."""
+    """A model file from itself, a run folder, or its checkpoints/ folder (then the latest iteration's, built from its
+    shards first if a stop save left it out)."""
     path = Path(path)
     if path.is_file():
         return path
     for ckpt in (path, path / "checkpoints"):
         if (ckpt / LATEST).exists():
-            return model_file(ckpt, latest_iteration(ckpt))
+            iteration = latest_iteration(ckpt)
+            target = model_file(ckpt, iteration)
+            if not target.is_file() and (shards_dir(ckpt, iteration) / ".metadata").is_file():
+                logger.info("building %s from the shards of the stop save", target)
+                lora = load_part(ckpt, "trainer", iteration).get("lora_metadata")
+                write_model_file(shards_dir(ckpt, iteration), target, lora)
+            return target
     raise FileNotFoundError(f"{path}: neither a model file nor a training run folder (no {LATEST}).")
 
 
-def prune(ckpt_dir, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints."""
+def saved_iterations(ckpt_dir) -> list[int]:
+    """Every iteration with any part on disk (complete or not), ascending."""
+    found = {int(p.name.removeprefix("iter_").removesuffix(".pt")) for part in PARTS
+             for p in (Path(ckpt_dir) / part).glob("iter_*") if p.name.removeprefix("iter_").removesuffix(".pt").isdigit()}
+    return sorted(found)
+
+
+def remove_checkpoint(ckpt_dir, iteration: int) -> None:
+    """Delete every part of one iteration's checkpoint."""
+    for part in ("trainer", "scheduler", "model"):  # the trainer part first: what is left then reads as incomplete
+        (Path(ckpt_dir) / part / iter_name(iteration)).unlink(missing_ok=True)
+        for tmp in (Path(ckpt_dir) / part).glob(f".{iter_name(iteration)}.tmp*"):
+            tmp.unlink(missing_ok=True)
+    shutil.rmtree(shards_dir(ckpt_dir, iteration), ignore_errors=True)
+
+
+def prune(ckpt_dir, keep_last: int, newest: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints up to `newest` (the one just saved). Newer ones, left
+    by a run rolled back by hand, stay until the run saves past them."""
     ckpt_dir = Path(ckpt_dir)
-    done = sorted(int(p.stem.removeprefix("iter_")) for p in (ckpt_dir / "model").glob("iter_*.pt"))
+    done = [i for i in saved_iterations(ckpt_dir) if i <= newest and (ckpt_dir / "trainer" / iter_name(i)).is_file()]
     for old in done[:-keep_last]:
-        for part in ("model", "scheduler", "trainer"):
-            (ckpt_dir / part / iter_name(old)).unlink(missing_ok=True)
-        shutil.rmtree(shards_dir(ckpt_dir, old), ignore_errors=True)
+        remove_checkpoint(ckpt_dir, old)
 
 
 def checkpoint_problem(ckpt_dir, iteration: int) -> str | None:
     """Why the checkpoint of `iteration` cannot be resumed from (a part missing, truncated or unreadable), or None.
 
-    Cheap: files are opened and their indexes read, tensor data is not (the model file is memory-mapped).
+    The model file may be absent (a stop save writes only what a resume needs; it is built from the shards later);
+    if present it must load. Cheap: files are opened and their indexes read, tensor data is not.
     """
     ckpt_dir = Path(ckpt_dir)
     for part in ("trainer", "scheduler", "model"):
         path = ckpt_dir / part / iter_name(iteration)
         if not path.is_file():
+            if part == "model":
+                continue
             return f"{path} is missing"
         try:
             torch.load(path, map_location="cpu", weights_only=True, mmap=part == "model")
@@ -121,7 +145,9 @@ def checkpoint_problem(ckpt_dir, iteration: int) -> str | None:
             return f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]})"
     folder = shards_dir(ckpt_dir, iteration)
     try:
-        storage = dcp.FileSystemReader(str(folder)).read_metadata().storage_data
+        storage = shards.read_metadata(folder).storage_data
+    except shards.UnsafeCheckpointError as e:
+        return str(e)
     except Exception as e:
         return f"{folder} has no readable .metadata ({type(e).__name__})"
     for info in storage.values():
@@ -131,119 +157,90 @@ def checkpoint_problem(ckpt_dir, iteration: int) -> str | None:
     return None
 
 
-def resume_point(ckpt_dir) -> int | None:
-    """The newest complete checkpoint no newer than latest_checkpoint.txt (or the newest at all if the pointer is
-    gone); each newer one that is incomplete is named in a warning. None for a fresh run."""
+def resume_point(ckpt_dir, start_over: bool = False) -> int | None:
+    """The checkpoint to resume from: the one latest_checkpoint.txt names if it is usable, else the newest usable one
+    no newer than it, else the newest usable one at all (a pointer naming a missing iteration). None for a fresh run.
+
+    When checkpoints exist but none is usable, raise SystemExit listing each and why, unless `start_over`. Nothing is
+    deleted here; newer usable checkpoints than the pointer (a rollback by hand) are kept and named.
+    """
     ckpt_dir = Path(ckpt_dir)
     try:
         pointer = latest_iteration(ckpt_dir)
     except ValueError as e:
         logger.warning("%s; looking for the newest complete checkpoint instead", e)
         pointer = None
-    found = {int(p.name.removeprefix("iter_").removesuffix(".pt")) for part in ("model", "trainer")
-             for p in (ckpt_dir / part).glob("iter_*.pt")} | ({pointer} if pointer is not None else set())
-    for iteration in sorted((i for i in found if pointer is None or i <= pointer), reverse=True):
-        problem = checkpoint_problem(ckpt_dir, iteration)
-        if problem is None:
-            if iteration != pointer:
-                logger.warning("resuming from the newest complete checkpoint, iteration %d", iteration)
-            return iteration
-        logger.warning("checkpoint of iteration %d cannot be used: %s", iteration, problem)
-    return None
+    found = set(saved_iterations(ckpt_dir)) | ({pointer} if pointer is not None else set())
+    problems = {i: checkpoint_problem(ckpt_dir, i) for i in sorted(found, reverse=True)}
+    usable = [i for i, problem in problems.items() if problem is None]
+    older = [i for i in usable if pointer is None or i <= pointer]
+    chosen = (older or usable or [None])[0]
+    for i, problem in problems.items():
+        if problem is not None and (chosen is None or i > chosen or i == pointer):
+            logger.warning("checkpoint of iteration %d cannot be used: %s", i, problem)
+    if chosen is None:
+        if found and not start_over:
+            raise SystemExit(f"{ckpt_dir}: none of the {len(found)} checkpoints can be resumed from: " + "; ".join(
+                f"iteration {i}: {p}" for i, p in problems.items()) + ". Repair or restore one, or pass --start_over "
+                "to train from iteration 0 in this folder (existing files are kept until saves replace them).")
+        return None
+    if chosen != pointer:
+        logger.warning("resuming from the newest complete checkpoint, iteration %d", chosen)
+    newer = [i for i in usable if i > chosen]
+    if newer:
+        logger.warning("%s names iteration %d, but newer complete checkpoints exist (%s): resuming from %d as it says. "
+                       "They are kept until this run saves past them (then --keep_last prunes them, or a save of the "
+                       "same iteration replaces it); to resume from the newest instead, write %s into %s.",
+                       LATEST, chosen, ", ".join(map(str, sorted(newer))), chosen, iter_name(max(newer)),
+                       ckpt_dir / LATEST)
+    return chosen
 
 
 def remove_leftovers(ckpt_dir) -> None:
-    """Delete what interrupted saves left: temporary files, and parts of checkpoints newer than the one
-    latest_checkpoint.txt names (a save that never completed). Complete or damaged older ones are left alone."""
+    """Delete what interrupted saves left, and only what is proven incomplete: temporary files, shard folders without
+    their .metadata (DCP writes it last), and the parts of an iteration whose save never reached its trainer part
+    (written last before the pointer) and that cannot be resumed from. Usable checkpoints are never touched."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return
-    for tmp in [*ckpt_dir.glob(".*.tmp*"), *ckpt_dir.glob("*/.*.tmp*")]:
+    for tmp in [*ckpt_dir.glob(".*.tmp*"), *ckpt_dir.glob("*/.*.tmp*"), *ckpt_dir.glob("optim/*/.*.tmp*")]:
         logger.info("removing %s, left by an interrupted save", tmp)
         tmp.unlink(missing_ok=True)
+    for iteration in saved_iterations(ckpt_dir):
+        folder = shards_dir(ckpt_dir, iteration)
+        if not (ckpt_dir / "trainer" / iter_name(iteration)).is_file() and checkpoint_problem(ckpt_dir, iteration):
+            logger.info("removing the checkpoint parts of iteration %d, left by a save that did not complete", iteration)
+            remove_checkpoint(ckpt_dir, iteration)
+        elif folder.is_dir() and not (folder / ".metadata").is_file():
+            logger.info("removing %s, shards of a save that did not complete", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def latest_iteration_or_none(ckpt_dir) -> int | None:
     try:
-        pointer = latest_iteration(ckpt_dir)
+        return latest_iteration(ckpt_dir)
     except ValueError:
-        return
-    incomplete = {}  # with no pointer yet, only parts of saves that never completed go
-    for part in ("model", "scheduler", "trainer", "optim"):
-        for path in (ckpt_dir / part).glob("iter_*"):
-            iteration = int(path.name.removeprefix("iter_").removesuffix(".pt"))
-            if pointer is None and iteration not in incomplete:
-                incomplete[iteration] = checkpoint_problem(ckpt_dir, iteration) is not None
-            if (iteration > pointer) if pointer is not None else incomplete[iteration]:
-                logger.info("removing %s, part of a save that did not complete", path)
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return None
 
 
-# ---------------------------------------------------------------- sharded training state
-def canonical_name(name: str) -> str:
-    """Parameter name without compile or activation-checkpoint wrappers or PEFT's adapter name (model-file keys)."""
-    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "").replace(".default", "")
+SAVE_FAILED_EXIT_CODE = 74  # EX_IOERR: a stop or final save could not be written (the previous checkpoint is intact)
 
 
-def read_shards(folder, prefix: str, keys=None) -> dict:
-    """Full tensors of `prefix.*` entries (model, ema) of a shards folder, on one process without collectives.
+class SaveFailed(Exception):
+    """A checkpoint could not be written; its partial files are gone and the pointer still names the previous one."""
 
-    `keys` limits the read (the model-file writer goes block by block); the result is keyed without the prefix.
-    """
-    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    wanted = {k[len(prefix) + 1:]: m for k, m in metadata.items() if k.startswith(prefix + ".")
-              and hasattr(m, "size") and (keys is None or k[len(prefix) + 1:] in keys)}
-    out = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in wanted.items()}
-    if out:
-        dcp.load({prefix: out}, checkpoint_id=str(folder), no_dist=True)
-    return out
+    def __init__(self, ckpt_dir, iteration, error, expected_bytes=None):
+        from .cli import describe
 
-
-def _block_of(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[:2]) if parts[0] == "transformer_blocks" else parts[0]
-
-
-def write_model_file(folder, path, lora_metadata: dict | None = None) -> None:
-    """Build model/iter_*.pt (NVIDIA layout) from a shards folder, holding one transformer block at a time.
-
-    The file is first written with torch.save as a skeleton without tensor data, then memory-mapped and filled
-    block by block, so neither the full model nor the optimizer state is ever in one process's memory.
-    """
-    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    net_dtype = torch.float32 if lora_metadata is not None else torch.bfloat16
-    layout = {}  # file key -> (shards prefix, shards key, shape, dtype)
-    for key, m in metadata.items():
-        prefix, _, name = key.partition(".")
-        if prefix in ("model", "ema") and hasattr(m, "size"):
-            file_key = ("net." if prefix == "model" else "net_ema.") + diffusers_to_nvidia_key(canonical_name(name))
-            layout[file_key] = (prefix, name, tuple(m.size), net_dtype if prefix == "model" else torch.float32)
-    skeleton = {k: torch.empty(shape, dtype=dtype) for k, (_, _, shape, dtype) in layout.items()}  # never touched
-    if lora_metadata is not None:
-        skeleton["lora_metadata"] = lora_metadata
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        with torch.serialization.skip_data():
-            torch.save(skeleton, tmp)
-        del skeleton
-        with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):  # writes go to the file
-            target = torch.load(tmp, mmap=True, weights_only=True)
-        blocks = {}
-        for file_key, (prefix, name, _, _) in layout.items():
-            blocks.setdefault(_block_of(name), []).append((file_key, prefix, name))
-        for entries in blocks.values():
-            for prefix in ("model", "ema"):
-                names = {name for _, p, name in entries if p == prefix}
-                values = read_shards(folder, prefix, names) if names else {}
-                for file_key, p, name in entries:
-                    if p == prefix:
-                        target[file_key].copy_(values[name])
-        del target
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(ckpt_dir).free if Path(ckpt_dir).exists() else None
+        latest = latest_iteration_or_none(ckpt_dir)
+        need = f"a checkpoint needs about {expected_bytes / 1e9:.2f} GB, " if expected_bytes else ""
+        room = f"{free / 1e9:.2f} GB free" if free is not None else "free space unknown"
+        self.iteration = iteration
+        super().__init__(
+            f"checkpoint {iter_name(iteration)} not saved ({describe(error)}) on the disk of {ckpt_dir}: {need}"
+            f"{room}; {iter_name(latest) if latest is not None else 'no checkpoint'} stays the latest. Free space, "
+            "lower --keep_last or choose another --output_root.")
 
 
 class Checkpointer:
@@ -261,9 +258,9 @@ class Checkpointer:
         # one writer for every save, so the pinned host buffers that shards are staged into are reused
         self.writer = dcp.FileSystemWriter(str(self.dir), sync_files=True, thread_count=2,
                                            cache_staged_state_dict=torch.cuda.is_available())
-        self._future = None
-        self._finisher = None
-        self._error = None
+        self._future = self._finisher = self._error = self._builder = self._iteration = None
+        self.resumed_from = None
+        self.expected_bytes = None  # a checkpoint's estimated size, for the message when a save fails
         self.last_save_s = 0.0  # how long the last save took from start to latest_checkpoint.txt
 
     def _state(self) -> tuple[dict, list]:
@@ -296,61 +293,125 @@ class Checkpointer:
         logger.info("checkpoint: %.1f GB of pinned host memory per process for background saves, allocated in %.1f s",
                     size, time.perf_counter() - start)
 
-    def save(self, iteration: int, trainer_state: dict, blocking: bool = False) -> None:
+    def save(self, iteration: int, trainer_state: dict, blocking: bool = False, with_model_file: bool = True) -> None:
         """Start writing the checkpoint of `iteration`; returns once this process's shards are staged, or, with
         `blocking` (the last save before the process exits), once everything is on disk: then the shards are
-        written in this thread, so no background writer thread is still winding down when the process exits."""
+        written in this thread, so no background writer thread is still winding down when the process exits.
+
+        Without `with_model_file` (stop saves, which must fit a launcher's grace period) only what a resume needs is
+        written; the model file is built from the shards at the next start (build_model_file) or by export.
+        A failed save raises SaveFailed from this call or the next wait(), on every process alike."""
         self.wait()  # at most one save in flight
         start = time.perf_counter()
         state, param_groups = self._state()
         folder = shards_dir(self.dir, iteration)
+        stale_trainer = self.dir / "trainer" / iter_name(iteration)
+        if self.is_main and stale_trainer.is_file():  # before any shard is written (DCP plans collectively first)
+            logger.warning("replacing the checkpoint of iteration %d left from before the rollback", iteration)
+            stale_trainer.unlink()  # from here on the old parts read as incomplete, never mixed with the new ones
         small = {"scheduler": self.scheduler.state_dict(),
-                 "trainer": {**trainer_state, "iteration": iteration, "param_groups": param_groups}}
+                 "trainer": {**trainer_state, "iteration": iteration, "param_groups": param_groups,
+                             "lora_metadata": self.lora_metadata}}  # to build a model file from the shards later
         if not self.portable:  # bitsandbytes' 8-bit state: one unsharded file (its runs are never sharded)
             small["optimizer_8bit"] = _to_cpu(self.optimizer.state_dict())
-        if self.async_save and not blocking:
-            self._future = dcp.async_save(state, checkpoint_id=str(folder), storage_writer=self.writer,
-                                          process_group=self.group)
-        else:
-            dcp.save(state, checkpoint_id=str(folder), storage_writer=self.writer, process_group=self.group)
+        self._iteration = iteration
+        try:
+            if self.async_save and not blocking:
+                self._future = dcp.async_save(state, checkpoint_id=str(folder), storage_writer=self.writer,
+                                              process_group=self.group)
+            else:
+                dcp.save(state, checkpoint_id=str(folder), storage_writer=self.writer, process_group=self.group)
+        except BaseException as e:  # torch's CheckpointException derives from BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            self._error = e
         stalled = time.perf_counter() - start
-        if self.is_main:
+        if self.is_main and self._error is None:
             self._finisher = threading.Thread(target=self._finish, args=(iteration, small, self._future, start,
-                                                                       stalled), daemon=False)
+                                                                       stalled, with_model_file), daemon=False)
             self._finisher.start()
-        if blocking or not self.async_save:
+        if blocking or not self.async_save or self._error is not None:
             self.wait()
 
-    def _finish(self, iteration, small, future, start, stalled) -> None:
+    def _finish(self, iteration, small, future, start, stalled, with_model_file) -> None:
         try:
             if future is not None:
                 future.result()
             folder = shards_dir(self.dir, iteration)
             if "optimizer_8bit" in small:
                 atomic_save(small.pop("optimizer_8bit"), folder / "optimizer_8bit.pt")
-            write_model_file(folder, model_file(self.dir, iteration), self.lora_metadata)
+            if with_model_file:
+                write_model_file(folder, model_file(self.dir, iteration), self.lora_metadata)
+            else:
+                model_file(self.dir, iteration).unlink(missing_ok=True)  # one left from before a rollback
             for part, obj in small.items():
                 atomic_save(obj, self.dir / part / iter_name(iteration))
             atomic_write_text(self.dir / LATEST, iter_name(iteration))
-            if self.keep_last:
-                prune(self.dir, self.keep_last)
-            self.last_save_s = time.perf_counter() - start
-            logger.info("checkpoint %s: stalled %.2f s, written in %.1f s", iter_name(iteration), stalled,
-                        self.last_save_s)
         except BaseException as e:  # reported by the next wait() on the training thread
             self._error = e
+            return
+        self.last_save_s = time.perf_counter() - start
+        logger.info("checkpoint %s: stalled %.2f s, written in %.1f s%s", iter_name(iteration), stalled,
+                    self.last_save_s, "" if with_model_file else " (its model file is built at the next start)")
+        if self.keep_last:
+            self.join_builder()  # it reads shards that pruning may remove
+            try:
+                prune(self.dir, self.keep_last, iteration)
+            except OSError as e:
+                logger.warning("could not remove old checkpoints (%s); they stay on disk", e)
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is complete on disk; re-raise its failure here."""
+        """Block until the save in flight (if any) is complete on disk. If it failed on any process, every process
+        removes nothing that was complete, the main one deletes the partial checkpoint, and all raise SaveFailed."""
         if self._future is not None:
-            self._future.result()
+            try:
+                self._future.result()
+            except BaseException as e:
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                self._error = self._error or e
             self._future = None
         if self._finisher is not None:
             self._finisher.join()
             self._finisher = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"saving a checkpoint in {self.dir} failed: {error}") from error
+        failed = self._error is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # the same answer everywhere
+            flag = torch.tensor([float(failed)])
+            torch.distributed.all_reduce(flag, group=self.group)
+            failed = bool(flag.item())
+        if not failed:
+            return
+        error, self._error, iteration = self._error, None, self._iteration
+        if self.is_main:
+            remove_checkpoint(self.dir, iteration) if latest_iteration_or_none(self.dir) != iteration else None
+        raise SaveFailed(self.dir, iteration, error, self.expected_bytes)
+
+    @property
+    def last_iteration(self) -> int | None:
+        """The iteration of the last save started by this run (the same on every process)."""
+        return self._iteration
+
+    def build_model_file(self, iteration: int) -> None:
+        """Main process: write the model file of a checkpoint saved without one (a stop save), in a background
+        thread; training does not need it (it resumes from the shards)."""
+        if not self.is_main or model_file(self.dir, iteration).is_file():
+            return
+
+        def build():
+            try:
+                write_model_file(shards_dir(self.dir, iteration), model_file(self.dir, iteration), self.lora_metadata)
+                logger.info("wrote %s from the shards of the stop save", model_file(self.dir, iteration))
+            except Exception as e:
+                logger.warning("could not write %s from its shards (%s); the next start tries again",
+                               model_file(self.dir, iteration), e)
+        logger.info("building %s from the shards of the stop save, in the background", model_file(self.dir, iteration))
+        self._builder = threading.Thread(target=build, name="model-file-builder", daemon=False)
+        self._builder.start()
+
+    def join_builder(self) -> None:
+        if self._builder is not None:
+            self._builder.join()
+            self._builder = None
 
     def wait_everyone(self) -> None:
         """wait(), then every process waits for the others (the main one may still be writing the model file) with
@@ -359,6 +420,7 @@ class Checkpointer:
         from .distributed import wait_for_everyone
 
         self.wait()
+        self.join_builder()
         wait_for_everyone()
 
     def restore(self, iteration: int) -> dict:
@@ -367,9 +429,10 @@ class Checkpointer:
         from .distributed import load_optimizer_state, load_trainable_state
 
         trainer = load_part(self.dir, "trainer", iteration)
+        self.resumed_from = iteration
         state, _ = self._state()
         folder = shards_dir(self.dir, iteration)
-        dcp.load(state, checkpoint_id=str(folder), process_group=self.group)
+        shards.load(state, folder, process_group=self.group)
         load_trainable_state(self.model, state["model"])
         if self.portable:
             load_optimizer_state(self.model, self.optimizer, {"state": state["optim"],

@@ -125,9 +125,15 @@ def run_main(main, script: str) -> None:
 
 
 def describe(error: BaseException) -> str:
-    """`Type: message`, on one line."""
+    """`Type: message` of the root cause, on one line (torch.distributed.checkpoint wraps each process's failure)."""
+    for _ in range(10):
+        failures = getattr(error, "failures", None)  # CheckpointException: {rank: exception or traceback}
+        inner = next((v for v in failures.values() if isinstance(v, BaseException)), None) if failures else None
+        if inner is None or inner is error:
+            break
+        error = inner
     message = " ".join(str(error).split()) or repr(error)
-    return f"{type(error).__name__}: {message}"
+    return f"{type(error).__name__}: {message}"[:400]
 
 
 def where_traceback_went(error: BaseException) -> str:

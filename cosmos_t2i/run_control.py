@@ -138,17 +138,70 @@ def launcher_grace_s() -> float | None:
         return float(TORCHRUN_GRACE_S)
 
 
-def stop_save_warning(save_s: float, grace_s: float | None) -> str | None:
+ACCELERATE_SIMPLE_GRACE_S = 5  # accelerate launch >= 1.16, one process: SIGTERM to it kills the trainer 5 s later
+
+
+def detect_launcher() -> tuple[str, float | None]:
+    """(what started this process, seconds it leaves a trainer between a stop signal and a kill, or None: no limit
+    known). torchrun (also behind accelerate launch with several processes), accelerate launch's own one-process
+    launcher, SLURM and Kubernetes (30 s unless configured), or a plain start."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun", launcher_grace_s()
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        parent = b""
+    if b"accelerate" in parent:
+        from importlib.metadata import version
+
+        from torch.torch_version import TorchVersion
+        if TorchVersion(version("accelerate")) >= "1.16":
+            return f"accelerate launch {version('accelerate')} (one process)", float(ACCELERATE_SIMPLE_GRACE_S)
+        return f"accelerate launch {version('accelerate')} (one process)", None
+    if "SLURM_JOB_ID" in os.environ:
+        return "SLURM (KillWait, 30 s by default)", 30.0
+    if "KUBERNETES_SERVICE_HOST" in os.environ:
+        return "Kubernetes (terminationGracePeriodSeconds, 30 s by default)", 30.0
+    return "no launcher", None
+
+
+def grace_advice(launcher: str) -> str:
+    """How to give a stop save more time, or to bound what a kill loses, under `launcher`."""
+    if launcher.startswith("accelerate"):
+        return ("on one GPU start the script without a launcher (python train_text2image.py ...), or launch through "
+                "torchrun --nproc_per_node 1 (its grace is 30 s, TORCH_ELASTIC_SHUTDOWN_TIMEOUT sets it); --save_interval "
+                "30m bounds what a kill loses")
+    if launcher.startswith("SLURM"):
+        return ("ask for the signal ahead of the kill (#SBATCH --signal=USR1@300: SIGUSR1 stops with a checkpoint), and "
+                "bound what a kill loses with --save_interval 30m")
+    if launcher.startswith("Kubernetes"):
+        return "raise terminationGracePeriodSeconds, and bound what a kill loses with --save_interval 30m"
+    return "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=<seconds> before launching; --save_interval 30m bounds what a kill loses"
+
+
+def check_one_job(accelerator) -> None:
+    """Refuse processes that a launcher started together but that did not form one job (accelerate launch
+    --multi_gpu on a machine without GPUs: each would believe it is rank 0 of 1 and train alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise SystemExit(f"the launcher started {world} processes but they did not form one job (this one sees "
+                         f"{accelerator.num_processes}): Accelerate found no GPU for them. On CPUs set "
+                         "ACCELERATE_USE_CPU=true (or pass --cpu to accelerate launch); on GPUs check "
+                         "CUDA_VISIBLE_DEVICES and --num_processes.")
+
+
+def stop_save_warning(save_s: float, grace_s: float | None, launcher: str = "torchrun") -> str | None:
     """What to tell the user when a save takes longer than the launcher waits after a stop signal, else None."""
     if grace_s is None or save_s <= grace_s:
         return None
     advice = (f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={max(60, int(3 * save_s))} before accelerate launch or torchrun"
-              if _grace_is_settable() else
-              "torch >= 2.12 lets TORCH_ELASTIC_SHUTDOWN_TIMEOUT lengthen it (this torch fixes it at 30 s)")
-    return (f"a checkpoint save took {save_s:.0f} s, but the launcher kills its trainers {grace_s:.0f} s after it "
-            f"forwards a stop signal (SIGTERM on preemption): a save on such a signal would be cut short and the run "
-            f"would resume from the checkpoint before. {advice[0].upper()}{advice[1:]}. --max_wall_time stops are not "
-            f"affected (no signal).")
+              if launcher == "torchrun" and _grace_is_settable() else
+              "torch >= 2.12 lets TORCH_ELASTIC_SHUTDOWN_TIMEOUT lengthen it (this torch fixes it at 30 s)"
+              if launcher == "torchrun" else grace_advice(launcher))
+    return (f"a checkpoint save took {save_s:.0f} s, but the launcher ({launcher}) kills its trainers {grace_s:.0f} s "
+            f"after it forwards a stop signal (SIGTERM on preemption): a stop save (shards only, faster) may be cut "
+            f"short, and the run would resume from the checkpoint before. {advice[0].upper()}{advice[1:]}. "
+            f"--max_wall_time stops are not affected (no signal).")
 
 
 class WallClock:
@@ -266,7 +319,7 @@ def _is_stale(path, holder) -> bool:
         return True
 
 
-def claim_run(accelerator, run_dir, ckpt_dir) -> int | None:
+def claim_run(accelerator, run_dir, ckpt_dir, start_over: bool = False) -> int | None:
     """Lock the run folder (main process; released at exit, its heartbeat kept by a thread) and find the checkpoint
     to resume from; every process gets the answer.
 
@@ -287,7 +340,7 @@ def claim_run(accelerator, run_dir, ckpt_dir) -> int | None:
             atexit.register(release_lock, lock)
             record_exit_code(run_dir, None)  # a code left by an earlier run no longer says anything
             ckpt.remove_leftovers(ckpt_dir)
-            answer = [{"latest": ckpt.resume_point(ckpt_dir)}]
+            answer = [{"latest": ckpt.resume_point(ckpt_dir, start_over)}]
         except SystemExit as e:
             answer = [{"error": str(e)}]
     if accelerator.num_processes > 1:

@@ -5,7 +5,9 @@ schedule and EMA prepared by Accelerate, NVIDIA's loss and update, and the end o
 import contextlib
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -243,8 +245,10 @@ def embed_validation_prompts(args, accelerator):
                                                         accelerator.device).cpu())
 
 
-def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -> torch.Tensor:
-    """NVIDIA's loss over --grad_accum micro-batches, backward through each; returns this process's mean loss."""
+def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -> tuple[torch.Tensor, list[str]]:
+    """NVIDIA's loss over --grad_accum micro-batches, backward through each; returns this process's mean loss and
+    the problems of samples that could not be read (the dataset put readable ones in their place, so every process
+    still runs its collectives; the caller must not apply this step)."""
     from torch.profiler import record_function
 
     from .flow import draw_training_randomness, flow_loss
@@ -254,8 +258,10 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
 
     def to_device(x):  # from pinned memory (the loader pins its batches): no wait for the GPU's queue to drain
         return x.to(device, non_blocking=True)
+    unreadable = []
     for micro in range(args.grad_accum):
         batch = next(data_iter)
+        unreadable += [problem for problem in batch.get("unreadable", []) if problem]
         latents = to_device(batch["latents"]) if "latents" in batch else encode_images(vae, to_device(batch["images"]))
         # each sample's noise, sigma and dropout depend on its place in the global batch, not on the process count
         first = (micro * accelerator.num_processes + accelerator.process_index) * args.batch_size
@@ -273,7 +279,7 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
                 accelerator.no_sync(model) if micro < args.grad_accum - 1 else contextlib.nullcontext():
             accelerator.backward(loss / args.grad_accum)
         total += loss.detach() / args.grad_accum
-    return total
+    return total, unreadable
 
 
 def end_run(accelerator, run_dir, exit_code: int = 0) -> None:
@@ -303,17 +309,149 @@ def trainer_state(args, sampler, iteration: int, skipped: int) -> dict:
     """What a resume needs beside the tensors: steps skipped so far, the RNG, and the position in the data."""
     return {"skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
             "data_position": {"global_batch_step": iteration * args.grad_accum,
-                              "batches_per_epoch": sampler.per_epoch}}
+                              "batches_per_epoch": sampler.per_epoch, "samples": sum(map(len, sampler.args[0]))}}
+
+
+def make_checkpointer(args, accelerator, t, ckpt_dir, start_iter: int):
+    """The run's Checkpointer, once the disk is known to hold its checkpoints; says how long the launcher lets a stop
+    save run. Returns (checkpointer, (launcher name, grace seconds or None))."""
+    from .run_control import detect_launcher, grace_advice
+
+    checkpointer = ckpt.Checkpointer(ckpt_dir, t.unwrapped, t.optimizer, t.scheduler, t.ema, t.lora_meta,
+                                     args.keep_last, args.async_save, accelerator.is_main_process)
+    shards, model = estimate_checkpoint_bytes(t.params, args.optimizer, args.ema, args.train_architecture == "lora")
+    checkpointer.expected_bytes = shards + model
+    first = start_iter - start_iter % args.save_iter + args.save_iter
+    saves = len(range(first, args.max_iter + 1, args.save_iter)) + int(args.final_save and args.max_iter % args.save_iter > 0)
+    check_disk_space(ckpt_dir, shards + model, args.keep_last, max(1, saves))
+    launcher, grace = detect_launcher()
+    if grace is not None and accelerator.is_main_process:
+        logger.log(logging.WARNING if grace < 10 else logging.INFO,
+                   "launcher: %s, which kills the trainer %.0f s after a stop signal (preemption); a stop save writes "
+                   "about %.2f GB (what a resume needs; the model file follows at the next start). If that takes "
+                   "longer, %s.", launcher, grace, shards / 1e9, grace_advice(launcher))
+    return checkpointer, (launcher, grace)
+
+
+def resume(args, checkpointer, t, sampler, n_samples: int, latest: int) -> None:
+    """Restore the checkpoint of `latest` (this command's optimizer settings win), start building its model file if
+    a stop save left it out, and say how the saved data position maps onto a dataset that changed since."""
+    from .run_control import apply_optimizer_settings
+
+    state = checkpointer.restore(latest)
+    apply_optimizer_settings(t.optimizer, t.scheduler, args.lr, args.betas, args.eps, args.weight_decay)
+    torch.set_rng_state(state["rng"]["torch"])
+    checkpointer.build_model_file(latest)
+    saved = state.get("data_position", {})
+    before, before_samples = saved.get("batches_per_epoch"), saved.get("samples")
+    if (before is not None and before != sampler.per_epoch) or (before_samples not in (None, n_samples)):
+        step = latest * args.grad_accum
+        logger.warning("the data changed since the checkpoint: %s samples, %d global batches per epoch then; %d, %d "
+                       "now. The run goes on at global batch %d, which is now batch %d of epoch %d (the order is drawn "
+                       "anew from the current samples, so some samples of this epoch may be seen twice or not at "
+                       "all).", before_samples if before_samples is not None else "?", before, n_samples,
+                       sampler.per_epoch, step, step % sampler.per_epoch, step // sampler.per_epoch)
+    logger.info("resumed from %s at iteration %d", checkpointer.dir, latest)
 
 
 def stop_with_checkpoint(accelerator, checkpointer, run_dir, iteration: int, state: dict, reason: str | None):
     """Save `iteration` synchronously and end the run with exit code 75, every process together (they all decided
-    to stop at this iteration); reason None means --max_wall_time."""
+    to stop at this iteration); reason None means --max_wall_time. Only what a resume needs is written, to fit the
+    launcher's grace period; the model file is built at the next start. A failed save ends with exit code 74."""
     from .run_control import STOPPED_EXIT_CODE
 
-    checkpointer.save(iteration, state, blocking=True)
-    checkpointer.wait_everyone()
+    try:
+        checkpointer.save(iteration, state, blocking=True, with_model_file=False)
+        checkpointer.wait_everyone()
+    except ckpt.SaveFailed as e:
+        raise_save_failed(accelerator, run_dir, e)
     accelerator.print(f"stopped ({reason or '--max_wall_time'}) at iteration {iteration}: checkpoint saved in "
                       f"{checkpointer.dir}; run the same command again to resume (exit code {STOPPED_EXIT_CODE}).")
     end_run(accelerator, run_dir, STOPPED_EXIT_CODE)
     raise SystemExit(STOPPED_EXIT_CODE)
+
+
+DATA_ERROR_EXIT_CODE = 65  # EX_DATAERR: a sample could not be read; the state before it is saved
+
+
+def stop_on_unreadable_data(accelerator, checkpointer, run_dir, iteration: int, problems: list[str], state: dict):
+    """A sample of the step after `iteration` could not be read: save `iteration` (unless it is saved already), name
+    the file, and end the run with exit code 65 on every process together."""
+    for problem in problems:  # only the process that read it knows the file
+        logger.error("%s", problem)
+    if iteration > 0 and iteration not in (checkpointer.last_iteration, checkpointer.resumed_from):
+        try:
+            checkpointer.save(iteration, state, blocking=True)
+        except ckpt.SaveFailed as e:
+            raise_save_failed(accelerator, run_dir, e)
+    checkpointer.wait_everyone()
+    accelerator.print(f"stopped: a sample of iteration {iteration + 1} could not be read (named above). The checkpoint "
+                      f"of iteration {iteration} is in {checkpointer.dir}; replace or remove the file and run the same "
+                      f"command again, or add --skip_incomplete to skip such samples (exit code "
+                      f"{DATA_ERROR_EXIT_CODE}).")
+    end_run(accelerator, run_dir, DATA_ERROR_EXIT_CODE)
+    raise SystemExit(DATA_ERROR_EXIT_CODE)
+
+
+def save_or_exit(accelerator, checkpointer, run_dir, iteration: int | None, state: dict | None) -> None:
+    """The last save of a run (iteration None: only wait for the one in flight): written before returning; if it
+    fails, the run ends with exit code 74."""
+    try:
+        if iteration is not None:
+            checkpointer.save(iteration, state, blocking=True)  # the process ends right after the last
+        checkpointer.wait_everyone()
+    except ckpt.SaveFailed as e:
+        raise_save_failed(accelerator, run_dir, e)
+
+
+def raise_save_failed(accelerator, run_dir, error):
+    """End the run after a save that had to succeed (a stop or the last one) failed: exit code 74, one line."""
+    from .run_control import record_exit_code
+
+    if accelerator.is_main_process:
+        record_exit_code(run_dir, ckpt.SAVE_FAILED_EXIT_CODE)
+        sys.stderr.write(f"train_text2image.py: {error}\n")
+    sys.exit(ckpt.SAVE_FAILED_EXIT_CODE)
+
+
+def save_or_warn(checkpointer, iteration: int, state: dict, blocking: bool = False) -> None:
+    """A periodic save: if it (or the one before, found unfinished on disk now) fails, say so in one line and go
+    on training; the next save tries again."""
+    for _ in range(2):
+        try:
+            checkpointer.save(iteration, state, blocking=blocking)
+            return
+        except ckpt.SaveFailed as e:
+            logger.warning("%s Training goes on; the next save tries again.", e)
+            if e.iteration == iteration:
+                return
+
+
+def estimate_checkpoint_bytes(params, optimizer: str, ema: bool, lora: bool) -> tuple[int, int]:
+    """Bytes of one checkpoint's shards (weights as trained, two optimizer moments, EMA) and of its model file (bf16
+    weights for a full fine-tune, fp32 adapters for LoRA, and the fp32 EMA)."""
+    shards = model = 0
+    for p in params:
+        moments = 2 * (1 if optimizer == "adamw8bit" else p.element_size())
+        shards += p.numel() * (p.element_size() + moments + (4 if ema else 0))
+        model += p.numel() * ((4 if lora else 2) + (4 if ema else 0))
+    return shards, model
+
+
+def check_disk_space(ckpt_dir, expected_bytes: int, keep_last: int | None, saves_planned: int) -> None:
+    """Refuse to start when one checkpoint does not fit the free space under ckpt_dir; warn when the checkpoints
+    kept at once (--keep_last + 1 while a save is written, or every planned one) do not."""
+    folder = Path(ckpt_dir)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < expected_bytes:
+        raise SystemExit(f"{ckpt_dir}: one checkpoint needs about {expected_bytes / 1e9:.2f} GB but the disk holding "
+                         f"it has {free / 1e9:.2f} GB free. Free space or choose another --output_root.")
+    kept_at_once = min(keep_last + 1, saves_planned) if keep_last else saves_planned
+    existing = len(ckpt.saved_iterations(ckpt_dir))
+    if kept_at_once > existing and free < (kept_at_once - existing) * expected_bytes:
+        logger.warning("the disk under %s has %.1f GB free: room for %d more checkpoints of about %.2f GB, but this run "
+                       "keeps up to %d at once%s; saves past that will fail (the run goes on). Free space or set "
+                       "--keep_last.", ckpt_dir, free / 1e9, free // expected_bytes, expected_bytes / 1e9,
+                       kept_at_once, f" (--keep_last {keep_last} + the one being written)" if keep_last else "")

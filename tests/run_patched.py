@@ -7,6 +7,7 @@
     COSMOS_TEST_FP8_ON_CPU=1           let --fp8 run on the CPU (torch has CPU float8 matmuls; no Hopper needed)
     COSMOS_TEST_KILL_IN_MODEL_FILE=N   SIGKILL the trainer while the background save of iteration N writes
                                        the model file (half a file on disk, as a real kill leaves)
+    COSMOS_TEST_MODEL_FILE_ENOSPC=N    writing the model file of iteration N fails with ENOSPC (a disk that filled up)
     COSMOS_TEST_SLOW_MODEL_FILE=S      each model file takes S seconds longer to write (a large model, a slow disk)
     COSMOS_TEST_PG_TIMEOUT=S           the default process group's collectives give up after S seconds (as NCCL's
                                        do after 10 minutes)
@@ -65,6 +66,21 @@ if os.environ.get("COSMOS_TEST_KILL_IN_MODEL_FILE"):
 
     checkpoint.write_model_file = write_then_die
 
+if os.environ.get("COSMOS_TEST_MODEL_FILE_ENOSPC"):
+    import errno
+
+    from cosmos_t2i import checkpoint
+
+    write_or_fail = checkpoint.write_model_file
+
+    def disk_full_at(folder, path, *args, **kwargs):
+        if Path(folder).name == f"iter_{int(os.environ['COSMOS_TEST_MODEL_FILE_ENOSPC']):09d}":
+            Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_or_fail(folder, path, *args, **kwargs)
+
+    checkpoint.write_model_file = disk_full_at
+
 if os.environ.get("COSMOS_TEST_SLOW_MODEL_FILE"):
     from cosmos_t2i import checkpoint
 
@@ -118,4 +134,6 @@ if os.environ.get("COSMOS_TEST_SLOW_CACHE"):
 import train_text2image  # noqa: E402
 
 if __name__ == "__main__":
-    train_text2image.main(sys.argv[1:])
+    from cosmos_t2i.cli import run_main
+
+    run_main(lambda: train_text2image.main(sys.argv[1:]), "train_text2image.py")

@@ -60,8 +60,11 @@ def test_sigterm_to_the_group_saves_where_it_stopped_and_resumes_exactly(tiny_bu
     assert (run_dir(out).parent / EXIT_CODE_FILE).read_text() == f"{STOPPED_EXIT_CODE}\n"
     assert ckpt.checkpoint_problem(run_dir(out), stopped) is None
     assert not (run_dir(out).parent / LOCK).exists()
+    # a stop save writes only what a resume needs (it must fit the launcher's grace); the next start builds the rest
+    assert not ckpt.model_file(run_dir(out), stopped).exists()
     resumed = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "100", "--max_iter",
                                     str(stopped + 3)))
+    assert torch.load(ckpt.model_file(run_dir(out), stopped), weights_only=True)
     a, b = losses_of(straight.stderr), losses_of(resumed.stderr)
     assert [a[i] for i in range(stopped + 1, stopped + 4)] == [b[i] for i in range(stopped + 1, stopped + 4)]
 
@@ -140,8 +143,13 @@ def test_sighup_from_a_closed_terminal_stops_with_a_checkpoint(tiny_bundle, tmp_
     os.killpg(proc.pid, signal.SIGHUP)
     assert proc.wait(timeout=120) == STOPPED_EXIT_CODE, open(log).read()[-3000:]
     assert "SIGHUP received" in (run_dir(out).parent / "train.log").read_text()
-    assert ckpt.checkpoint_problem(run_dir(out), ckpt.latest_iteration(run_dir(out))) is None
+    stopped = ckpt.latest_iteration(run_dir(out))
+    assert ckpt.checkpoint_problem(run_dir(out), stopped) is None
     assert not (run_dir(out).parent / LOCK).exists()
+    # inference and export from the run folder build the model file the stop save left out
+    built = ckpt.resolve_model_file(run_dir(out).parent)
+    assert built == ckpt.model_file(run_dir(out), stopped) and any(
+        k.startswith("net_ema.") for k in torch.load(built, weights_only=True))
 
 
 def test_preemption_of_a_multi_process_run_saves_despite_repeated_sigterms(tiny_bundle, tmp_path):

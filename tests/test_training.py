@@ -258,9 +258,10 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "write_model_file", disk_full)
     saver.save(20, {"rng": {"torch": torch.get_rng_state()}})
-    with pytest.raises(RuntimeError, match="No space left"):
+    with pytest.raises(ckpt.SaveFailed, match="iter_000000020.pt not saved .*No space left.* iter_000000010.pt stays"):
         saver.wait()
     assert ckpt.latest_iteration(tmp_path) == 10 and ckpt.shards_dir(tmp_path, 10).is_dir()
+    assert ckpt.saved_iterations(tmp_path) == [10]  # the partial checkpoint is removed
     assert not list(tmp_path.rglob(".*tmp*"))  # no half-written file left behind
     trainer = saver.restore(10)
     assert trainer["iteration"] == 10 and torch.equal(model.weight, saved)

@@ -1,0 +1,150 @@
+"""A run folder handed to us (a shared disk, a downloaded checkpoint) cannot run code; start-up never deletes a usable
+checkpoint; a save that cannot be written (a full disk) loses nothing that was complete."""
+
+import os
+import pickle
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import ROOT, run_script, tiny_args
+
+from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i import shards
+from cosmos_t2i.training import check_disk_space
+
+
+def run_dir(out):
+    return ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
+
+
+class Payload:
+    """Unpickling this creates `marker`: proof that a file ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_crafted_metadata_is_refused_at_resume_without_running(tiny_bundle, tmp_path):
+    out, marker = tmp_path / "ck", tmp_path / "payload_ran"
+    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "2"))
+    metadata = ckpt.shards_dir(run_dir(out), 4) / ".metadata"
+    metadata.write_bytes(pickle.dumps(Payload(marker)))
+    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "2"))
+    assert not marker.exists()
+    assert f"{metadata}: refused to unpickle posix.mkdir" in result.stderr
+    assert "at iteration 2" in result.stderr  # fell back to the checkpoint before
+    with pytest.raises(shards.UnsafeCheckpointError):  # the same for export / inference, which read it directly
+        shards.read_metadata(metadata.parent)
+    assert not marker.exists()
+
+
+def test_pickled_byte_entries_of_a_shard_file_are_refused(tmp_path):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+
+    folder, marker = tmp_path / "shards", tmp_path / "payload_ran"
+    folder.mkdir()
+    data = pickle.dumps(Payload(marker))
+    (folder / "__0_0.distcp").write_bytes(data)
+    metadata = Metadata(state_dict_metadata={"model.w": BytesStorageMetadata()},
+                        storage_data={MetadataIndex("model.w"): _StorageInfo("__0_0.distcp", 0, len(data))})
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(shards.UnsafeCheckpointError, match="stored as pickled bytes"):
+        shards.load({"model": {"w": torch.zeros(3)}}, folder, no_dist=True)
+    assert not marker.exists()
+    # the folder is really dangerous: torch's own reader runs the payload
+    dcp.load({"model": {"w": torch.zeros(3)}}, checkpoint_id=str(folder), no_dist=True)
+    assert marker.exists()
+
+
+def test_rollback_by_hand_keeps_newer_checkpoints(tiny_bundle, tmp_path):
+    out = tmp_path / "ck"
+    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "3"))
+    d = run_dir(out)
+    (d / "latest_checkpoint.txt").write_text("iter_000000003.pt")
+    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "5", "--save_iter", "3", "--keep_last", "1"))
+    assert "resumed from" in result.stderr and "at iteration 3" in result.stderr
+    assert "newer complete checkpoints exist (6)" in result.stderr
+    # 6 is kept (the run has not saved past it); --keep_last pruned 3 after 5 was saved
+    assert ckpt.latest_iteration(d) == 5 and ckpt.checkpoint_problem(d, 6) is None
+    assert not ckpt.model_file(d, 3).exists()
+
+    # a pointer naming an iteration that is not there (lower than every checkpoint) falls back to the newest
+    (d / "latest_checkpoint.txt").write_text("iter_000000001.pt")
+    again = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "7", "--save_iter", "3"))
+    assert "at iteration 6" in again.stderr and "iteration 1 cannot be used" in again.stderr
+    assert ckpt.checkpoint_problem(d, 5) is None and ckpt.latest_iteration(d) == 7
+
+
+def test_no_usable_checkpoint_stops_and_lists_them_unless_start_over(tiny_bundle, tmp_path):
+    out = tmp_path / "ck"
+    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "2"))
+    d = run_dir(out)
+    for i in (2, 4):
+        (d / "trainer" / ckpt.iter_name(i)).write_bytes(b"damaged")
+    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "2"), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "none of the 2 checkpoints can be resumed from" in result.stderr and "--start_over" in result.stderr
+    assert "iteration 4:" in result.stderr and "iteration 2:" in result.stderr
+    assert ckpt.model_file(d, 4).exists() and ckpt.model_file(d, 2).exists()  # nothing deleted
+    over = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2", "--start_over"))
+    assert "resumed from" not in over.stderr and ckpt.checkpoint_problem(d, 2) is None
+
+
+def start_limited(args, file_size_limit=None, env=None):
+    """The trainer through tests/run_patched.py, optionally with writes past `file_size_limit` bytes failing."""
+    def limit():
+        if file_size_limit:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    return subprocess.run([sys.executable, "tests/run_patched.py", *map(str, args[1:])], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=limit, env=dict(os.environ, **(env or {})))
+
+
+def test_a_shard_write_error_keeps_the_previous_checkpoint_and_the_last_save_exits_74(tiny_bundle, tmp_path):
+    """Writes past RLIMIT_FSIZE fail (EFBIG) as a full disk does (ENOSPC): the shard files (1.7 MB each) cannot be
+    written, the small files can."""
+    out = tmp_path / "ck"
+    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2"))
+    d = run_dir(out)
+    result = start_limited(tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "2"), 1_500_000)
+    assert result.returncode == ckpt.SAVE_FAILED_EXIT_CODE, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "checkpoint iter_000000004.pt not saved" in result.stderr and "Training goes on" in result.stderr
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert "checkpoint iter_000000006.pt not saved" in last and "File too large" in last
+    assert "iter_000000002.pt stays the latest" in last and "GB free" in last
+    assert ckpt.latest_iteration(d) == 2 and ckpt.checkpoint_problem(d, 2) is None
+    assert ckpt.saved_iterations(d) == [2]  # the partial ones are gone
+    assert (d.parent / "exit_code").read_text().strip() == str(ckpt.SAVE_FAILED_EXIT_CODE)
+
+
+def test_a_model_file_write_error_is_reported_and_the_next_save_succeeds(tiny_bundle, tmp_path):
+    out = tmp_path / "ck"
+    result = start_limited(tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "2"),
+                           env={"COSMOS_TEST_MODEL_FILE_ENOSPC": "4"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint iter_000000004.pt not saved (OSError: [Errno 28] No space left on device)" in result.stderr
+    assert "iter_000000002.pt stays the latest" in result.stderr
+    d = run_dir(out)
+    assert ckpt.latest_iteration(d) == 6 and ckpt.saved_iterations(d) == [2, 6]
+    assert not list((d / "model").glob(".*tmp*"))
+
+
+def test_disk_space_is_checked_before_training(tmp_path, monkeypatch, caplog):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 10 ** 9))
+    with pytest.raises(SystemExit, match="one checkpoint needs about 12.00 GB but the disk holding it has 10.00 GB"):
+        check_disk_space(tmp_path / "run" / "checkpoints", 12 * 10 ** 9, keep_last=2, saves_planned=5)
+    check_disk_space(tmp_path / "run" / "checkpoints", 4 * 10 ** 9, keep_last=2, saves_planned=5)
+    assert "room for 2 more checkpoints" in caplog.text and "--keep_last 2 + the one being written" in caplog.text
+    caplog.clear()
+    check_disk_space(tmp_path / "run" / "checkpoints", 4 * 10 ** 9, keep_last=1, saves_planned=5)
+    assert not caplog.text
