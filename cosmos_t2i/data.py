@@ -11,14 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .files import atomic_write
+from .images import (BACKGROUND, RESIZE_MODES, fit_image, image_size, load_image, reduction,  # noqa: F401
+                     resize_image, thin_side)
 from .registry import RESOLUTIONS
 from .t5 import pad_embedding, read_embedding
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
-RESIZE_MODES = ("resize", "center_crop", "pad")
+# the start check decodes for a small fit: a large JPEG at 1/8 scale (every coefficient is still read, so a
+# damaged or truncated file fails as it would whole), other formats whole, then reduced
+CHECK_SIZE = (64, 64)
 EMBEDDING_COLUMN = "t5_xxl"
 logger = logging.getLogger(__name__)
 
@@ -99,13 +102,15 @@ class FolderSource:
     def name(self, i):
         return self.samples[i]["name"]
 
-    def image(self, i) -> torch.Tensor:
-        return load_image(self.samples[i]["image"])
+    def where(self, i) -> str:
+        return str(self.samples[i]["image"])
+
+    def image(self, i, size=None, mode="resize") -> torch.Tensor:
+        return load_image(self.samples[i]["image"], None, size, mode)
 
     def image_size(self, i) -> tuple[int, int]:
-        """(width, height) from the file header, without decoding."""
-        with Image.open(self.samples[i]["image"]) as img:
-            return img.size
+        """(width, height) as displayed, from the file header, without decoding."""
+        return image_size(self.samples[i]["image"])
 
     def embedding(self, i) -> np.ndarray:
         return read_embedding(self.samples[i]["embedding"])
@@ -155,16 +160,19 @@ class HFSource:
     def name(self, i):
         return f"{i:08d}"
 
-    def _raw(self, i) -> bytes:
-        entry = self.images[i]
-        return entry["bytes"] if entry.get("bytes") else Path(entry["path"]).read_bytes()
+    def where(self, i) -> str:
+        return f"{self.root} row {i}"
 
-    def image(self, i) -> torch.Tensor:
-        return load_image(io.BytesIO(self._raw(i)), f"{self.root} row {i}")
+    def _file(self, i):
+        """The row's image bytes as a file, or its path (opened by the reader, so a missing file is named)."""
+        entry = self.images[i]
+        return io.BytesIO(entry["bytes"]) if entry.get("bytes") else Path(entry["path"])
+
+    def image(self, i, size=None, mode="resize") -> torch.Tensor:
+        return load_image(self._file(i), self.where(i), size, mode)
 
     def image_size(self, i):
-        with Image.open(io.BytesIO(self._raw(i))) as img:
-            return img.size
+        return image_size(self._file(i))
 
     def embedding(self, i) -> np.ndarray:
         return np.asarray(self.embeddings[i][EMBEDDING_COLUMN], dtype=np.float16)
@@ -179,39 +187,12 @@ def _image_feature(decode):
 
 
 # ---------------------------------------------------------------- images
-BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
-
-
-def load_image(path, name=None) -> torch.Tensor:
-    """Decode an image to uint8 [3, H, W]; a corrupt file raises an error naming it.
-
-    EXIF orientation is applied; 16-bit greyscale is scaled to 8 bits (not clipped to white); images with
-    transparency are composited on BACKGROUND.
-    """
-    from PIL import ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray(np.clip(grey / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                img = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-                img.alpha_composite(rgba)
-            array = np.asarray(img.convert("RGB"))
-    except Exception as e:
-        raise ValueError(f"{name or path}: cannot decode image ({e}). Replace or remove the file.") from e
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
 def _check_file(path: Path) -> None:
     """Raise ValueError (its first sentence says what is wrong) unless the image decodes or the embedding is valid."""
     if path.suffix == ".pickle":
         read_embedding(path)
     else:
-        load_image(path)
+        load_image(path, None, CHECK_SIZE)
 
 
 def check_files(paths, root, cache_file) -> dict[str, str]:
@@ -265,45 +246,6 @@ def check_files(paths, root, cache_file) -> dict[str, str]:
     return problems
 
 
-def fit_image(image: torch.Tensor, size: tuple[int, int], mode: str = "resize"):
-    """uint8 [3,h,w] -> (float [3,H,W] in [-1,1], padding mask [1,H,W]).
-
-    "resize" is NVIDIA's: straight to (H, W), antialiased, aspect not kept. "center_crop" scales to cover and
-    crops the centre. "pad" scales to fit inside and reflection-pads, with the mask 1 on padded pixels (as
-    NVIDIA's pre-training augmentor does).
-    """
-    import torch.nn.functional as F
-    import torchvision.transforms.functional as TF
-
-    height, width = size
-    x = image.float() / 255.0
-    mask = torch.zeros(1, height, width)
-    if mode == "resize":
-        x = TF.resize(x, [height, width], antialias=True)
-    elif mode == "center_crop":
-        scale = max(height / x.shape[1], width / x.shape[2])
-        new_size = [max(height, round(x.shape[1] * scale)), max(width, round(x.shape[2] * scale))]
-        x = TF.center_crop(TF.resize(x, new_size, antialias=True), [height, width])
-    elif mode == "pad":
-        scale = min(height / x.shape[1], width / x.shape[2])
-        h, w = min(height, round(x.shape[1] * scale)), min(width, round(x.shape[2] * scale))
-        x = TF.resize(x, [h, w], antialias=True)
-        top, left = (height - h) // 2, (width - w) // 2
-        pads = (left, width - w - left, top, height - h - top)
-        # reflection needs the pad smaller than the image; fall back to replicate for extreme aspects
-        x = F.pad(x[None], pads, mode="reflect" if max(pads[:2]) < w and max(pads[2:]) < h else "replicate")[0]
-        mask[:] = 1
-        mask[:, top:top + h, left:left + w] = 0
-    else:
-        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
-    return x.clamp(0, 1) * 2 - 1, mask
-
-
-def resize_image(image: torch.Tensor, size, mode: str = "resize") -> torch.Tensor:
-    """fit_image without the mask."""
-    return fit_image(image, size, mode)[0]
-
-
 def nearest_bucket(width: int, height: int, resolution: str) -> str:
     """The aspect ratio of NVIDIA's table nearest to width/height (in log aspect)."""
     table = RESOLUTIONS[resolution]
@@ -351,7 +293,8 @@ class ImageDataset(torch.utils.data.Dataset):
     """Samples from a folder (dataset_dir) or an HF dataset (source=HFSource), at one size or in buckets.
 
     With `resolution` set, each image goes to the nearest of that class's five aspect ratios and is fitted
-    with `resize_mode` ("center_crop" or "pad"); `groups` lists the indices of each bucket.
+    with `resize_mode` ("center_crop" or "pad"); `groups` lists the indices of each bucket. A sample that cannot be
+    read during training is replaced by another of its bucket (see __getitem__).
     """
 
     def __init__(self, dataset_dir=None, image_size=(768, 1360), resize_mode: str = "resize",
@@ -359,33 +302,104 @@ class ImageDataset(torch.utils.data.Dataset):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.source = source if source is not None else FolderSource(dataset_dir, skip_incomplete)
-        self.resize_mode = resize_mode
+        self.resize_mode, self.skip_unreadable = resize_mode, skip_incomplete
         self.latent_cache = None
+        self.failed = {}  # index -> the error that made its sample unreadable during training (in this process)
+        self.image_sizes = self._header_sizes()
         if resolution is None:
             if any(s % 16 for s in image_size):
                 raise ValueError(f"image_size {tuple(image_size)} must be multiples of 16 (height width).")
             self.sizes = [tuple(image_size)] * len(self.source)
             self.buckets = ["fixed"] * len(self.source)
         else:
-            self.buckets = [nearest_bucket(*self.source.image_size(i), resolution) for i in range(len(self.source))]
+            self.buckets = [nearest_bucket(*size, resolution) for size in self.image_sizes]
             table = RESOLUTIONS[resolution]
             self.sizes = [(table[b][1], table[b][0]) for b in self.buckets]
         names = sorted(set(self.buckets))
         self.groups = [[i for i, b in enumerate(self.buckets) if b == name] for name in names]
         self.histogram = {name: len(g) for name, g in zip(names, self.groups)}
+        self.position = {i: (g, k) for g, group in enumerate(self.groups) for k, i in enumerate(group)}
+        self._name_hard_fits()
+
+    def _header_sizes(self) -> list[tuple[int, int]]:
+        """Each image's displayed (width, height), read from its header; one error lists those that do not read."""
+        sizes, problems = [], []
+        for i in range(len(self.source)):
+            try:
+                sizes.append(self.source.image_size(i))
+            except Exception as e:
+                problems.append(f"{self.source.where(i)} ({' '.join(str(e).split())})")
+        if problems:
+            raise ValueError(f"{len(problems)} images cannot be read: {_listing(problems)}. Replace or remove them.")
+        return sizes
+
+    def _name_hard_fits(self) -> None:
+        """Warn about the images too thin for the fit (a side kept at one pixel) and those PIL calls bombs."""
+        from PIL import Image
+
+        thin = []
+        for i, (w, h) in enumerate(self.image_sizes):
+            if thin_side(h, w, self.sizes[i], self.resize_mode):
+                thin.append(f"{self.source.where(i)} ({w}x{h})")
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                factor = reduction((w, h), self.sizes[i], self.resize_mode)
+                logger.warning("%s: %d pixels (%dx%d), over PIL's decompression-bomb limit of %d; it is decoded %s "
+                               "for its %dx%d fit", self.source.where(i), w * h, w, h, Image.MAX_IMAGE_PIXELS,
+                               f"reduced {factor}x" if factor > 1 else "at full size", *self.sizes[i][::-1])
+        if thin:
+            logger.warning("%d images are too thin for --resize_mode %s: a side of their fit rounds to under one pixel "
+                           "and is kept at one (%s). Crop them, choose another --resize_mode, or remove them.",
+                           len(thin), self.resize_mode, _listing(thin))
 
     def __len__(self):
         return len(self.source)
 
-    def __getitem__(self, index):
+    def fitted(self, index):
+        """(image in [-1,1] fitted to its size, padding mask), a large image decoded reduced."""
+        size = self.sizes[index]
+        return fit_image(self.source.image(index, size, self.resize_mode), size, self.resize_mode)
+
+    def _read(self, index) -> dict:
+        """The sample dict; ValueError (naming the file and the fix) if its image, latents or embedding do not read."""
         height, width = self.sizes[index]
         embedding, mask = pad_embedding(self.source.embedding(index))
         sample = {"t5_text_embeddings": embedding, "t5_text_mask": mask, "fps": 16, "num_frames": 1,
                   "image_size": torch.tensor([height, width, height, width]), "index": index,
-                  "name": self.source.name(index)}
+                  "name": self.source.name(index), "unreadable": ""}
         if self.latent_cache is not None:
             sample["latents"], sample["padding_mask"] = self.latent_cache.load(index)
         else:
-            sample["images"], sample["padding_mask"] = fit_image(self.source.image(index), (height, width),
-                                                                 self.resize_mode)
+            sample["images"], sample["padding_mask"] = self.fitted(index)
         return sample
+
+    def _fail(self, index, error: ValueError) -> None:
+        self.failed[index] = error
+        if self.skip_unreadable:
+            logger.warning("%s Skipped for the rest of this run: the next readable sample of its bucket takes its "
+                           "place.", " ".join(str(error).split()))
+
+    def __getitem__(self, index):
+        """The sample dict; its "unreadable" is "" unless the sample could not be read during training.
+
+        Then (the error remembered, a warning logged once under skip_incomplete) the next sample of its group that
+        reads, wrapping around, is returned in its place (same size, so the batch stacks and every process's
+        collectives still run), with "unreadable" "" under skip_incomplete and otherwise the one-line error naming
+        the file and the fix, for the training loop to act on. If none of the group reads, the error is raised.
+        """
+        if index not in self.failed:
+            try:
+                return self._read(index)
+            except ValueError as e:
+                self._fail(index, e)
+        group, at = self.position[index]
+        for other in self.groups[group][at + 1:] + self.groups[group][:at]:
+            if other in self.failed:
+                continue
+            try:
+                sample = self._read(other)
+            except ValueError as e:
+                self._fail(other, e)
+                continue
+            sample["unreadable"] = "" if self.skip_unreadable else " ".join(str(self.failed[index]).split())
+            return sample
+        raise self.failed[index]
