@@ -143,9 +143,6 @@ def resolve_jobs(args, parser) -> list[dict]:
 
 
 def main(argv=None):
-    from cosmos_t2i.models import quiet_library_logs
-
-    quiet_library_logs()
     parser = build_parser()
     args = parse_with_config(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -170,8 +167,10 @@ def main(argv=None):
         if value and not Path(value).exists() and not (flag == "dit_path" and value.count("/") == 1):
             parser.error(f"--{flag} {value}: no such file or folder.")
 
+    from cosmos_t2i.models import quiet_library_logs
     from cosmos_t2i.pipeline import CosmosText2Image
 
+    quiet_library_logs()  # here, not first: a flag error needs no diffusers imported
     if args.compile:
         keep_compile_cache()
     start = time.perf_counter()

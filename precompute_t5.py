@@ -166,8 +166,8 @@ def is_valid_embedding(path) -> bool:
 def main(argv=None):
     from cosmos_t2i.models import quiet_library_logs
 
-    quiet_library_logs()
     args = parse_args(argv)
+    quiet_library_logs()  # after parsing: a flag error needs no library imported
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
