@@ -4,6 +4,7 @@ Either source yields NVIDIA's sample dict: images [3,H,W] in [-1,1], t5_text_emb
 [512,1024], t5_text_mask, padding_mask [1,H,W], ... With a latent cache it yields `latents` instead of images.
 """
 
+import bisect
 import io
 import logging
 import math
@@ -11,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .files import atomic_write
-from .images import (BACKGROUND, RESIZE_MODES, fit_image, image_size, load_image, reduction,  # noqa: F401
-                     resize_image, thin_side)
+from .images import RESIZE_MODES, fit_image, image_size, load_image, reduction, thin_side
+from .images import BACKGROUND, resize_image  # noqa: F401  (imported from here before images.py existed)
 from .registry import RESOLUTIONS
 from .t5 import pad_embedding, read_embedding
 
@@ -186,7 +188,7 @@ def _image_feature(decode):
     return datasets.Image(decode=decode)
 
 
-# ---------------------------------------------------------------- images
+# ---------------------------------------------------------------- the check at start
 def _check_file(path: Path) -> None:
     """Raise ValueError (its first sentence says what is wrong) unless the image decodes or the embedding is valid."""
     if path.suffix == ".pickle":
@@ -305,21 +307,20 @@ class ImageDataset(torch.utils.data.Dataset):
         self.resize_mode, self.skip_unreadable = resize_mode, skip_incomplete
         self.latent_cache = None
         self.failed = {}  # index -> the error that made its sample unreadable during training (in this process)
-        self.image_sizes = self._header_sizes()
+        image_sizes = self._header_sizes()
         if resolution is None:
             if any(s % 16 for s in image_size):
                 raise ValueError(f"image_size {tuple(image_size)} must be multiples of 16 (height width).")
             self.sizes = [tuple(image_size)] * len(self.source)
             self.buckets = ["fixed"] * len(self.source)
         else:
-            self.buckets = [nearest_bucket(*size, resolution) for size in self.image_sizes]
+            self.buckets = [nearest_bucket(*size, resolution) for size in image_sizes]
             table = RESOLUTIONS[resolution]
             self.sizes = [(table[b][1], table[b][0]) for b in self.buckets]
-        names = sorted(set(self.buckets))
-        self.groups = [[i for i, b in enumerate(self.buckets) if b == name] for name in names]
-        self.histogram = {name: len(g) for name, g in zip(names, self.groups)}
-        self.position = {i: (g, k) for g, group in enumerate(self.groups) for k, i in enumerate(group)}
-        self._name_hard_fits()
+        self.group_names = sorted(set(self.buckets))
+        self.groups = [[i for i, b in enumerate(self.buckets) if b == name] for name in self.group_names]
+        self.histogram = {name: len(g) for name, g in zip(self.group_names, self.groups)}
+        self._name_hard_fits(image_sizes)
 
     def _header_sizes(self) -> list[tuple[int, int]]:
         """Each image's displayed (width, height), read from its header; one error lists those that do not read."""
@@ -333,12 +334,10 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"{len(problems)} images cannot be read: {_listing(problems)}. Replace or remove them.")
         return sizes
 
-    def _name_hard_fits(self) -> None:
+    def _name_hard_fits(self, image_sizes) -> None:
         """Warn about the images too thin for the fit (a side kept at one pixel) and those PIL calls bombs."""
-        from PIL import Image
-
         thin = []
-        for i, (w, h) in enumerate(self.image_sizes):
+        for i, (w, h) in enumerate(image_sizes):
             if thin_side(h, w, self.sizes[i], self.resize_mode):
                 thin.append(f"{self.source.where(i)} ({w}x{h})")
             if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
@@ -373,6 +372,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return sample
 
     def _fail(self, index, error: ValueError) -> None:
+        """Remember that the sample does not read (this process tries it no more); warn once if it is skipped."""
         self.failed[index] = error
         if self.skip_unreadable:
             logger.warning("%s Skipped for the rest of this run: the next readable sample of its bucket takes its "
@@ -381,8 +381,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         """The sample dict; its "unreadable" is "" unless the sample could not be read during training.
 
-        Then (the error remembered, a warning logged once under skip_incomplete) the next sample of its group that
-        reads, wrapping around, is returned in its place (same size, so the batch stacks and every process's
+        Then (the error remembered, a warning logged once per process under skip_incomplete) the next sample of its
+        group that reads, wrapping around, is returned in its place (same size, so the batch stacks and every process's
         collectives still run), with "unreadable" "" under skip_incomplete and otherwise the one-line error naming
         the file and the fix, for the training loop to act on. If none of the group reads, the error is raised.
         """
@@ -391,8 +391,10 @@ class ImageDataset(torch.utils.data.Dataset):
                 return self._read(index)
             except ValueError as e:
                 self._fail(index, e)
-        group, at = self.position[index]
-        for other in self.groups[group][at + 1:] + self.groups[group][:at]:
+        group = self.groups[self.group_names.index(self.buckets[index])]
+        at = bisect.bisect_left(group, index)  # groups hold their indices in ascending order
+        for step in range(1, len(group)):
+            other = group[(at + step) % len(group)]
             if other in self.failed:
                 continue
             try:

@@ -27,10 +27,18 @@ def _open(source) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = limit
 
 
+def _transposed(img) -> bool:
+    """Whether the EXIF orientation the header holds swaps width and height (a PNG without EXIF before its pixels
+    is taken as not: its getexif() would decode the whole image to look after them)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return False
+    return img.getexif().get(0x0112) in TRANSPOSED
+
+
 def _displayed_size(img) -> tuple[int, int]:
     """(width, height) once EXIF orientation is applied."""
     width, height = img.size
-    return (height, width) if img.getexif().get(0x0112) in TRANSPOSED else (width, height)
+    return (height, width) if _transposed(img) else (width, height)
 
 
 def image_size(source) -> tuple[int, int]:
@@ -71,9 +79,8 @@ def _reduced(img, target, mode: str) -> Image.Image:
     which the fit would stretch like a whole one: less than one reduced pixel is left out instead (JPEG's at the
     right and bottom, Image.reduce's split between both sides).
     """
-    transposed = img.getexif().get(0x0112) in TRANSPOSED
     need = decode_size(_displayed_size(img), target, mode)
-    need = need[::-1] if transposed else need
+    need = need[::-1] if _transposed(img) else need
     drafted = img.draft(img.mode, need)  # JPEG only; other formats ignore it and return None
     exact = [math.floor(side) for side in (drafted[1][2:] if drafted else img.size)]
     factor = min(exact[0] // need[0], exact[1] // need[1])
