@@ -230,12 +230,12 @@ class SaveFailed(Exception):
     """A checkpoint could not be written; its partial files are gone and the pointer still names the previous one."""
 
     def __init__(self, ckpt_dir, iteration, error, expected_bytes=None):
-        from .cli import describe
+        from .cli import describe, size_text
 
         free = shutil.disk_usage(ckpt_dir).free if Path(ckpt_dir).exists() else None
         latest = latest_iteration_or_none(ckpt_dir)
-        need = f"a checkpoint needs about {expected_bytes / 1e9:.2f} GB, " if expected_bytes else ""
-        room = f"{free / 1e9:.2f} GB free" if free is not None else "free space unknown"
+        need = f"a checkpoint needs about {size_text(expected_bytes)}, " if expected_bytes else ""
+        room = f"{size_text(free)} free" if free is not None else "free space unknown"
         self.iteration = iteration
         super().__init__(
             f"checkpoint {iter_name(iteration)} not saved ({describe(error)}) on the disk of {ckpt_dir}: {need}"

@@ -92,7 +92,25 @@ def log_to_file(path) -> Path | None:
     log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
     sys.stdout.log = sys.stderr.log = log
     _log_path = path
+    thread_errors_to_log()
     return path
+
+
+def thread_errors_to_log() -> None:
+    """An exception that ends a background thread (torch.distributed.checkpoint's file writers on a full disk) goes
+    with its traceback to the run's log file only; the thread that waits for it reports it in one line."""
+    import threading
+
+    def hook(args):
+        log = getattr(sys.stderr, "log", None)
+        if log is None:
+            return threading.__excepthook__(args)
+        try:
+            log.write(f"exception in thread {args.thread.name if args.thread else '?'}:\n" + "".join(
+                traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+        except (OSError, ValueError):
+            pass
+    threading.excepthook = hook
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -127,13 +145,18 @@ def run_main(main, script: str) -> None:
 def describe(error: BaseException) -> str:
     """`Type: message` of the root cause, on one line (torch.distributed.checkpoint wraps each process's failure)."""
     for _ in range(10):
-        failures = getattr(error, "failures", None)  # CheckpointException: {rank: exception or traceback}
-        inner = next((v for v in failures.values() if isinstance(v, BaseException)), None) if failures else None
+        failures = getattr(error, "failures", None)  # CheckpointException: {rank: (exception, stack summary)}
+        inner = next((v[0] if isinstance(v, tuple) else v for v in failures.values()), None) if failures else None
         if inner is None or inner is error:
             break
         error = inner
     message = " ".join(str(error).split()) or repr(error)
     return f"{type(error).__name__}: {message}"[:400]
+
+
+def size_text(n_bytes: float) -> str:
+    """1.23 GB, or 45.6 MB below 0.1 GB."""
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def where_traceback_went(error: BaseException) -> str:

@@ -93,8 +93,17 @@ def read_metadata(folder):
 
 
 def load(state: dict, folder, **kwargs) -> None:
-    """dcp.load into `state` (in place) through SafeReader and SafePlanner."""
-    dcp.load(state, storage_reader=reader(folder), planner=SafePlanner(), **kwargs)
+    """dcp.load into `state` (in place) through SafeReader and SafePlanner; a refusal is raised as itself, not inside
+    torch's CheckpointException (a BaseException that `except Exception` misses)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=reader(folder), planner=SafePlanner(), **kwargs)
+    except CheckpointException as e:
+        inner = next((v[0] if isinstance(v, tuple) else v for v in e.failures.values()), None)
+        if isinstance(inner, Exception):
+            raise inner from None
+        raise RuntimeError(f"{folder}: {e}") from None
 
 
 # ---------------------------------------------------------------- the model file, built from the shards

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from . import checkpoint as ckpt
+from .cli import size_text
 from .registry import RESOLUTIONS
 
 logger = logging.getLogger("train")
@@ -396,12 +397,16 @@ def stop_on_unreadable_data(accelerator, checkpointer, run_dir, iteration: int, 
 def save_or_exit(accelerator, checkpointer, run_dir, iteration: int | None, state: dict | None) -> None:
     """The last save of a run (iteration None: only wait for the one in flight): written before returning; if it
     fails, the run ends with exit code 74."""
-    try:
-        if iteration is not None:
-            checkpointer.save(iteration, state, blocking=True)  # the process ends right after the last
-        checkpointer.wait_everyone()
-    except ckpt.SaveFailed as e:
-        raise_save_failed(accelerator, run_dir, e)
+    for _ in range(2):
+        try:
+            if iteration is not None:
+                checkpointer.save(iteration, state, blocking=True)  # the process ends right after the last
+            checkpointer.wait_everyone()
+            return
+        except ckpt.SaveFailed as e:
+            if iteration is None or e.iteration == iteration:
+                raise_save_failed(accelerator, run_dir, e)
+            logger.warning("%s", e)  # an earlier background save: this one is tried still
 
 
 def raise_save_failed(accelerator, run_dir, error):
@@ -446,12 +451,12 @@ def check_disk_space(ckpt_dir, expected_bytes: int, keep_last: int | None, saves
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free < expected_bytes:
-        raise SystemExit(f"{ckpt_dir}: one checkpoint needs about {expected_bytes / 1e9:.2f} GB but the disk holding "
-                         f"it has {free / 1e9:.2f} GB free. Free space or choose another --output_root.")
+        raise SystemExit(f"{ckpt_dir}: one checkpoint needs about {size_text(expected_bytes)} but the disk holding "
+                         f"it has {size_text(free)} free. Free space or choose another --output_root.")
     kept_at_once = min(keep_last + 1, saves_planned) if keep_last else saves_planned
     existing = len(ckpt.saved_iterations(ckpt_dir))
     if kept_at_once > existing and free < (kept_at_once - existing) * expected_bytes:
-        logger.warning("the disk under %s has %.1f GB free: room for %d more checkpoints of about %.2f GB, but this run "
+        logger.warning("the disk under %s has %s free: room for %d more checkpoints of about %s, but this run "
                        "keeps up to %d at once%s; saves past that will fail (the run goes on). Free space or set "
-                       "--keep_last.", ckpt_dir, free / 1e9, free // expected_bytes, expected_bytes / 1e9,
+                       "--keep_last.", ckpt_dir, size_text(free), free // expected_bytes, size_text(expected_bytes),
                        kept_at_once, f" (--keep_last {keep_last} + the one being written)" if keep_last else "")
