@@ -8,6 +8,7 @@ import bisect
 import io
 import logging
 import math
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,8 @@ def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
 class FolderSource:
     """images/, metas/, t5_xxl/ as indexable samples."""
 
+    headers_cheap = True
+
     def __init__(self, dataset_dir, skip_incomplete=False):
         self.root = Path(dataset_dir)
         self.samples = find_samples(dataset_dir, skip_incomplete)
@@ -140,6 +143,8 @@ def load_hf_dataset(name: str, split: str = "train"):
 
 class HFSource:
     """A datasets.Dataset with an image column and the `t5_xxl` column that precompute_t5.py adds."""
+
+    headers_cheap = False  # a row's header comes with its whole image out of the arrow file
 
     def __init__(self, dataset_name, image_column="image", split="train"):
         self.dataset = load_hf_dataset(dataset_name, split)
@@ -307,7 +312,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.resize_mode, self.skip_unreadable = resize_mode, skip_incomplete
         self.latent_cache = None
         self.failed = {}  # index -> the error that made its sample unreadable during training (in this process)
-        image_sizes = self._header_sizes()
+        # each image's size decides its bucket, and tells at start which images fit badly (read where cheap)
+        image_sizes = self._header_sizes() if resolution is not None or self.source.headers_cheap else None
         if resolution is None:
             if any(s % 16 for s in image_size):
                 raise ValueError(f"image_size {tuple(image_size)} must be multiples of 16 (height width).")
@@ -320,7 +326,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.group_names = sorted(set(self.buckets))
         self.groups = [[i for i, b in enumerate(self.buckets) if b == name] for name in self.group_names]
         self.histogram = {name: len(g) for name, g in zip(self.group_names, self.groups)}
-        self._name_hard_fits(image_sizes)
+        if image_sizes is not None:
+            self._name_hard_fits(image_sizes)
 
     def _header_sizes(self) -> list[tuple[int, int]]:
         """Each image's displayed (width, height), read from its header; one error lists those that do not read."""
@@ -373,6 +380,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _fail(self, index, error: ValueError) -> None:
         """Remember that the sample does not read (this process tries it no more); warn once if it is skipped."""
+        for e in (error, error.__cause__):  # free what the failed read held (a large image's buffer)
+            if e is not None:
+                traceback.clear_frames(e.__traceback__)
         self.failed[index] = error
         if self.skip_unreadable:
             logger.warning("%s Skipped for the rest of this run: the next readable sample of its bucket takes its "

@@ -9,9 +9,10 @@ from PIL import Image
 
 RESIZE_MODES = ("resize", "center_crop", "pad")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
-# decode at least 3x the size the fit samples: Pillow documents a reducing_gap of 3 or more (the same two steps,
-# an integer reduce then a fair resample) as "indistinguishable from fair resampling in most cases"
-REDUCING_GAP = 3
+# decode at least twice the size the fit samples, the default gap of Pillow's thumbnail() and libvips' resize (the
+# same two steps: an integer reduction, then a fair resample). 3 is closer still (tests: mean difference 0.8 instead
+# of 2.8 levels on hard edges) but, at 768x1360 from 12000x12000, decodes 4 times the pixels and fits 2.4 times slower
+REDUCING_GAP = 2
 TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _BOMB_CHECK = threading.Lock()
 

@@ -377,11 +377,12 @@ def _detailed_image(width, height) -> Image.Image:
 def test_large_image_decoded_reduced_matches_a_full_decode(tmp_path, suffix):
     """JPEG's DCT scaling (draft) and Image.reduce, for each fit, against a full decode and the same fit.
 
-    Tolerance: the two differ only in how the fit's pixels average the source (a box or DCT prefilter, then an
-    antialiased resize over >= 3 decoded pixels, against one resize) and by under half a reduced pixel of geometry
-    (1/6 of an output pixel): on smooth content that is under a level, on hard edges a fraction of the edge's
-    contrast. Measured here: mean difference at most 1.1 levels of 255, 99th percentile at most 9 (PIL's own
-    two-step resize with the same gap is documented as indistinguishable in most cases); asserted: 2 and 16.
+    Tolerance: the two differ in how the fit's pixels average the source (a box or DCT prefilter, then an
+    antialiased resize by 2x or more, against one resize: Pillow's thumbnail() and libvips use the same two steps)
+    and by integer offsets taken at the reduced scale, a displacement under a quarter of an output pixel: on smooth
+    content well under a level, on hard edges a fraction of the edge's contrast. Measured on this image: mean
+    difference at most 2.8 levels of 255 and 99th percentile at most 23 (a centre crop of the PNG; the JPEG at most
+    0.6 and 5); asserted: 4 and 32, with the reduction itself checked by the decoded size.
     """
     from cosmos_t2i.data import load_image
     path = tmp_path / f"large{suffix}"
@@ -393,9 +394,9 @@ def test_large_image_decoded_reduced_matches_a_full_decode(tmp_path, suffix):
     for mode in ("resize", "center_crop", "pad"):
         for size in ((48, 64), (64, 48)):
             reduced = load_image(path, None, size, mode)
-            assert reduced.shape[1] < 800 and reduced.shape[1] > reduced.shape[2]  # reduced, still portrait
+            assert reduced.shape[1] <= 200 and reduced.shape[1] > reduced.shape[2]  # reduced 8x or more, portrait
             levels = (fit_image(reduced, size, mode)[0] - fit_image(full, size, mode)[0]).abs().flatten() * 127.5
-            assert levels.mean() < 2 and levels.quantile(0.99) < 16, (mode, size, levels.mean(), levels.max())
+            assert levels.mean() < 4 and levels.quantile(0.99) < 32, (mode, size, levels.mean(), levels.max())
 
 
 def test_huge_image_is_decoded_reduced_and_named_once(dataset_copy, caplog):
@@ -415,8 +416,8 @@ def test_huge_image_is_decoded_reduced_and_named_once(dataset_copy, caplog):
     assert len(named) == 1 and "144000000 pixels (12000x12000)" in named[0] and "decoded reduced" in named[0]
     colour = torch.tensor([200, 30, 40]).view(3, 1, 1) / 127.5 - 1
     assert (samples[0]["images"] - colour).abs().max() < 3 / 127.5 and samples[0]["name"] == huge.stem
-    assert max(load_image(huge, None, (32, 32)).shape) <= 4 * 3 * 32  # decoded at about 3x the fit, not 12000
-    assert seconds < 0.5, seconds  # measured 0.01 s; a full decode and fit took several seconds
+    assert max(load_image(huge, None, (32, 32)).shape) <= 4 * 32  # decoded at 2 to 4 times the fit, not 12000
+    assert seconds < 0.5, seconds  # measured 0.01 s; a full decode and fit take several seconds
 
 
 def test_images_over_pils_hard_limit_load_reduced(dataset_copy, monkeypatch, caplog):
