@@ -79,7 +79,11 @@ def one_run(launcher: str, work: Path, data: Path, vae: Path, args) -> dict:
     latest = ckpt.latest_iteration_or_none(d)
     saved = re.findall(r"checkpoint iter_\d+\.pt: stalled ([\d.]+) s, written in ([\d.]+) s", text)
     launcher_line = re.search(r"launcher: ([^\n]*)", text)
-    result = {"bench": "stop", "launcher": launcher, "model_size": args.model_size, "exit_code": code,
+    from importlib.metadata import version
+
+    import torch
+    result = {"bench": "stop", "launcher": launcher, "accelerate": version("accelerate"), "model_size": args.model_size,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "exit_code": code,
               "stop_to_exit_s": round(gone_s, 1), "checkpoint_iteration": latest,
               "checkpoint_complete": latest is not None and ckpt.checkpoint_problem(d, latest) is None,
               "stop_save_s": float(saved[-1][1]) if saved else None,

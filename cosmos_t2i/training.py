@@ -329,8 +329,8 @@ def make_checkpointer(args, accelerator, t, ckpt_dir, start_iter: int):
     if grace is not None and accelerator.is_main_process:
         logger.log(logging.WARNING if grace < 10 else logging.INFO,
                    "launcher: %s, which kills the trainer %.0f s after a stop signal (preemption); a stop save writes "
-                   "about %.2f GB (what a resume needs; the model file follows at the next start). If that takes "
-                   "longer, %s.", launcher, grace, shards / 1e9, grace_advice(launcher))
+                   "about %s (what a resume needs; the model file follows at the next start). If that takes "
+                   "longer, %s.", launcher, grace, size_text(shards), grace_advice(launcher))
     return checkpointer, (launcher, grace)
 
 
