@@ -2,6 +2,7 @@
 
 Either source yields NVIDIA's sample dict: images [3,H,W] in [-1,1], t5_text_embeddings
 [512,1024], t5_text_mask, padding_mask [1,H,W], ... With a latent cache it yields `latents` instead of images.
+Every sample also carries "unreadable" (see ImageDataset.__getitem__). Decoding and fitting images: images.py.
 """
 
 import bisect
