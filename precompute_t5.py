@@ -145,11 +145,11 @@ def report_long_captions(too_long: list[tuple[str, int]], total: int, max_length
     drawn over by the bar and easy to miss)."""
     if not too_long:
         return
-    names = ", ".join(f"{name} ({n} tokens)" for name, n in too_long[:shown])
-    more = f" and {len(too_long) - shown} more" if len(too_long) > shown else ""
-    print(f"{len(too_long)} of {total} captions are over the {max_length}-token limit: {names}{more}. Their "
-          f"embeddings hold the first {max_length} tokens of each and the rest was dropped, as NVIDIA's encoder "
-          "does; shorten those captions if their ends matter.")
+    names = list(dict.fromkeys(f"{name} ({n} tokens)" for name, n in too_long))  # --prompt: one name for all
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    print(f"{len(too_long)} of {total} captions are over the {max_length}-token limit: {listed}. Their embeddings "
+          f"hold the first {max_length} tokens of each and the rest was dropped, as NVIDIA's encoder does; shorten "
+          "those captions if their ends matter.")
 
 
 def is_valid_embedding(path) -> bool:

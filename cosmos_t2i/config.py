@@ -84,16 +84,19 @@ def _check_value(parser, action, key, value, tokens, path) -> None:
     alone.parse_args(tokens)
 
 
+_TYPE_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), None: ("a string", "strings")}
+
+
 def _expected(action) -> str:
     """What a flag accepts, in words: 'an integer', 'a list of 2 integers', 'one of ab2, euler'."""
-    one, many = {int: ("an integer", "integers"), float: ("a number", "numbers"), None: ("a string", "strings")}.get(
-        action.type, (f"a {getattr(action.type, '__name__', 'valid')} value",) * 2)
+    one, many = _TYPE_WORDS.get(action.type, ("a valid value", "valid values"))
     if action.choices:
-        one = many = "one of " + ", ".join(map(str, action.choices))
+        one = "one of " + ", ".join(map(str, action.choices))
+        many = f"values, each {one}"
     if isinstance(action.nargs, int):
-        return f"a list of {action.nargs} {many}" if not action.choices else f"a list of {action.nargs} values, each {one}"
+        return f"a list of {action.nargs} {many}"
     if action.nargs in ("+", "*"):
-        return f"{one} or a list of {many}" if not action.choices else f"a list of values, each {one}"
+        return f"{one} or a list of {many}"
     return one
 
 

@@ -116,30 +116,29 @@ def merge_adapter(model, adapter: dict, scale: float = 1.0, source="the LoRA") -
 
 
 def check_adapter_fits(model, adapter: dict, source) -> None:
-    """Raise naming the file, the first key that does not fit and both shapes, and the model size the adapter was
-    made for when its width tells (a 2B LoRA on a 14B base, say)."""
+    """Raise naming the file, the first key that does not fit, both shapes, and the model size the adapter was made
+    for when its width tells (a 2B LoRA on a 14B base, say). Short: the one-line error shows 400 characters."""
     from .registry import size_of_config
 
     modules = dict(model.named_modules())
     loaded = size_of_config(dict(getattr(model, "config", {}))) or "loaded"
     made_for = adapter_size(adapter)
-    fix = (f" It was made for the {made_for} model, not the {loaded} one: pass a {made_for} model as --dit_path "
-           f"(or --base_dit_path), or a LoRA trained for the {loaded} model." if made_for and made_for != loaded else
-           " Pass the base model this LoRA was trained for as --dit_path (or --base_dit_path).")
+    fix = "use it with the base it was trained on (--dit_path/--base_dit_path)."
+    if made_for and made_for != loaded:
+        fix = f"this LoRA is for the {made_for} model; use it with a {made_for} --dit_path/--base_dit_path."
     for name in sorted(adapter, key=_block_order):
         entry, module = adapter[name], modules.get(name)
         keys = entry.get("keys", {"A": f"{name}.lora_A", "B": f"{name}.lora_B"})
         if not isinstance(getattr(module, "weight", None), torch.Tensor):
-            raise ValueError(f"{source}: LoRA key {keys['A']} adapts {name}, which the {loaded} model does not "
-                             f"have.{fix}")
+            raise ValueError(f"{source}: {keys['A']} adapts {name}, which the {loaded} model does not have: {fix}")
         out_features, in_features = module.weight.shape
         a, b = tuple(entry["A"].shape), tuple(entry["B"].shape)
         if a[1] != in_features:
-            raise ValueError(f"{source}: LoRA key {keys['A']} has shape {a}, but the {loaded} model's {name} takes "
-                             f"{in_features} inputs (it needs ({a[0]}, {in_features})).{fix}")
+            raise ValueError(f"{source}: {keys['A']} is {a} but the {loaded} model's {name} needs "
+                             f"({a[0]}, {in_features}): {fix}")
         if b[0] != out_features:
-            raise ValueError(f"{source}: LoRA key {keys['B']} has shape {b}, but the {loaded} model's {name} has "
-                             f"{out_features} outputs (it needs ({out_features}, {b[1]})).{fix}")
+            raise ValueError(f"{source}: {keys['B']} is {b} but the {loaded} model's {name} needs "
+                             f"({out_features}, {b[1]}): {fix}")
 
 
 def adapter_size(adapter: dict) -> str | None:

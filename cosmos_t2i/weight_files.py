@@ -98,17 +98,16 @@ def safetensors_header(path) -> tuple[dict, int]:
     path = Path(path)
     size = path.stat().st_size
 
-    def broken(what):
-        return ValueError(f"{path} is not a complete safetensors file: {what}. It is truncated or corrupted (an "
-                          "interrupted download or copy?): copy or download it again.")
+    def broken(what):  # kept short: the one-line error shows 400 characters, and the fix is at the end
+        return ValueError(f"{path} is a truncated or corrupted safetensors file ({what}); copy or download it again.")
 
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise broken(f"it has {size} bytes, fewer than the 8 of the header's length")
+            raise broken(f"{size} bytes, shorter than its header")
         header_len = struct.unpack("<Q", head)[0]
         if header_len > size - 8:
-            raise broken(f"its header claims {header_len} bytes but the file has {size}")
+            raise broken(f"a {header_len}-byte header in {size} bytes")
         try:
             header = json.loads(f.read(header_len))
         except ValueError:
@@ -122,18 +121,18 @@ def safetensors_header(path) -> tuple[dict, int]:
             start, end = entry["data_offsets"]
             numel, dtype = math.prod(entry["shape"]), entry["dtype"]
         except (KeyError, TypeError, ValueError):
-            raise broken(f"the entry of tensor {name} is malformed ({entry!r:.100})") from None
+            raise broken(f"tensor {name}'s entry is malformed") from None
         if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {dtype}, which this loader does not read (it reads "
-                             f"{', '.join(_SAFETENSORS_DTYPES)}); convert the file to one of those.")
+            raise ValueError(f"{path}: tensor {name} has dtype {dtype}, which this loader does not read; convert the "
+                             "file to F32, F16 or BF16.")
         itemsize = _SAFETENSORS_DTYPES[dtype].itemsize
         if not 0 <= start <= end or end - start != numel * itemsize:
-            raise broken(f"tensor {name} has {end - start} bytes for a {entry['dtype']} shape {entry['shape']}")
+            raise broken(f"tensor {name}: {end - start} bytes for {entry['dtype']} {entry['shape']}")
         if 8 + header_len + end > size:
             cut.append((start, name))
     if cut:
-        raise broken(f"it has {size} bytes, too few for {len(cut)} of its {len(header)} tensors (the first of them "
-                     f"{min(cut)[1]})")
+        more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
+        raise broken(f"{size} bytes, too few for tensor {min(cut)[1]}{more}")
     return header, 8 + header_len
 
 
@@ -153,11 +152,12 @@ def read_weights(path) -> dict:
         with torch.serialization.safe_globals([io.BytesIO]):
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:  # weights_only refused something that is not a tensor
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}). Only plain tensor "
-                         "checkpoints are loaded; convert other files to safetensors first.") from e
+        found = re.search(r"Unsupported [^\n]*?(?= was not|\. |\n|$)", str(e))  # torch's paragraph names it mid-way
+        raise ValueError(f"{path}: torch.load(weights_only=True) refuses it ({found[0] if found else one_sentence(e)})"
+                         ". Only plain tensor checkpoints are loaded; convert other files to safetensors first.") from e
     except Exception as e:  # a truncated or damaged archive
-        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({one_sentence(e)}). It is truncated or "
-                         "corrupted (an interrupted download, copy or save?): copy or download it again.") from e
+        raise ValueError(f"{path} is a truncated or corrupted PyTorch checkpoint ({one_sentence(e)}); copy or "
+                         "download it again.") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and not any(
             k.startswith("net") for k in state):
         state = state["model"]

@@ -132,12 +132,13 @@ def damaged(tiny_bundle, tmp_path_factory):
 
 
 TRUNCATED_DIT = [
-    ("model.pt", ["model.pt cannot be read as a PyTorch checkpoint", "truncated or corrupted"]),
-    ("model.safetensors", ["model.safetensors is not a complete safetensors file", "the first of them net."]),
-    ("transformer", ["diffusion_pytorch_model.safetensors is not a complete safetensors file"]),
+    ("model.pt", ["model.pt is a truncated or corrupted PyTorch checkpoint"]),
+    ("model.safetensors", ["model.safetensors is a truncated or corrupted safetensors file", "for tensor net."]),
+    ("transformer", ["diffusion_pytorch_model.safetensors is a truncated or corrupted safetensors file"]),
 ]
 LORA_TENSOR = "diffusion_model.blocks.{}.self_attn.q_proj.lora_{}.weight"
-MISFIT = [LORA_TENSOR.format(0, "A"), "(2, 1280)", "(2, 32)", "made for the 0.6B model, not the tiny one"]
+MISFIT = [LORA_TENSOR.format(0, "A"), "is (2, 1280) but the tiny model's", "needs (2, 32)",
+          "this LoRA is for the 0.6B model; use it with a 0.6B --dit_path/--base_dit_path."]
 
 
 def test_truncated_dit_file_is_one_line_naming_it(tiny_bundle, damaged, tmp_path):
@@ -163,7 +164,7 @@ def test_truncated_lora_is_one_line_naming_file_and_tensor(tiny_bundle, damaged,
     else:
         result = run_script("-m", "cosmos_t2i.export", command, "--lora_path", lora, "--output",
                             tmp_path / "out.safetensors", check=False)
-    assert_one_line_error(result, " failed: ValueError:", lora, "is not a complete safetensors file",
+    assert_one_line_error(result, " failed: ValueError:", lora, "is a truncated or corrupted safetensors file",
                           LORA_TENSOR.format(1, "B"), "copy or download it again", code=1)
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -179,8 +180,8 @@ def test_merged_export_of_damaged_or_misfit_lora_names_it(tiny_bundle, damaged):
     """The merged export's path: the LoRA file as --dit_path, merged into --base_dit_path."""
     from cosmos_t2i.models import load_dit
     base = str(tiny_bundle / "models" / "transformer")
-    for name, named in (("truncated_lora.safetensors", ["is not a complete safetensors file", LORA_TENSOR.format(
-            1, "B")]), ("lora_0.6B.safetensors", MISFIT)):
+    truncated = ["is a truncated or corrupted safetensors file", LORA_TENSOR.format(1, "B")]
+    for name, named in (("truncated_lora.safetensors", truncated), ("lora_0.6B.safetensors", MISFIT)):
         with pytest.raises(ValueError) as error:
             load_dit(str(damaged / name), base_dit_path=base)
         assert str(damaged / name) in str(error.value) and all(n in str(error.value) for n in named), error.value
@@ -222,6 +223,15 @@ def test_precompute_summarizes_long_captions_after_the_bar(tiny_bundle, dataset_
     assert summary.startswith("2 of 2 captions are over the 16-token limit: ")
     assert all(f"metas/{stem}.txt" in summary for stem in stems) and "the first 16 tokens" in summary
     assert "the rest is dropped" not in result.stderr  # no longer a warning per caption on the bar's line
+
+
+def test_long_caption_summary_lists_a_few_names_once(capsys):
+    import precompute_t5
+
+    precompute_t5.report_long_captions([("--prompt", 600)] * 16, 16, 512)  # one --prompt shared by 16 images
+    assert capsys.readouterr().out.startswith("16 of 16 captions are over the 512-token limit: --prompt (600 tokens). ")
+    precompute_t5.report_long_captions([(f"metas/{i}.txt", 600) for i in range(7)], 9, 512)
+    assert "metas/4.txt (600 tokens) and 2 more. " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, named, code", [
