@@ -448,3 +448,13 @@ def test_thin_images_fit_in_every_mode_and_are_named_at_start(dataset_copy, capl
     assert ds[1]["images"].shape == (3, 32, 48)
     thin = [r.getMessage() for r in caplog.records if "too thin" in r.getMessage()]
     assert len(thin) == (mode == "pad") and (mode != "pad" or f"{images[1]} (2000x1)" in thin[0])
+
+
+def test_bucket_of_an_exif_rotated_image_is_its_shown_aspect(dataset_copy):
+    """Stored 128x72 with EXIF orientation 6, the image is shown (and decoded) 72x128: a portrait bucket."""
+    first = sorted((dataset_copy / "images").iterdir())[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(first).resize((128, 72)).save(first, exif=exif)
+    ds = ImageDataset(dataset_copy, resize_mode="pad", resolution="480")
+    assert ds.buckets[0] == "9:16" and ds[0]["padding_mask"].sum() < 0.05 * ds[0]["padding_mask"].numel()
