@@ -115,7 +115,7 @@ def load_image(path, name=None, size=None, mode: str = "resize") -> torch.Tensor
                 img.alpha_composite(rgba)
             array = np.asarray(img.convert("RGB"))
     except Exception as e:
-        reason = " ".join(str(e).split())
+        reason = " ".join(str(e).split())[:160]  # one short line: the fix after it must survive a truncated log line
         raise ValueError(f"{name or path}: cannot decode image ({reason}). Replace or remove the file.") from e
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 

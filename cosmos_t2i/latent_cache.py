@@ -63,7 +63,7 @@ class LatentCache:
             with safe_open(str(path), "pt") as f:
                 return f.get_tensor("latents"), f.get_tensor("padding_mask")
         except Exception as e:
-            raise ValueError(f"{path}: cannot load the cached latents ({' '.join(str(e).split())}); the entry is "
+            raise ValueError(f"{path}: cannot load the cached latents ({' '.join(str(e).split())[:160]}); the entry is "
                              "encoded again at the next start.") from e
 
     @torch.no_grad()
