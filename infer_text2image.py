@@ -162,9 +162,10 @@ def main(argv=None):
             parser.error("--fp8 quantizes a bf16 model: use --dtype bf16 (the default).")
         if problem := fp8_unavailable("inference"):
             parser.error(problem)
-    for flag in ("dit_path", "vae_path", "lora_path", "base_dit_path"):
+    for flag in ("dit_path", "vae_path", "lora_path", "base_dit_path", "text_encoder"):
         value = getattr(args, flag)
-        if value and not Path(value).exists() and not (flag == "dit_path" and value.count("/") == 1):
+        hub_id = flag in ("dit_path", "text_encoder") and value and value.count("/") == 1 and value[0] not in "/."
+        if value and not Path(value).exists() and not hub_id:
             parser.error(f"--{flag} {value}: no such file or folder.")
 
     from cosmos_t2i.models import quiet_library_logs

@@ -90,10 +90,8 @@ def encoder_or_exit(args, device, dtype):
     """(tokenizer, encoder), or a clear exit naming the path."""
     try:
         tokenizer, encoder = load_text_encoder(args.text_encoder, device, dtype, args.load_in_8bit)
-    except OSError as e:
-        reason = " ".join(str(e).split())
-        raise SystemExit(f"Cannot load the T5 encoder from {args.text_encoder!r}: {reason} Pass --text_encoder with "
-                         "a local folder (see README: google-t5/t5-11b). Nothing was written.")
+    except OSError as e:  # load_text_encoder's message names the path and the fix
+        raise SystemExit(f"precompute_t5.py: {e} Nothing was written.")
     return tokenizer, (torch.compile(encoder, dynamic=True) if args.compile else encoder)
 
 

@@ -112,12 +112,17 @@ def load_text_encoder(path: str, device="cpu", dtype=None, load_in_8bit: bool = 
     from transformers import AutoTokenizer, BitsAndBytesConfig, T5EncoderModel
 
     encoder_path, tokenizer_path, _ = resolve_text_encoder_dirs(path)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     kwargs = {"dtype": dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)}
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
-    encoder = T5EncoderModel.from_pretrained(encoder_path, **kwargs).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        encoder = T5EncoderModel.from_pretrained(encoder_path, **kwargs).eval()
+    except (OSError, ValueError) as e:  # no network for a hub id, a folder without the files: no fix named
+        from .weight_files import one_sentence
+        raise OSError(f"cannot load the T5 encoder {path!r} ({one_sentence(e)}); pass --text_encoder with a local "
+                      "folder holding google-t5/t5-11b (README: Real weights).") from e
     if not load_in_8bit:
         encoder.to(device)
     return tokenizer, encoder

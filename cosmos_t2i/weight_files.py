@@ -168,7 +168,7 @@ def read_weights(path) -> dict:
 
 def one_sentence(error: BaseException) -> str:
     """The first sentence of an exception's message, on one line (torch's load errors run to a paragraph)."""
-    return " ".join(str(error).split(". ")[0].split()) or type(error).__name__
+    return " ".join(str(error).split()).split(". ")[0].removesuffix(".") or type(error).__name__
 
 
 def select_weights(state: dict, load_ema: bool, source) -> dict:

@@ -82,6 +82,25 @@ def test_infer_checks_every_number_up_front(tmp_path, capsys, flags, named):
     assert len(err.strip().splitlines()) == 1 and named in err, err
 
 
+def test_infer_checks_the_text_encoder_path_before_loading(tiny_bundle, tmp_path, capsys):
+    import infer_text2image
+
+    models = tiny_bundle / "models"
+    with pytest.raises(SystemExit):
+        infer_text2image.main(["--prompt", "x", "--save_path", str(tmp_path / "x.png"), "--dit_path",
+                               str(models / "transformer"), "--vae_path", str(models / "vae"), "--text_encoder",
+                               str(tmp_path / "t5")])
+    assert f"--text_encoder {tmp_path / 't5'}: no such file or folder" in capsys.readouterr().err
+
+
+def test_unloadable_text_encoder_names_it_and_the_flag(tmp_path):
+    from cosmos_t2i.t5 import load_text_encoder
+
+    (tmp_path / "config.json").write_text("{}")  # a folder that is not a T5
+    with pytest.raises(OSError, match=f"cannot load the T5 encoder '{tmp_path}' .*; pass --text_encoder"):
+        load_text_encoder(str(tmp_path))
+
+
 def test_infer_yaml_value_of_the_wrong_type_names_the_file(tiny_bundle, tmp_path):
     config = tmp_path / "infer.yaml"
     config.write_text("num_steps: abc\n")
