@@ -395,7 +395,8 @@ class ImageDataset(torch.utils.data.Dataset):
         Then (the error remembered, a warning logged once per process under skip_incomplete) the next sample of its
         group that reads, wrapping around, is returned in its place (same size, so the batch stacks and every process's
         collectives still run), with "unreadable" "" under skip_incomplete and otherwise the one-line error naming
-        the file and the fix, for the training loop to act on. If none of the group reads, the error is raised.
+        the file and the fix, for the training loop to act on. If none of the group reads: the error is raised under
+        skip_incomplete, else a placeholder of zeros carries it.
         """
         if index not in self.failed:
             try:
@@ -415,4 +416,17 @@ class ImageDataset(torch.utils.data.Dataset):
                 continue
             sample["unreadable"] = "" if self.skip_unreadable else " ".join(str(self.failed[index]).split())
             return sample
-        raise self.failed[index]
+        if self.skip_unreadable:
+            raise self.failed[index]
+        return self._placeholder(index)  # nothing of its group reads: zeros of the right shapes, for a step not taken
+
+    def _placeholder(self, index) -> dict:
+        """A sample of zeros shaped like `index`'s, marked unreadable (the training loop saves and stops on it)."""
+        height, width = self.sizes[index]
+        embedding, mask = pad_embedding(np.zeros((1, 1024), dtype=np.float16))
+        pixels = {"latents": torch.zeros(16, 1, height // 8, width // 8)} if self.latent_cache is not None else \
+            {"images": torch.zeros(3, height, width)}
+        return {"t5_text_embeddings": embedding, "t5_text_mask": mask, "fps": 16, "num_frames": 1,
+                "image_size": torch.tensor([height, width, height, width]), "index": index,
+                "name": self.source.name(index), "unreadable": " ".join(str(self.failed[index]).split()),
+                **pixels, "padding_mask": torch.zeros(1, height, width)}

@@ -184,6 +184,8 @@ def check_one_job(accelerator) -> None:
     --multi_gpu on a machine without GPUs: each would believe it is rank 0 of 1 and train alone)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != accelerator.num_processes:
+        if os.environ.get("RANK", "0") != "0":  # one of them says it
+            raise SystemExit(1)
         raise SystemExit(f"the launcher started {world} processes but they did not form one job (this one sees "
                          f"{accelerator.num_processes}): Accelerate found no GPU for them. On CPUs set "
                          "ACCELERATE_USE_CPU=true (or pass --cpu to accelerate launch); on GPUs check "

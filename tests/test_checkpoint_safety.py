@@ -102,6 +102,22 @@ def test_no_usable_checkpoint_stops_and_lists_them_unless_start_over(tiny_bundle
     assert "resumed from" not in over.stderr and ckpt.checkpoint_problem(d, 2) is None
 
 
+def test_resume_after_the_data_changed_says_how_the_position_maps(tiny_bundle, dataset_copy, tmp_path):
+    out = tmp_path / "ck"
+    args = tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2")
+    args[args.index("--dataset_dir") + 1] = dataset_copy
+    run_script(*args)
+    for i, image in enumerate(sorted((dataset_copy / "images").iterdir())[:2]):  # 16 -> 18 samples
+        shutil.copy(image, image.with_name(f"added{i}{image.suffix}"))
+        shutil.copy(dataset_copy / "metas" / f"{image.stem}.txt", dataset_copy / "metas" / f"added{i}.txt")
+        shutil.copy(dataset_copy / "t5_xxl" / f"{image.stem}.pickle", dataset_copy / "t5_xxl" / f"added{i}.pickle")
+    args[args.index("--max_iter") + 1] = "3"
+    result = run_script(*args)
+    assert "the data changed since the checkpoint: 16 samples, 4 global batches per epoch then; 18, 4 now" \
+        in result.stderr
+    assert "goes on at global batch 2, which is now batch 2 of epoch 0" in result.stderr
+
+
 def start_limited(args, file_size_limit=None, env=None):
     """The trainer through tests/run_patched.py, optionally with writes past `file_size_limit` bytes failing."""
     def limit():

@@ -309,11 +309,16 @@ def test_sample_unreadable_mid_run_is_replaced_by_the_next_of_its_group(dataset_
     batch = collate([ds[i] for i in (first, second, group[2], last)])
     assert batch["images"].shape == (4, 3, 32, 32) and all(isinstance(u, str) for u in batch["unreadable"])
     assert [bool(u) for u in batch["unreadable"]] == [not skip, False, False, not skip]
-    # nothing of the group reads: the sample's own error
+    # nothing of the group reads: the sample's own error, raised when skipping, else carried by zeros of its shape
     for i in group:
         _path_of(ds, i).write_bytes(b"")
-    with pytest.raises(ValueError, match=f"{_path_of(ds, group[2]).name}: cannot decode image"):
-        ds[group[2]]
+    if skip:
+        with pytest.raises(ValueError, match=f"{_path_of(ds, group[2]).name}: cannot decode image"):
+            ds[group[2]]
+    else:
+        placeholder = ds[group[2]]
+        assert f"{_path_of(ds, group[2]).name}: cannot decode image" in placeholder["unreadable"]
+        assert placeholder["images"].shape == (3, 32, 32) and not placeholder["images"].any()
 
 
 def _fill_fake_cache(cache, ds):

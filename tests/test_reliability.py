@@ -69,9 +69,12 @@ def test_sigterm_to_the_group_saves_where_it_stopped_and_resumes_exactly(tiny_bu
     assert [a[i] for i in range(stopped + 1, stopped + 4)] == [b[i] for i in range(stopped + 1, stopped + 4)]
 
 
-def test_a_run_whose_data_breaks_mid_way_fails_and_exits(tiny_bundle, dataset_copy, tmp_path):
-    """An error in the middle of a run with loader workers (which ignore SIGTERM) ends the process with the error;
-    before, multiprocessing's exit handler waited for those workers forever."""
+def test_a_run_whose_data_breaks_mid_way_saves_names_the_file_and_exits(tiny_bundle, dataset_copy, tmp_path):
+    """An image that becomes unreadable mid-run (loader workers, which ignore SIGTERM, read it): the run saves the
+    iteration before, names the file in one line and exits with 65; before, it exited with 1 and lost every
+    iteration since the last save."""
+    from cosmos_t2i.training import DATA_ERROR_EXIT_CODE
+
     out = str(tmp_path / "ck")
     args = tiny_args(tiny_bundle, out, "--max_iter", "100000", "--save_iter", "100000", "--no-final_save",
                      "--num_workers", "2")
@@ -85,7 +88,11 @@ def test_a_run_whose_data_breaks_mid_way_fails_and_exits(tiny_bundle, dataset_co
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError(f"the run did not exit after its error:\n{open(log).read()[-3000:]}")
-    assert code == 1 and "cannot decode image" in open(log).read(), open(log).read()[-3000:]
+    text = open(log).read()
+    assert code == DATA_ERROR_EXIT_CODE and "cannot decode image" in text and "Traceback" not in text, text[-3000:]
+    saved = ckpt.latest_iteration(run_dir(out))
+    assert saved is not None and saved >= 3 and ckpt.checkpoint_problem(run_dir(out), saved) is None
+    assert f"The checkpoint of iteration {saved} is in" in text
 
 
 def test_second_signal_aborts_and_keeps_the_previous_checkpoint(tiny_bundle, tmp_path):
@@ -133,6 +140,19 @@ def test_trainer_stops_and_saves_when_its_launcher_dies(tiny_bundle, tmp_path, l
     assert "stopped (SIGTERM)" in run_log, run_log[-3000:]
     assert ckpt.latest_iteration(run_dir(out)) >= 4
     assert (run_dir(out).parent / EXIT_CODE_FILE).read_text().strip() == str(STOPPED_EXIT_CODE)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
+def test_processes_that_do_not_form_one_job_are_told_so(tiny_bundle, tmp_path):
+    """accelerate launch --multi_gpu on a machine without GPUs starts processes that each believe they are rank 0 of
+    1; the second was refused as 'in use by another training run'."""
+    result = subprocess.run([sys.executable, *LAUNCHERS["accelerate"][:2], "-q", "--multi_gpu", "--num_processes", "2",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29673",
+                             *map(str, tiny_args(tiny_bundle, tmp_path / "ck", "--max_iter", "2"))],
+                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0
+    assert result.stderr.count("did not form one job") == 1 and "ACCELERATE_USE_CPU=true" in result.stderr
+    assert "in use by another training run" not in result.stderr
 
 
 def test_sighup_from_a_closed_terminal_stops_with_a_checkpoint(tiny_bundle, tmp_path):
