@@ -11,6 +11,7 @@ import math
 import pickle
 import re
 import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -150,7 +151,8 @@ def read_weights(path) -> dict:
         return mmap_safetensors(path)
     try:
         with torch.serialization.safe_globals([io.BytesIO]):
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            # torch's legacy (pre-zip) format cannot be memory-mapped: such a file is read whole
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:  # weights_only refused something that is not a tensor
         found = re.search(r"Unsupported [^\n]*?(?= was not|\. |\n|$)", str(e))  # torch's paragraph names it mid-way
         raise ValueError(f"{path}: torch.load(weights_only=True) refuses it ({found[0] if found else one_sentence(e)})"

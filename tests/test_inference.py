@@ -494,3 +494,16 @@ def test_cli_saves_jpeg_at_quality_95(tiny_bundle, tmp_path):
                "--num_steps", "2", "--prompt", "a red circle", "--save_path", out)
     tables = Image.open(out).quantization
     assert max(tables[0]) <= 15  # quality 95 (PIL's default 75 has luminance entries up to about 60)
+
+
+def test_legacy_format_pt_loads_and_truncated_pt_is_named(base, tmp_path):
+    """torch.save(_use_new_zipfile_serialization=False) files cannot be memory-mapped: read whole, not refused as
+    damaged; a cut zip-format file is named as truncated, with the fix."""
+    from cosmos_t2i.weight_files import read_weights
+    state = diffusers_to_nvidia(base.state_dict(), "net.")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert all(torch.equal(v, state[k]) for k, v in read_weights(tmp_path / "legacy.pt").items())
+    torch.save(state, tmp_path / "cut.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cut.pt is a truncated or corrupted PyTorch checkpoint .*download it again"):
+        read_weights(tmp_path / "cut.pt")
