@@ -107,7 +107,12 @@ def main():
     work = Path(args.work)
     data, vae = make_dataset(work, 8, args.size, args.size)
     for launcher in args.launchers:
-        print(json.dumps(one_run(launcher, work, data, vae, args)), flush=True)
+        result = one_run(launcher, work, data, vae, args)
+        if result["device"] == "cpu":
+            print(json.dumps(result), flush=True)
+        else:  # with device, torch, date and command, appended to results.jsonl
+            from common import report
+            report({k: v for k, v in result.items() if k != "device"})
 
 
 if __name__ == "__main__":
