@@ -126,11 +126,9 @@ def run_main(main, script: str) -> None:
     """Run a script's main(); an exception becomes one line on stderr and exit code 1, its traceback written to the
     run's log file (log_to_file), or to a file in the temporary folder whose name the line gives."""
     resilient_output()
-    try:
-        from torch.distributed.elastic.multiprocessing.errors import record  # the error in torchrun's summary
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: the error in its summary (importing torch costs 2 s)
+        from torch.distributed.elastic.multiprocessing.errors import record
         main = record(main)
-    except ImportError:
-        pass
     try:
         main()
     except KeyboardInterrupt:
@@ -150,8 +148,8 @@ def describe(error: BaseException) -> str:
         if inner is None or inner is error:
             break
         error = inner
-    message = " ".join(str(error).split()) or repr(error)
-    return f"{type(error).__name__}: {message}"[:400]
+    text = f"{type(error).__name__}: {' '.join(str(error).split()) or repr(error)}"
+    return text if len(text) <= 700 else f"{text[:350]} [...] {text[-300:]}"  # the fix comes last: keep it
 
 
 def size_text(n_bytes: float) -> str:
