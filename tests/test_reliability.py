@@ -117,8 +117,9 @@ def accelerate_versions():
     return [None, *filter(None, os.environ.get("COSMOS_TEST_ACCELERATE_DIRS", "").split(":"))]
 
 
-@pytest.mark.parametrize("launcher,accelerate_dir", [("accelerate", d) for d in accelerate_versions()]
-                         + [("torchrun", None)])
+@pytest.mark.parametrize("launcher,accelerate_dir", [
+    pytest.param("accelerate", d, id=f"accelerate-{os.path.basename(d) if d else 'installed'}")
+    for d in accelerate_versions()] + [pytest.param("torchrun", None, id="torchrun")])
 def test_trainer_stops_and_saves_when_its_launcher_dies(tiny_bundle, tmp_path, launcher, accelerate_dir):
     """accelerate launch >= 1.16 pipes the trainer's stderr through itself: once it is killed, the trainer's next
     log line went to a closed pipe and ended it (exit 1, no save). It must stop with a checkpoint, and say so in the
