@@ -148,7 +148,15 @@ def describe(error: BaseException) -> str:
         if inner is None or inner is error:
             break
         error = inner
-    text = f"{type(error).__name__}: {' '.join(str(error).split()) or repr(error)}"
+    message = str(error)
+    if "Original Traceback (most recent call last)" in message:  # a DataLoader worker's error, its traceback inside
+        return describe_text(message.strip().splitlines()[-1])
+    return describe_text(f"{type(error).__name__}: {' '.join(message.split()) or repr(error)}")
+
+
+def describe_text(text: str) -> str:
+    """One line of at most ~700 characters, shortened in the middle (the fix comes last)."""
+    text = " ".join(text.split())
     return text if len(text) <= 700 else f"{text[:350]} [...] {text[-300:]}"  # the fix comes last: keep it
 
 

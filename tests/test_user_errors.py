@@ -274,3 +274,38 @@ def test_pipeline_refuses_zero_steps(tiny_bundle):
         with pytest.raises(ValueError, match=f"num_steps must be at least .* got {steps}"):
             pipe.sample_latents(embedding, height=32, width=32, num_steps=steps, sampler=sampler)
 
+
+
+def test_one_line_descriptions_reach_the_root_cause():
+    """A DataLoader worker's error carries its traceback in the message, DCP wraps each process's failure: the line
+    a user reads is the original error, and a long one keeps its end (the fix)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from cosmos_t2i.cli import describe
+
+    worker = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1\nValueError: /d/a.jpg: cannot decode image. Replace it.\n")
+    assert describe(worker) == "ValueError: /d/a.jpg: cannot decode image. Replace it."
+    disk = CheckpointException("ranks", {0: (OSError(28, "No space left on device"), None)})
+    assert describe(disk) == "OSError: [Errno 28] No space left on device"
+    long = describe(ValueError("x" * 2000 + " Fix: do this."))
+    assert len(long) < 720 and long.endswith("Fix: do this.")
+
+
+def test_output_to_a_closed_pipe_never_raises(tmp_path):
+    """accelerate launch >= 1.16 pipes the trainer's stderr through itself; once it is gone, writes must not end
+    the trainer, and whole lines still reach the run's log file."""
+    import io
+
+    from cosmos_t2i.cli import ResilientStream
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = ResilientStream(io.TextIOWrapper(os.fdopen(write_end, "wb", buffering=0), write_through=True))
+    stream.log = open(tmp_path / "train.log", "w")
+    stream.write("progress\r")  # a redrawn progress bar: terminal only
+    stream.write("iter 1 loss 0.5\n" * 1000)
+    stream.flush()
+    assert stream.broken
+    stream.log.close()
+    assert (tmp_path / "train.log").read_text() == "iter 1 loss 0.5\n" * 1000
