@@ -31,6 +31,15 @@ def tiny_args(bundle, out, *extra):
             "--logging_iter", "1", "--hit_thres", "0", *map(str, extra)]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a launcher's rendezvous (a fixed one can still be held by the previous
+    test's processes while they wind down)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def losses_of(output: str) -> dict[int, float]:
     return {int(i): float(v) for i, v in re.findall(r"iter (\d+) loss ([-\d.eE+naif]+)", output)}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, losses_of, run_script, tiny_args
+from conftest import ROOT, free_port, losses_of, run_script, tiny_args
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.models import load_dit
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-proc
 GLOBAL_BATCH = 4
 
 
-def run(n, bundle, out, *extra, fsdp=True, port=29640, timeout=900, env=None):
+def run(n, bundle, out, *extra, fsdp=True, port=None, timeout=900, env=None):
     """train_text2image.py on n CPU processes (FSDP2 when n > 1), global batch 4; returns its losses (the launch's
     output is kept in out/launch.log)."""
     args = tiny_args(bundle, out, "--lr", "1e-4", *extra)
@@ -31,8 +31,8 @@ def run(n, bundle, out, *extra, fsdp=True, port=29640, timeout=900, env=None):
                **(env or {}))
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                              str(n), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "--main_process_port", str(port), *map(str, args)], cwd=ROOT, capture_output=True,
-                            text=True, env=env, timeout=timeout)
+                             "--main_process_port", str(port or free_port()), *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=timeout)
     (Path(out) / "launch.log").write_text(result.stderr)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (f"sharded across {n} processes (FSDP2)" in result.stderr) == fsdp
@@ -53,7 +53,7 @@ def assert_close_dicts(a, b, tol=1e-5):
 def test_fsdp_equals_one_process_and_resumes_on_other_counts(tiny_bundle, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     a = run(1, tiny_bundle, one, "--max_iter", "3", "--save_iter", "3")
-    b = run(2, tiny_bundle, two, "--max_iter", "3", "--save_iter", "3", port=29641)
+    b = run(2, tiny_bundle, two, "--max_iter", "3", "--save_iter", "3")
     assert a.keys() == b.keys() == {1, 2, 3} and all(abs(a[i] - b[i]) < 1e-5 * abs(a[i]) for i in a), (a, b)
     # what each process wrote is its own shards; read back whole they are the same state
     written = list(ckpt.shards_dir(ckpt.checkpoint_dir(two, "posttraining", "text2image", "t"), 3).glob("*.distcp"))
@@ -78,7 +78,7 @@ def test_fsdp_equals_one_process_and_resumes_on_other_counts(tiny_bundle, tmp_pa
     three, single = tmp_path / "three", tmp_path / "single"
     shutil.copytree(one, three)
     shutil.copytree(one, single)
-    e = run(3, tiny_bundle, three, "--max_iter", "5", "--save_iter", "5", "--batch_size", "1", port=29642)
+    e = run(3, tiny_bundle, three, "--max_iter", "5", "--save_iter", "5", "--batch_size", "1")
     f = run(1, tiny_bundle, single, "--max_iter", "5", "--save_iter", "5", "--batch_size", "3")
     assert set(e) == set(f) == {4, 5} and [e[4], e[5]] == pytest.approx([f[4], f[5]], rel=1e-5)
     for prefix in ("model", "optim", "ema"):
@@ -95,7 +95,7 @@ def test_run_with_loader_workers_and_a_background_save_ends_by_itself(tiny_bundl
     loads = tmp_path / "t5_loads.txt"
     losses = run(2, tiny_bundle, tmp_path, "--max_iter", "6", "--save_iter", "3", "--num_workers", "2",
                  "--validation_prompts", "a red circle", "--validation_iter", "3", "--validation_steps", "2",
-                 "--text_encoder", tiny_bundle / "models" / "text_encoder", fsdp=fsdp, port=29643 + fsdp, timeout=300,
+                 "--text_encoder", tiny_bundle / "models" / "text_encoder", fsdp=fsdp, timeout=300,
                  env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0", "COSMOS_TEST_T5_LOADS": str(loads)})
     assert set(losses) == set(range(1, 7))
     assert len(loads.read_text().split()) == 1
@@ -117,7 +117,7 @@ def test_processes_wait_for_one_another_longer_than_the_collective_timeout(tiny_
     data = tmp_path / "dataset"
     shutil.copytree(tiny_bundle / "dataset", data)
     args = ["--max_iter", "2", "--save_iter", "2", "--cache_latents", "--dataset_dir", data]
-    run(2, tiny_bundle, tmp_path, *args, fsdp=False, port=29649, timeout=300,
+    run(2, tiny_bundle, tmp_path, *args, fsdp=False, timeout=300,
         env={"COSMOS_TEST_PG_TIMEOUT": "10", "COSMOS_TEST_SLOW_MODEL_FILE": "20", "COSMOS_TEST_SLOW_CACHE": "1:20"})
     run_ckpts = ckpt.checkpoint_dir(tmp_path, "posttraining", "text2image", "t")
     assert ckpt.latest_iteration(run_ckpts) == 2 and ckpt.checkpoint_problem(run_ckpts, 2) is None
@@ -138,13 +138,14 @@ def test_multi_node_config_two_launches_equal_one(tiny_bundle, tmp_path):
                 config), "--num_processes", "4", "--main_process_port", str(port), "--mixed_precision", "no", *machine,
                 *map(str, args)]
 
-    machines = [subprocess.Popen(command("multi_node_fsdp.yaml", tmp_path / "two", 29650, "--num_machines", "2",
+    port = free_port()  # one rendezvous for both machines
+    machines = [subprocess.Popen(command("multi_node_fsdp.yaml", tmp_path / "two", port, "--num_machines", "2",
                                          "--machine_rank", str(m), "--main_process_ip", "127.0.0.1"),
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for m in (0, 1)]
     outputs = [m.communicate(timeout=600) for m in machines]
     assert all(m.returncode == 0 for m in machines), outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    single = subprocess.run(command("fsdp_2b.yaml", tmp_path / "one", 29651), cwd=ROOT, env=env, capture_output=True,
+    single = subprocess.run(command("fsdp_2b.yaml", tmp_path / "one", free_port()), cwd=ROOT, env=env, capture_output=True,
                             text=True)
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = losses_of(outputs[0][1]), losses_of(single.stderr)
@@ -161,7 +162,7 @@ def test_fsdp_lora_with_gradient_checkpointing(tiny_bundle, tmp_path):
     a = run(1, tiny_bundle, tmp_path / "one", "--max_iter", "2", "--train_architecture", "lora",
             "--gradient_checkpointing", "--lr", "1e-2")
     b = run(2, tiny_bundle, tmp_path / "two", "--max_iter", "2", "--train_architecture", "lora",
-            "--gradient_checkpointing", "--lr", "1e-2", port=29652)
+            "--gradient_checkpointing", "--lr", "1e-2")
     assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-5 * abs(a[i]) for i in a), (a, b)
     fa, fb = (torch.load(ckpt.model_file(ckpt.checkpoint_dir(tmp_path / o, "posttraining", "text2image", "t"), 2),
                          weights_only=True) for o in ("one", "two"))
@@ -267,9 +268,9 @@ def test_fsdp_validation_leaves_training_unchanged(tiny_bundle, tmp_path):
     args = ["--max_iter", "3", "--save_iter", "100", "--lr", "1e-2"]
     sampling = ["--validation_prompts", "a red circle", "--validation_iter", "1", "--validation_steps", "2",
                 "--text_encoder", tiny_bundle / "models" / "text_encoder"]
-    losses = {"plain": run(2, tiny_bundle, tmp_path / "plain", *args, port=29656)}
+    losses = {"plain": run(2, tiny_bundle, tmp_path / "plain", *args)}
     for reshard in ("false", "true"):
-        losses[reshard] = run(2, tiny_bundle, tmp_path / reshard, *args, *sampling, port=29657 + (reshard == "true"),
+        losses[reshard] = run(2, tiny_bundle, tmp_path / reshard, *args, *sampling + (reshard == "true"),
                               env={"FSDP_RESHARD_AFTER_FORWARD": reshard})
     plain = losses["plain"]
     plain_file = torch.load(ckpt.model_file(ckpt.checkpoint_dir(tmp_path / "plain", "posttraining", "text2image", "t"),
