@@ -406,7 +406,8 @@ def save_or_exit(accelerator, checkpointer, run_dir, iteration: int | None, stat
         except ckpt.SaveFailed as e:
             if iteration is None or e.iteration == iteration:
                 raise_save_failed(accelerator, run_dir, e)
-            logger.warning("%s", e)  # an earlier background save: this one is tried still
+            if accelerator.is_main_process:  # an earlier background save failed: this one is tried still
+                logger.warning("%s", e)
 
 
 def raise_save_failed(accelerator, run_dir, error):
@@ -427,7 +428,8 @@ def save_or_warn(checkpointer, iteration: int, state: dict, blocking: bool = Fal
             checkpointer.save(iteration, state, blocking=blocking)
             return
         except ckpt.SaveFailed as e:
-            logger.warning("%s Training goes on; the next save tries again.", e)
+            if checkpointer.is_main:  # every process has it; one says it
+                logger.warning("%s Training goes on; the next save tries again.", e)
             if e.iteration == iteration:
                 return
 

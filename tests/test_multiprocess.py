@@ -106,7 +106,7 @@ def test_run_with_loader_workers_and_a_background_save_ends_by_itself(tiny_bundl
     assert (run_ckpts / ckpt.LATEST).read_text().strip() == ckpt.iter_name(6)
     assert (run_ckpts.parent / EXIT_CODE_FILE).read_text().strip() == "0"
     log = (tmp_path / "launch.log").read_text()
-    assert log.count("the launcher kills its trainers 0 s after it forwards a stop signal") == 1, log[-3000:]
+    assert log.count("the launcher (torchrun) kills its trainers 0 s after it forwards a stop signal") == 1, log[-3000:]
 
 
 def test_processes_wait_for_one_another_longer_than_the_collective_timeout(tiny_bundle, tmp_path):
@@ -349,3 +349,16 @@ def test_background_saves_stage_into_one_exact_host_buffer(tmp_path):
     import torch.multiprocessing as mp
     mp.spawn(_staging_worker, args=(2, 29659, tmp_path), nprocs=2)
     assert (tmp_path / "a" / ".metadata").exists() and (tmp_path / "b" / ".metadata").exists()
+
+
+def test_a_save_that_fails_on_one_process_fails_on_every_process(tiny_bundle, tmp_path):
+    """The main process alone writes the model file; when that fails (a full disk), every process must learn it at
+    the same point, or their next collectives would not match. The run goes on, the next save succeeds, and the
+    failure is said once."""
+    out = tmp_path / "ck"
+    run(2, tiny_bundle, out, "--max_iter", "6", "--save_iter", "2", timeout=300,
+        env={"COSMOS_TEST_MODEL_FILE_ENOSPC": "4"})
+    log = (out / "launch.log").read_text()
+    assert log.count("checkpoint iter_000000004.pt not saved (OSError: [Errno 28] No space left on device)") == 1
+    d = ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
+    assert ckpt.latest_iteration(d) == 6 and ckpt.saved_iterations(d) == [2, 6]
