@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -22,6 +24,19 @@ def run_dir(out):
     return ckpt.checkpoint_dir(out, "posttraining", "text2image", "t")
 
 
+@pytest.fixture(scope="module")
+def saved_run(tiny_bundle, tmp_path_factory):
+    """A finished run with checkpoints at iterations 3 and 6; tests copy it (the `copy_of_run` fixture)."""
+    out = tmp_path_factory.mktemp("saved") / "ck"
+    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "3"))
+    return out
+
+
+@pytest.fixture
+def copy_of_run(saved_run, tmp_path):
+    return Path(shutil.copytree(saved_run, tmp_path / "ck"))
+
+
 class Payload:
     """Unpickling this creates `marker`: proof that a file ran code."""
 
@@ -32,17 +47,16 @@ class Payload:
         return (os.mkdir, (self.marker,))
 
 
-def test_crafted_metadata_is_refused_at_resume_without_running(tiny_bundle, tmp_path):
-    out, marker = tmp_path / "ck", tmp_path / "payload_ran"
-    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "2"))
-    metadata = ckpt.shards_dir(run_dir(out), 4) / ".metadata"
+def test_crafted_metadata_is_refused_at_resume_without_running(tiny_bundle, copy_of_run, tmp_path):
+    out, marker = copy_of_run, tmp_path / "payload_ran"
+    metadata = ckpt.shards_dir(run_dir(out), 6) / ".metadata"
     metadata.write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(shards.UnsafeCheckpointError):  # export and inference read it through the same function
         shards.read_metadata(metadata.parent)
-    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "5", "--save_iter", "2"))
+    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "7", "--save_iter", "3"))
     assert not marker.exists()
     assert f"{metadata}: refused to unpickle posix.mkdir" in result.stderr
-    assert "at iteration 2" in result.stderr  # fell back to the checkpoint before
+    assert "at iteration 3" in result.stderr  # fell back to the checkpoint before
 
 
 def test_pickled_byte_entries_of_a_shard_file_are_refused(tmp_path):
@@ -68,9 +82,8 @@ def test_pickled_byte_entries_of_a_shard_file_are_refused(tmp_path):
     assert marker.exists()
 
 
-def test_rollback_by_hand_keeps_newer_checkpoints(tiny_bundle, tmp_path):
-    out = tmp_path / "ck"
-    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "3"))
+def test_rollback_by_hand_keeps_newer_checkpoints(tiny_bundle, copy_of_run):
+    out = copy_of_run
     d = run_dir(out)
     (d / "latest_checkpoint.txt").write_text("iter_000000003.pt")
     result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "5", "--save_iter", "3", "--keep_last", "1"))
@@ -87,17 +100,16 @@ def test_rollback_by_hand_keeps_newer_checkpoints(tiny_bundle, tmp_path):
     assert ckpt.checkpoint_problem(d, 5) is None and ckpt.latest_iteration(d) == 7
 
 
-def test_no_usable_checkpoint_stops_and_lists_them_unless_start_over(tiny_bundle, tmp_path):
-    out = tmp_path / "ck"
-    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "4", "--save_iter", "2"))
+def test_no_usable_checkpoint_stops_and_lists_them_unless_start_over(tiny_bundle, copy_of_run):
+    out = copy_of_run
     d = run_dir(out)
-    for i in (2, 4):
+    for i in (3, 6):
         (d / "trainer" / ckpt.iter_name(i)).write_bytes(b"damaged")
-    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "2"), check=False)
+    result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "8", "--save_iter", "2"), check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "none of the 2 checkpoints can be resumed from" in result.stderr and "--start_over" in result.stderr
-    assert "iteration 4:" in result.stderr and "iteration 2:" in result.stderr
-    assert ckpt.model_file(d, 4).exists() and ckpt.model_file(d, 2).exists()  # nothing deleted
+    assert "iteration 6:" in result.stderr and "iteration 3:" in result.stderr
+    assert ckpt.model_file(d, 6).exists() and ckpt.model_file(d, 3).exists()  # nothing deleted
     over = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2", "--start_over"))
     assert "resumed from" not in over.stderr and ckpt.checkpoint_problem(d, 2) is None
 
@@ -127,21 +139,20 @@ def start_limited(args, file_size_limit=None, env=None):
                           capture_output=True, text=True, preexec_fn=limit, env=dict(os.environ, **(env or {})))
 
 
-def test_a_shard_write_error_keeps_the_previous_checkpoint_and_the_last_save_exits_74(tiny_bundle, tmp_path):
+def test_a_shard_write_error_keeps_the_previous_checkpoint_and_the_last_save_exits_74(tiny_bundle, copy_of_run):
     """Writes past RLIMIT_FSIZE fail (EFBIG) as a full disk does (ENOSPC): the shard files (1.7 MB each) cannot be
     written, the small files can."""
-    out = tmp_path / "ck"
-    run_script(*tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2"))
+    out = copy_of_run
     d = run_dir(out)
-    result = start_limited(tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "2"), 1_500_000)
+    result = start_limited(tiny_args(tiny_bundle, out, "--max_iter", "10", "--save_iter", "2"), 1_500_000)
     assert result.returncode == ckpt.SAVE_FAILED_EXIT_CODE, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert "checkpoint iter_000000004.pt not saved" in result.stderr
+    assert "checkpoint iter_000000008.pt not saved" in result.stderr
     last = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("train:")][-1]
-    assert "checkpoint iter_000000006.pt not saved" in last and "File too large" in last
-    assert "iter_000000002.pt stays the latest" in last and "GB free" in last
-    assert ckpt.latest_iteration(d) == 2 and ckpt.checkpoint_problem(d, 2) is None
-    assert ckpt.saved_iterations(d) == [2]  # the partial ones are gone
+    assert "checkpoint iter_000000010.pt not saved" in last and "File too large" in last
+    assert "iter_000000006.pt stays the latest" in last and "GB free" in last
+    assert ckpt.latest_iteration(d) == 6 and ckpt.checkpoint_problem(d, 6) is None
+    assert ckpt.saved_iterations(d) == [3, 6]  # the partial ones are gone
     assert (d.parent / "exit_code").read_text().strip() == str(ckpt.SAVE_FAILED_EXIT_CODE)
 
 
