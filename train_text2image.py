@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_iter", type=int, default=500)
     g.add_argument("--save_interval", help="also save (in the background) once this much time has passed since the "
                                             "last save, e.g. 30m: bounds what a hard kill loses when a launcher "
-                                            "allows less time than a stop save takes (docs/preemption.md)")
+                                            "allows less time than a stop save takes (each is a full "
+                                            "checkpoint: pair it with --keep_last; docs/preemption.md)")
     g.add_argument("--keep_last", type=int, default=None, help="keep only the newest K checkpoints (default all)")
     g.add_argument("--start_over", action="store_true",
                    help="when no checkpoint of this run folder can be resumed from, train from iteration 0 there "
