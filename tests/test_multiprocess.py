@@ -270,7 +270,7 @@ def test_fsdp_validation_leaves_training_unchanged(tiny_bundle, tmp_path):
                 "--text_encoder", tiny_bundle / "models" / "text_encoder"]
     losses = {"plain": run(2, tiny_bundle, tmp_path / "plain", *args)}
     for reshard in ("false", "true"):
-        losses[reshard] = run(2, tiny_bundle, tmp_path / reshard, *args, *sampling + (reshard == "true"),
+        losses[reshard] = run(2, tiny_bundle, tmp_path / reshard, *args, *sampling,
                               env={"FSDP_RESHARD_AFTER_FORWARD": reshard})
     plain = losses["plain"]
     plain_file = torch.load(ckpt.model_file(ckpt.checkpoint_dir(tmp_path / "plain", "posttraining", "text2image", "t"),
