@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 
 from . import shards
 from .files import atomic_write
-from .shards import canonical_name, read_shards, write_model_file  # noqa: F401 (callers and tests reach them here)
+from .shards import canonical_name, read_shards, tensors_in, write_model_file  # noqa: F401 (callers reach them here)
 
 PARTS = ("model", "optim", "scheduler", "trainer")
 LATEST = "latest_checkpoint.txt"
@@ -441,15 +441,6 @@ class Checkpointer:
             self.optimizer.load_state_dict(torch.load(folder / "optimizer_8bit.pt", weights_only=True))
         self.scheduler.load_state_dict(load_part(self.dir, "scheduler", iteration))
         return trainer
-
-
-def tensors_in(obj):
-    """Every tensor in nested dicts."""
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from tensors_in(v)
 
 
 def _to_cpu(obj):

@@ -152,7 +152,7 @@ def host_copy_target(state: dict, pin: bool) -> dict:
 
     from torch.distributed.tensor import DTensor
 
-    from .checkpoint import tensors_in
+    from .shards import tensors_in
 
     page = 4096
     offsets, total = {}, 0

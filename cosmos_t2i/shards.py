@@ -83,6 +83,15 @@ class SafePlanner(DefaultLoadPlanner):
             "writes; refusing to unpickle it (the checkpoint may have been made to run code).")
 
 
+def tensors_in(obj):
+    """Every tensor in nested dicts."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+
+
 def reader(folder) -> SafeReader:
     return SafeReader(str(folder))
 
