@@ -20,10 +20,10 @@ import torch
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.config import parse_with_config, to_yaml
 from cosmos_t2i.registry import MODEL_SIZES
+from cosmos_t2i.saving import (end_run, make_checkpointer, resume, save_or_exit, save_or_warn, stop_on_unreadable_data,
+                               stop_with_checkpoint, trainer_state)
 from cosmos_t2i.training import (NVIDIA_LORA_TARGETS, apply_gradients, background_save_ahead, build_data,
-                                 build_training, embed_validation_prompts, end_run, forward_backward,
-                                 make_checkpointer, resume, save_or_exit, save_or_warn, stop_on_unreadable_data,
-                                 stop_with_checkpoint, trainer_state)
+                                 build_training, embed_validation_prompts, forward_backward)
 
 logger = logging.getLogger("train")
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
@@ -271,6 +271,7 @@ def main(argv=None):
     if start_iter >= args.max_iter:
         accelerator.print(f"{ckpt_dir}: already finished at iteration {start_iter} (max_iter {args.max_iter}).")
         if accelerator.is_main_process:
+            ckpt.resolve_model_file(ckpt_dir)  # builds the model file if a stop save at max_iter left it out
             record_exit_code(run_dir, 0)
         return
     if latest is not None:
@@ -291,6 +292,7 @@ def main(argv=None):
     clock = WallClock(parse_duration(args.max_wall_time) if args.max_wall_time else None)
     save_interval = parse_duration(args.save_interval) if args.save_interval else None
     grace_warning, last_save = None, time.monotonic()  # once a save is slower than the launcher's grace: warn once
+    staged = False  # pinned host buffers for background saves, allocated after the first applied step
     profiler = IterationProfiler(args.profile_iters, start_iter + 4, run_dir / "profile", accelerator.process_index)
     progress, data_iter, nonfinite_run, skipped = Progress(args, accelerator, start_iter), iter(loader), 0, 0
 
@@ -322,9 +324,9 @@ def main(argv=None):
             continue
         nonfinite_run = 0
         grad_norm = apply_gradients(t.params, t.optimizer, t.scheduler, t.ema, args.clip_grad_norm, iteration)
-        if iteration == start_iter + 1 and (save_interval or background_save_ahead(iteration, args.save_iter,
-                                                                                   args.max_iter)):
+        if not staged and (save_interval or background_save_ahead(iteration, args.save_iter, args.max_iter)):
             checkpointer.prepare_staging()  # once the optimizer state exists: later saves only copy into it
+        staged = True
         progress.update(iteration, tick, mean_loss, grad_norm, t.scheduler.get_last_lr()[0], skipped)
         if validation is not None and iteration % args.validation_iter == 0:
             from cosmos_t2i.pipeline import save_validation_images

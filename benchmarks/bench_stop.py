@@ -47,6 +47,7 @@ def one_run(launcher: str, work: Path, data: Path, vae: Path, args) -> dict:
     from bench_multi_gpu import descendants
 
     from cosmos_t2i import checkpoint as ckpt
+    from cosmos_t2i import run_folder
 
     out = work / f"run_{launcher}"
     shutil.rmtree(out, ignore_errors=True)
@@ -85,7 +86,7 @@ def one_run(launcher: str, work: Path, data: Path, vae: Path, args) -> dict:
     result = {"bench": "stop", "launcher": launcher, "accelerate": version("accelerate"), "model_size": args.model_size,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "exit_code": code,
               "stop_to_exit_s": round(gone_s, 1), "checkpoint_iteration": latest,
-              "checkpoint_complete": latest is not None and ckpt.checkpoint_problem(d, latest) is None,
+              "checkpoint_complete": latest is not None and run_folder.checkpoint_problem(d, latest) is None,
               "stop_save_s": float(saved[-1][1]) if saved else None,
               "launcher_line": launcher_line.group(1)[:200] if launcher_line else None,
               "last_log_line": text.strip().splitlines()[-1][:200]}

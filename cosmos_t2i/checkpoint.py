@@ -126,96 +126,6 @@ def prune(ckpt_dir, keep_last: int, newest: int) -> None:
         remove_checkpoint(ckpt_dir, old)
 
 
-def checkpoint_problem(ckpt_dir, iteration: int) -> str | None:
-    """Why the checkpoint of `iteration` cannot be resumed from (a part missing, truncated or unreadable), or None.
-
-    The model file may be absent (a stop save writes only what a resume needs; it is built from the shards later);
-    if present it must load. Cheap: files are opened and their indexes read, tensor data is not.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    for part in ("trainer", "scheduler", "model"):
-        path = ckpt_dir / part / iter_name(iteration)
-        if not path.is_file():
-            if part == "model":
-                continue
-            return f"{path} is missing"
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=part == "model")
-        except Exception as e:
-            return f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]})"
-    folder = shards_dir(ckpt_dir, iteration)
-    try:
-        storage = shards.read_metadata(folder).storage_data
-    except shards.UnsafeCheckpointError as e:
-        return str(e)
-    except Exception as e:
-        return f"{folder} has no readable .metadata ({type(e).__name__})"
-    for info in storage.values():
-        path = folder / info.relative_path
-        if not path.is_file() or path.stat().st_size < info.offset + info.length:
-            return f"{path} is missing or truncated"
-    return None
-
-
-def resume_point(ckpt_dir, start_over: bool = False) -> int | None:
-    """The checkpoint to resume from: the one latest_checkpoint.txt names if it is usable, else the newest usable one
-    no newer than it, else the newest usable one at all (a pointer naming a missing iteration). None for a fresh run.
-
-    When checkpoints exist but none is usable, raise SystemExit listing each and why, unless `start_over`. Nothing is
-    deleted here; newer usable checkpoints than the pointer (a rollback by hand) are kept and named.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    try:
-        pointer = latest_iteration(ckpt_dir)
-    except ValueError as e:
-        logger.warning("%s; looking for the newest complete checkpoint instead", e)
-        pointer = None
-    found = set(saved_iterations(ckpt_dir)) | ({pointer} if pointer is not None else set())
-    problems = {i: checkpoint_problem(ckpt_dir, i) for i in sorted(found, reverse=True)}
-    usable = [i for i, problem in problems.items() if problem is None]
-    older = [i for i in usable if pointer is None or i <= pointer]
-    chosen = (older or usable or [None])[0]
-    for i, problem in problems.items():
-        if problem is not None and (chosen is None or i > chosen or i == pointer):
-            logger.warning("checkpoint of iteration %d cannot be used: %s", i, problem)
-    if chosen is None:
-        if found and not start_over:
-            raise SystemExit(f"{ckpt_dir}: none of the {len(found)} checkpoints can be resumed from: " + "; ".join(
-                f"iteration {i}: {p}" for i, p in problems.items()) + ". Repair or restore one, or pass --start_over "
-                "to train from iteration 0 in this folder (existing files are kept until saves replace them).")
-        return None
-    if chosen != pointer:
-        logger.warning("resuming from the newest complete checkpoint, iteration %d", chosen)
-    newer = [i for i in usable if i > chosen]
-    if newer:
-        logger.warning("%s names iteration %d, but newer complete checkpoints exist (%s): resuming from %d as it says. "
-                       "They are kept until this run saves past them (then --keep_last prunes them, or a save of the "
-                       "same iteration replaces it); to resume from the newest instead, write %s into %s.",
-                       LATEST, chosen, ", ".join(map(str, sorted(newer))), chosen, iter_name(max(newer)),
-                       ckpt_dir / LATEST)
-    return chosen
-
-
-def remove_leftovers(ckpt_dir) -> None:
-    """Delete what interrupted saves left, and only what is proven incomplete: temporary files, shard folders without
-    their .metadata (DCP writes it last), and the parts of an iteration whose save never reached its trainer part
-    (written last before the pointer) and that cannot be resumed from. Usable checkpoints are never touched."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return
-    for tmp in [*ckpt_dir.glob(".*.tmp*"), *ckpt_dir.glob("*/.*.tmp*"), *ckpt_dir.glob("optim/*/.*.tmp*")]:
-        logger.info("removing %s, left by an interrupted save", tmp)
-        tmp.unlink(missing_ok=True)
-    for iteration in saved_iterations(ckpt_dir):
-        folder = shards_dir(ckpt_dir, iteration)
-        if not (ckpt_dir / "trainer" / iter_name(iteration)).is_file() and checkpoint_problem(ckpt_dir, iteration):
-            logger.info("removing the checkpoint parts of iteration %d, left by a save that did not complete", iteration)
-            remove_checkpoint(ckpt_dir, iteration)
-        elif folder.is_dir() and not (folder / ".metadata").is_file():
-            logger.info("removing %s, shards of a save that did not complete", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def latest_iteration_or_none(ckpt_dir) -> int | None:
     try:
         return latest_iteration(ckpt_dir)
@@ -259,7 +169,7 @@ class Checkpointer:
         self.writer = dcp.FileSystemWriter(str(self.dir), sync_files=True, thread_count=2,
                                            cache_staged_state_dict=torch.cuda.is_available())
         self._future = self._finisher = self._error = self._builder = self._iteration = None
-        self.resumed_from = None
+        self.last_saved = None  # the iteration of the newest checkpoint this run has completed or resumed from
         self.expected_bytes = None  # a checkpoint's estimated size, for the message when a save fails
         self.last_save_s = 0.0  # how long the last save took from start to latest_checkpoint.txt
 
@@ -316,10 +226,18 @@ class Checkpointer:
             small["optimizer_8bit"] = _to_cpu(self.optimizer.state_dict())
         self._iteration = iteration
         try:
-            if self.async_save and not blocking:
-                self._future = dcp.async_save(state, checkpoint_id=str(folder), storage_writer=self.writer,
-                                              process_group=self.group)
-            else:
+            try:
+                if self.async_save and not blocking:
+                    self._future = dcp.async_save(state, checkpoint_id=str(folder), storage_writer=self.writer,
+                                                  process_group=self.group)
+                else:
+                    dcp.save(state, checkpoint_id=str(folder), storage_writer=self.writer, process_group=self.group)
+            except Exception as e:  # staging failed here alone (before any collective): the other processes' saves
+                if not (self.async_save and not blocking):  # go on in the background; join them synchronously
+                    raise
+                logger.warning("background save of %s could not stage (%s); writing it synchronously",
+                               iter_name(iteration), e)
+                self._future = None
                 dcp.save(state, checkpoint_id=str(folder), storage_writer=self.writer, process_group=self.group)
         except BaseException as e:  # torch's CheckpointException derives from BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -353,7 +271,7 @@ class Checkpointer:
         self.last_save_s = time.perf_counter() - start
         logger.info("checkpoint %s: stalled %.2f s, written in %.1f s%s", iter_name(iteration), stalled,
                     self.last_save_s, "" if with_model_file else " (its model file is built at the next start)")
-        if self.keep_last:
+        if self.keep_last and with_model_file:  # a stop save leaves pruning to the next start's saves: no waiting
             self.join_builder()  # it reads shards that pruning may remove
             try:
                 prune(self.dir, self.keep_last, iteration)
@@ -375,21 +293,23 @@ class Checkpointer:
             self._finisher.join()
             self._finisher = None
         failed = self._error is not None
+        if failed and self.is_main and latest_iteration_or_none(self.dir) == self._iteration:
+            logger.warning("checkpoint %s is complete, but writing it ended with %s", iter_name(self._iteration),
+                           self._error)
+            failed, self._error = False, None  # what failed came after the pointer moved (fsync of its folder)
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # the same answer everywhere
             flag = torch.tensor([float(failed)])
             torch.distributed.all_reduce(flag, group=self.group)
             failed = bool(flag.item())
         if not failed:
+            if self._iteration is not None:
+                self.last_saved = self._iteration
             return
         error, self._error, iteration = self._error, None, self._iteration
+        self._iteration = None
         if self.is_main:
             remove_checkpoint(self.dir, iteration) if latest_iteration_or_none(self.dir) != iteration else None
         raise SaveFailed(self.dir, iteration, error, self.expected_bytes)
-
-    @property
-    def last_iteration(self) -> int | None:
-        """The iteration of the last save started by this run (the same on every process)."""
-        return self._iteration
 
     def build_model_file(self, iteration: int) -> None:
         """Main process: write the model file of a checkpoint saved without one (a stop save), in a background
@@ -405,7 +325,8 @@ class Checkpointer:
                 logger.warning("could not write %s from its shards (%s); the next start tries again",
                                model_file(self.dir, iteration), e)
         logger.info("building %s from the shards of the stop save, in the background", model_file(self.dir, iteration))
-        self._builder = threading.Thread(target=build, name="model-file-builder", daemon=False)
+        # a daemon: a stop does not wait for it (the next start builds it again; its temporary file is removed)
+        self._builder = threading.Thread(target=build, name="model-file-builder", daemon=True)
         self._builder.start()
 
     def join_builder(self) -> None:
@@ -413,14 +334,16 @@ class Checkpointer:
             self._builder.join()
             self._builder = None
 
-    def wait_everyone(self) -> None:
+    def wait_everyone(self, join_builder: bool = True) -> None:
         """wait(), then every process waits for the others (the main one may still be writing the model file) with
         cpu_group's long timeout: call before processes exit, since a launcher kills the rest as soon as one exits
-        with a non-zero code (a stop's 75)."""
+        with a non-zero code (a stop's 75). A stop passes join_builder=False: it does not wait for a model file
+        being built from the checkpoint it resumed from."""
         from .distributed import wait_for_everyone
 
         self.wait()
-        self.join_builder()
+        if join_builder:
+            self.join_builder()
         wait_for_everyone()
 
     def restore(self, iteration: int) -> dict:
@@ -429,7 +352,7 @@ class Checkpointer:
         from .distributed import load_optimizer_state, load_trainable_state
 
         trainer = load_part(self.dir, "trainer", iteration)
-        self.resumed_from = iteration
+        self.last_saved = iteration
         state, _ = self._state()
         folder = shards_dir(self.dir, iteration)
         shards.load(state, folder, process_group=self.group)

@@ -89,7 +89,10 @@ def log_to_file(path) -> Path | None:
         log = open(path, "a", buffering=1)
     except OSError:
         return None
-    log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    try:
+        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    except OSError:
+        return None
     sys.stdout.log = sys.stderr.log = log
     _log_path = path
     thread_errors_to_log()
@@ -171,9 +174,12 @@ def where_traceback_went(error: BaseException) -> str:
     if os.environ.get(DEBUG_ENV):
         sys.stderr.write(text)
         return ""
-    if _log_path is not None and sys.stderr.log is not None:
-        sys.stderr.log.write(text)  # the file only
-        return f" (traceback in {_log_path})"
+    if _log_path is not None and getattr(sys.stderr, "log", None) is not None:
+        try:
+            sys.stderr.log.write(text)  # the file only
+            return f" (traceback in {_log_path})"
+        except OSError:  # the log's own disk is full: the temporary folder, below
+            pass
     try:
         with tempfile.NamedTemporaryFile("w", prefix="cosmos_t2i-", suffix=".traceback", delete=False) as f:
             f.write(text)

@@ -40,13 +40,23 @@ def wait_for_everyone() -> None:
 
 def from_main_process(compute):
     """compute() on the main process (global rank 0) alone; every process gets its result, sent over cpu_group
-    (the others may wait minutes for it)."""
+    (the others may wait minutes for it). If it fails there, the main process raises its error and the others exit
+    quietly (SystemExit 1) instead of waiting for a result that never comes."""
     group = cpu_group()
     if group is None:
         return compute()
-    value = [compute() if torch.distributed.get_rank() == 0 else None]
+    error, value = None, [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            value = [("ok", compute())]
+        except (SystemExit, Exception) as e:
+            error, value = e, [("error", None)]
     torch.distributed.broadcast_object_list(value, src=0, group=group)
-    return value[0]
+    if error is not None:
+        raise error
+    if value[0][0] == "error":
+        raise SystemExit(1)  # the main process says why
+    return value[0][1]
 
 
 def is_sharded(model) -> bool:

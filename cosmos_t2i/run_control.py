@@ -330,26 +330,17 @@ def claim_run(accelerator, run_dir, ckpt_dir, start_over: bool = False) -> int |
     """
     import atexit
 
-    from accelerate.utils import broadcast_object_list
+    from . import run_folder
+    from .distributed import from_main_process
 
-    from . import checkpoint as ckpt
-
-    answer = [None]
-    if accelerator.is_main_process:
-        try:
-            lock = acquire_lock(run_dir)
-            keep_lock_alive(lock)
-            atexit.register(release_lock, lock)
-            record_exit_code(run_dir, None)  # a code left by an earlier run no longer says anything
-            ckpt.remove_leftovers(ckpt_dir)
-            answer = [{"latest": ckpt.resume_point(ckpt_dir, start_over)}]
-        except SystemExit as e:
-            answer = [{"error": str(e)}]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(answer)
-    if "error" in answer[0]:
-        raise SystemExit(answer[0]["error"])
-    return answer[0]["latest"]
+    def claim():
+        lock = acquire_lock(run_dir)
+        keep_lock_alive(lock)
+        atexit.register(release_lock, lock)
+        record_exit_code(run_dir, None)  # a code left by an earlier run no longer says anything
+        run_folder.remove_leftovers(ckpt_dir)
+        return run_folder.resume_point(ckpt_dir, start_over)
+    return from_main_process(claim)
 
 
 def check_resume_settings(run_dir, config_yaml: str, fatal_keys, iteration: int, write_history: bool) -> None:

@@ -16,8 +16,9 @@ import torch.distributed.checkpoint as dcp
 from conftest import ROOT, run_script, tiny_args
 
 from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i import run_folder
 from cosmos_t2i import shards
-from cosmos_t2i.training import check_disk_space
+from cosmos_t2i.saving import check_disk_space
 
 
 def run_dir(out):
@@ -90,14 +91,14 @@ def test_rollback_by_hand_keeps_newer_checkpoints(tiny_bundle, copy_of_run):
     assert "resumed from" in result.stderr and "at iteration 3" in result.stderr
     assert "newer complete checkpoints exist (6)" in result.stderr
     # 6 is kept (the run has not saved past it); --keep_last pruned 3 after 5 was saved
-    assert ckpt.latest_iteration(d) == 5 and ckpt.checkpoint_problem(d, 6) is None
+    assert ckpt.latest_iteration(d) == 5 and run_folder.checkpoint_problem(d, 6) is None
     assert not ckpt.model_file(d, 3).exists()
 
     # a pointer naming an iteration that is not there (lower than every checkpoint) falls back to the newest
     (d / "latest_checkpoint.txt").write_text("iter_000000001.pt")
     again = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "7", "--save_iter", "3"))
     assert "at iteration 6" in again.stderr and "iteration 1 cannot be used" in again.stderr
-    assert ckpt.checkpoint_problem(d, 5) is None and ckpt.latest_iteration(d) == 7
+    assert run_folder.checkpoint_problem(d, 5) is None and ckpt.latest_iteration(d) == 7
 
 
 def test_no_usable_checkpoint_stops_and_lists_them_unless_start_over(tiny_bundle, copy_of_run):
@@ -111,7 +112,7 @@ def test_no_usable_checkpoint_stops_and_lists_them_unless_start_over(tiny_bundle
     assert "iteration 6:" in result.stderr and "iteration 3:" in result.stderr
     assert ckpt.model_file(d, 6).exists() and ckpt.model_file(d, 3).exists()  # nothing deleted
     over = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "2", "--save_iter", "2", "--start_over"))
-    assert "resumed from" not in over.stderr and ckpt.checkpoint_problem(d, 2) is None
+    assert "resumed from" not in over.stderr and run_folder.checkpoint_problem(d, 2) is None
 
 
 def test_resume_after_the_data_changed_says_how_the_position_maps(tiny_bundle, dataset_copy, tmp_path):
@@ -151,7 +152,7 @@ def test_a_shard_write_error_keeps_the_previous_checkpoint_and_the_last_save_exi
     last = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("train:")][-1]
     assert "checkpoint iter_000000010.pt not saved" in last and "File too large" in last
     assert "iter_000000006.pt stays the latest" in last and "GB free" in last
-    assert ckpt.latest_iteration(d) == 6 and ckpt.checkpoint_problem(d, 6) is None
+    assert ckpt.latest_iteration(d) == 6 and run_folder.checkpoint_problem(d, 6) is None
     assert ckpt.saved_iterations(d) == [3, 6]  # the partial ones are gone
     assert (d.parent / "exit_code").read_text().strip() == str(ckpt.SAVE_FAILED_EXIT_CODE)
 

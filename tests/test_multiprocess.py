@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, free_port, losses_of, run_script, tiny_args
 
 from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i import run_folder
 from cosmos_t2i.models import load_dit
 from cosmos_t2i.run_control import EXIT_CODE_FILE
 
@@ -120,7 +121,7 @@ def test_processes_wait_for_one_another_longer_than_the_collective_timeout(tiny_
     run(2, tiny_bundle, tmp_path, *args, fsdp=False, timeout=300,
         env={"COSMOS_TEST_PG_TIMEOUT": "10", "COSMOS_TEST_SLOW_MODEL_FILE": "20", "COSMOS_TEST_SLOW_CACHE": "1:20"})
     run_ckpts = ckpt.checkpoint_dir(tmp_path, "posttraining", "text2image", "t")
-    assert ckpt.latest_iteration(run_ckpts) == 2 and ckpt.checkpoint_problem(run_ckpts, 2) is None
+    assert ckpt.latest_iteration(run_ckpts) == 2 and run_folder.checkpoint_problem(run_ckpts, 2) is None
     assert (run_ckpts.parent / EXIT_CODE_FILE).read_text().strip() == "0"
     cached = list((data / "latents_cache").rglob("*.safetensors"))
     assert len(cached) == len(list((data / "images").iterdir()))
@@ -215,7 +216,7 @@ def _sharded_gradients_worker(rank, world, port, out):
         torch.save({"norm": norm, "grads": grads, "fused_norm": fused_norm, "stepped": stepped,
                     "stepped3": stepped3, "state3": state}, out)
     dist.barrier()
-    os._exit(0)  # as cosmos_t2i.training.end_run: gloo's teardown at exit aborts now and then (SIGABRT)
+    os._exit(0)  # as cosmos_t2i.saving.end_run: gloo's teardown at exit aborts now and then (SIGABRT)
 
 
 def _gradients():
@@ -333,7 +334,7 @@ def _staging_worker(rank, world, port, folder):
             torch.testing.assert_close(value, full[key] + offset, msg=f"{name}/{key}")
         assert loaded["optim"]["w"]["step"].item() == 3.0 + offset
     dist.barrier()
-    os._exit(0)  # as cosmos_t2i.training.end_run: gloo's teardown at exit aborts now and then (SIGABRT)
+    os._exit(0)  # as cosmos_t2i.saving.end_run: gloo's teardown at exit aborts now and then (SIGABRT)
 
 
 def _staging_tensors():

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, losses_of, run_script, tiny_args
 
 from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i import run_folder
 from cosmos_t2i.run_control import (EXIT_CODE_FILE, LOCK, STOPPED_EXIT_CODE, launcher_grace_s, parse_duration,
                                     stop_save_warning)
 
@@ -58,7 +59,7 @@ def test_sigterm_to_the_group_saves_where_it_stopped_and_resumes_exactly(tiny_bu
     stopped = ckpt.latest_iteration(run_dir(out))
     assert stopped is not None and stopped >= 8 and f"stopped (SIGTERM) at iteration {stopped}" in text
     assert (run_dir(out).parent / EXIT_CODE_FILE).read_text() == f"{STOPPED_EXIT_CODE}\n"
-    assert ckpt.checkpoint_problem(run_dir(out), stopped) is None
+    assert run_folder.checkpoint_problem(run_dir(out), stopped) is None
     assert not (run_dir(out).parent / LOCK).exists()
     # a stop save writes only what a resume needs (it must fit the launcher's grace); the next start builds the rest
     assert not ckpt.model_file(run_dir(out), stopped).exists()
@@ -73,7 +74,7 @@ def test_a_run_whose_data_breaks_mid_way_saves_names_the_file_and_exits(tiny_bun
     """An image that becomes unreadable mid-run (loader workers, which ignore SIGTERM, read it): the run saves the
     iteration before, names the file in one line and exits with 65; before, it exited with 1 and lost every
     iteration since the last save."""
-    from cosmos_t2i.training import DATA_ERROR_EXIT_CODE
+    from cosmos_t2i.saving import DATA_ERROR_EXIT_CODE
 
     out = str(tmp_path / "ck")
     args = tiny_args(tiny_bundle, out, "--max_iter", "100000", "--save_iter", "100000", "--no-final_save",
@@ -91,8 +92,26 @@ def test_a_run_whose_data_breaks_mid_way_saves_names_the_file_and_exits(tiny_bun
     text = open(log).read()
     assert code == DATA_ERROR_EXIT_CODE and "cannot decode image" in text and "Traceback" not in text, text[-3000:]
     saved = ckpt.latest_iteration(run_dir(out))
-    assert saved is not None and saved >= 3 and ckpt.checkpoint_problem(run_dir(out), saved) is None
+    assert saved is not None and saved >= 3 and run_folder.checkpoint_problem(run_dir(out), saved) is None
     assert f"The checkpoint of iteration {saved} is in" in text
+
+
+def test_a_stop_after_a_failed_background_save_still_saves(tiny_bundle, tmp_path):
+    """The background save of 20 fails (a full disk: its model file), training goes on; a SIGTERM before the next
+    save finds that failure when its own save waits for the one before, says it, and still writes the stop save
+    (before, it exited 74 without trying)."""
+    out = str(tmp_path / "ck")
+    args = tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "20")
+    args[0] = "tests/run_patched.py"
+    proc, log = start(args, env={"COSMOS_TEST_MODEL_FILE_ENOSPC": "20"})
+    wait_for_iteration(log, 23)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == STOPPED_EXIT_CODE, open(log).read()[-3000:]
+    text = open(log).read()
+    stopped = ckpt.latest_iteration(run_dir(out))
+    assert "checkpoint iter_000000020.pt not saved" in text and f"stopped (SIGTERM) at iteration {stopped}" in text
+    assert 23 <= stopped < 40 and run_folder.checkpoint_problem(run_dir(out), stopped) is None
+    assert ckpt.saved_iterations(run_dir(out)) == [stopped]
 
 
 def test_second_signal_aborts_and_keeps_the_previous_checkpoint(tiny_bundle, tmp_path):
@@ -108,7 +127,7 @@ def test_second_signal_aborts_and_keeps_the_previous_checkpoint(tiny_bundle, tmp
     assert proc.wait(timeout=60) == 128 + signal.SIGINT, open(log).read()[-2000:]
     assert "SIGINT again: aborting now" in open(log).read()
     after = ckpt.latest_iteration(run_dir(out))
-    assert after is not None and after >= before and ckpt.checkpoint_problem(run_dir(out), after) is None
+    assert after is not None and after >= before and run_folder.checkpoint_problem(run_dir(out), after) is None
 
 
 def accelerate_versions():
@@ -165,7 +184,7 @@ def test_sighup_from_a_closed_terminal_stops_with_a_checkpoint(tiny_bundle, tmp_
     assert proc.wait(timeout=120) == STOPPED_EXIT_CODE, open(log).read()[-3000:]
     assert "SIGHUP received" in (run_dir(out).parent / "train.log").read_text()
     stopped = ckpt.latest_iteration(run_dir(out))
-    assert ckpt.checkpoint_problem(run_dir(out), stopped) is None
+    assert run_folder.checkpoint_problem(run_dir(out), stopped) is None
     assert not (run_dir(out).parent / LOCK).exists()
     # inference and export from the run folder build the model file the stop save left out
     built = ckpt.resolve_model_file(run_dir(out).parent)
@@ -206,7 +225,7 @@ def test_preemption_of_a_multi_process_run_saves_despite_repeated_sigterms(tiny_
     text = open(log.name).read()
     assert "aborting now" not in text and text.count("stopped (SIGTERM) at iteration") == 1, text[-3000:]
     stopped = ckpt.latest_iteration(run_dir(out))
-    assert stopped is not None and stopped >= 4 and ckpt.checkpoint_problem(run_dir(out), stopped) is None
+    assert stopped is not None and stopped >= 4 and run_folder.checkpoint_problem(run_dir(out), stopped) is None
     # the launcher reports its workers' 75 as 1: the run folder says what happened
     assert (run_dir(out).parent / EXIT_CODE_FILE).read_text().strip() == str(STOPPED_EXIT_CODE)
 
@@ -244,7 +263,7 @@ def test_damaged_newest_checkpoint_falls_back_and_leftovers_are_removed(tiny_bun
     result = run_script(*tiny_args(tiny_bundle, out, "--max_iter", "6", "--save_iter", "2"))
     assert f"{model} is unreadable" in result.stderr and "resumed from" in result.stderr
     assert "at iteration 2" in result.stderr and not leftover.exists()
-    assert ckpt.latest_iteration(d) == 6 and ckpt.checkpoint_problem(d, 4) is None  # rewritten on the way
+    assert ckpt.latest_iteration(d) == 6 and run_folder.checkpoint_problem(d, 4) is None  # rewritten on the way
 
     # a pointer naming an iteration that is not there never reads as "already finished"
     (d / "latest_checkpoint.txt").write_text("iter_000000099.pt")
