@@ -67,6 +67,9 @@ class ResilientStream(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    def __getattr__(self, name):  # anything else (buffer, errors, name) as the wrapped stream has it
+        return getattr(self.stream, name)
+
 
 def resilient_output() -> None:
     """Put ResilientStream over stdout and stderr (once); call before logging is configured."""
