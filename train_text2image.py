@@ -281,7 +281,7 @@ def main(argv=None):
     t = build_training(args, accelerator, len(dataset))
     checkpointer, (launcher, grace_s) = make_checkpointer(args, accelerator, t, ckpt_dir, start_iter)
     if latest is not None:
-        resume(args, checkpointer, t, sampler, len(dataset), latest)
+        resume(args, checkpointer, t, sampler, latest)
     logger.info("%s", memory_report(accelerator))
     if accelerator.is_main_process:
         ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(args))

@@ -92,13 +92,18 @@ def resolve_model_file(path) -> Path:
     for ckpt in (path, path / "checkpoints"):
         if (ckpt / LATEST).exists():
             iteration = latest_iteration(ckpt)
-            target = model_file(ckpt, iteration)
-            if not target.is_file() and (shards_dir(ckpt, iteration) / ".metadata").is_file():
-                logger.info("building %s from the shards of the stop save", target)
-                lora = load_part(ckpt, "trainer", iteration).get("lora_metadata")
-                write_model_file(shards_dir(ckpt, iteration), target, lora)
-            return target
+            if not model_file(ckpt, iteration).is_file() and (shards_dir(ckpt, iteration) / ".metadata").is_file():
+                logger.info("building %s from the shards of the stop save", model_file(ckpt, iteration))
+                model_file_from_shards(ckpt, iteration)
+            return model_file(ckpt, iteration)
     raise FileNotFoundError(f"{path}: neither a model file nor a training run folder (no {LATEST}).")
+
+
+def model_file_from_shards(ckpt_dir, iteration: int) -> None:
+    """Write the model file of a checkpoint saved without one (a stop save) from its shards; a LoRA's metadata comes
+    from the trainer part."""
+    lora = load_part(ckpt_dir, "trainer", iteration).get("lora_metadata")
+    write_model_file(shards_dir(ckpt_dir, iteration), model_file(ckpt_dir, iteration), lora)
 
 
 def saved_iterations(ckpt_dir) -> list[int]:
@@ -226,19 +231,7 @@ class Checkpointer:
             small["optimizer_8bit"] = _to_cpu(self.optimizer.state_dict())
         self._iteration = iteration
         try:
-            try:
-                if self.async_save and not blocking:
-                    self._future = dcp.async_save(state, checkpoint_id=str(folder), storage_writer=self.writer,
-                                                  process_group=self.group)
-                else:
-                    dcp.save(state, checkpoint_id=str(folder), storage_writer=self.writer, process_group=self.group)
-            except Exception as e:  # staging failed here alone (before any collective): the other processes' saves
-                if not (self.async_save and not blocking):  # go on in the background; join them synchronously
-                    raise
-                logger.warning("background save of %s could not stage (%s); writing it synchronously",
-                               iter_name(iteration), e)
-                self._future = None
-                dcp.save(state, checkpoint_id=str(folder), storage_writer=self.writer, process_group=self.group)
+            self._future = self._write_shards(state, folder, background=self.async_save and not blocking)
         except BaseException as e:  # torch's CheckpointException derives from BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -250,6 +243,17 @@ class Checkpointer:
             self._finisher.start()
         if blocking or not self.async_save or self._error is not None:
             self.wait()
+
+    def _write_shards(self, state: dict, folder, background: bool):
+        """Every process's shards into `folder`: in the background (returns DCP's future) or now (returns None)."""
+        if background:
+            try:
+                return dcp.async_save(state, checkpoint_id=str(folder), storage_writer=self.writer,
+                                      process_group=self.group)
+            except Exception as e:  # staging failed here alone (before any collective): the other processes' saves
+                logger.warning("background save into %s could not stage (%s); writing it synchronously", folder, e)
+        dcp.save(state, checkpoint_id=str(folder), storage_writer=self.writer, process_group=self.group)
+        return None
 
     def _finish(self, iteration, small, future, start, stalled, with_model_file) -> None:
         try:
@@ -307,8 +311,8 @@ class Checkpointer:
             return
         error, self._error, iteration = self._error, None, self._iteration
         self._iteration = None
-        if self.is_main:
-            remove_checkpoint(self.dir, iteration) if latest_iteration_or_none(self.dir) != iteration else None
+        if self.is_main and latest_iteration_or_none(self.dir) != iteration:
+            remove_checkpoint(self.dir, iteration)
         raise SaveFailed(self.dir, iteration, error, self.expected_bytes)
 
     def build_model_file(self, iteration: int) -> None:
@@ -319,7 +323,7 @@ class Checkpointer:
 
         def build():
             try:
-                write_model_file(shards_dir(self.dir, iteration), model_file(self.dir, iteration), self.lora_metadata)
+                model_file_from_shards(self.dir, iteration)
                 logger.info("wrote %s from the shards of the stop save", model_file(self.dir, iteration))
             except Exception as e:
                 logger.warning("could not write %s from its shards (%s); the next start tries again",

@@ -146,11 +146,16 @@ def run_main(main, script: str) -> None:
         sys.exit(1)
 
 
+def first_failure(error: BaseException) -> BaseException | None:
+    """The first process's exception inside torch.distributed.checkpoint's CheckpointException, else None."""
+    failures = getattr(error, "failures", None)  # {rank: (exception, stack summary)}
+    return next((v[0] if isinstance(v, tuple) else v for v in failures.values()), None) if failures else None
+
+
 def describe(error: BaseException) -> str:
     """`Type: message` of the root cause, on one line (torch.distributed.checkpoint wraps each process's failure)."""
     for _ in range(10):
-        failures = getattr(error, "failures", None)  # CheckpointException: {rank: (exception, stack summary)}
-        inner = next((v[0] if isinstance(v, tuple) else v for v in failures.values()), None) if failures else None
+        inner = first_failure(error)
         if inner is None or inner is error:
             break
         error = inner

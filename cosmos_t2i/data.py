@@ -282,6 +282,7 @@ class ResumableBatchSampler:
         self.args = (groups, batch_size * world, seed)
         self.batch_size, self.rank, self.start_step = batch_size, rank, start_step
         self.per_epoch = sum(len(g) // (batch_size * world) for g in groups)
+        self.n_samples = sum(len(g) for g in groups)
         if self.per_epoch == 0:
             raise ValueError(f"no bucket holds a full global batch of {batch_size * world} samples: lower "
                              "--batch_size or add data.")

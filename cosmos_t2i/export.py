@@ -24,13 +24,12 @@ import torch
 
 from .checkpoint import atomic_save, resolve_model_file
 from .cli import one_line_errors, run_main
-from .files import atomic_write, temporary_name
+from .files import TEMPORARY, atomic_write, temporary_name
 from .lora import read_lora, save_diffusers_adapter, to_comfyui
 from .models import load_dit, quiet_library_logs, resolve_dit_path
 from .registry import MODEL_SIZES
 from .weight_files import diffusers_to_nvidia
 
-LEFTOVER = re.compile(r"^\.(.+)\.tmp(\d+)$")  # files.temporary_name's `.<name>.tmp<pid>`
 
 
 CARD_SETTINGS = ("model_size", "train_architecture", "lora_rank", "lora_alpha", "lora_target_modules", "dataset_dir",
@@ -85,7 +84,7 @@ def remove_leftovers(folder, name: str | None = None) -> list[Path]:
     if not folder.is_dir():
         return removed
     for path in sorted(folder.iterdir()):
-        match = LEFTOVER.match(path.name)
+        match = TEMPORARY.match(path.name)
         if not match or (name is not None and match.group(1) != name) or process_alive(int(match.group(2))):
             continue
         if path.is_dir() and not path.is_symlink():

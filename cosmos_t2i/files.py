@@ -2,7 +2,10 @@
 
 import contextlib
 import os
+import re
 from pathlib import Path
+
+TEMPORARY = re.compile(r"^\.(.+)\.tmp(\d+)$")  # temporary_name's `.<name>.tmp<pid>`: (name, pid)
 
 
 def temporary_name(path) -> Path:

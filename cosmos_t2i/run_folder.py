@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from . import shards
-from .checkpoint import LATEST, iter_name, latest_iteration, remove_checkpoint, saved_iterations, shards_dir
+from .checkpoint import (LATEST, iter_name, latest_iteration, latest_iteration_or_none, remove_checkpoint,
+                         saved_iterations, shards_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +59,17 @@ def resume_point(ckpt_dir, start_over: bool = False) -> int | None:
     except ValueError as e:
         logger.warning("%s; looking for the newest complete checkpoint instead", e)
         pointer = None
-    found = set(saved_iterations(ckpt_dir)) | ({pointer} if pointer is not None else set())
-    problems = {i: checkpoint_problem(ckpt_dir, i) for i in sorted(found, reverse=True)}
-    usable = [i for i, problem in problems.items() if problem is None]
-    older = [i for i in usable if pointer is None or i <= pointer]
-    chosen = (older or usable or [None])[0]
+    found = sorted(set(saved_iterations(ckpt_dir)) | ({pointer} if pointer is not None else set()), reverse=True)
+    problems = {}  # checked as needed, newest first: usually the pointer's checkpoint alone
+
+    def usable(i):
+        if i not in problems:
+            problems[i] = checkpoint_problem(ckpt_dir, i)
+        return problems[i] is None
+    chosen = next((i for i in found if (pointer is None or i <= pointer) and usable(i)), None)
+    if chosen is None:
+        chosen = next((i for i in found if usable(i)), None)
+    newer = [i for i in found if chosen is not None and i > chosen and usable(i)]
     for i, problem in problems.items():
         if problem is not None and (chosen is None or i > chosen or i == pointer):
             logger.warning("checkpoint of iteration %d cannot be used: %s", i, problem)
@@ -74,7 +81,6 @@ def resume_point(ckpt_dir, start_over: bool = False) -> int | None:
         return None
     if chosen != pointer:
         logger.warning("resuming from the newest complete checkpoint, iteration %d", chosen)
-    newer = [i for i in usable if i > chosen]
     if newer:
         logger.warning("%s names iteration %d, but newer complete checkpoints exist (%s): resuming from %d as it says. "
                        "They are kept until this run saves past them (then --keep_last prunes them, or a save of the "
@@ -94,10 +100,7 @@ def remove_leftovers(ckpt_dir) -> None:
     for tmp in [*ckpt_dir.glob(".*.tmp*"), *ckpt_dir.glob("*/.*.tmp*"), *ckpt_dir.glob("optim/*/.*.tmp*")]:
         logger.info("removing %s, left by an interrupted save", tmp)
         tmp.unlink(missing_ok=True)
-    try:
-        pointer = latest_iteration(ckpt_dir)
-    except ValueError:
-        pointer = None
+    pointer = latest_iteration_or_none(ckpt_dir)
     for iteration in saved_iterations(ckpt_dir):
         folder = shards_dir(ckpt_dir, iteration)
         if iteration == pointer:  # an interrupted save never moved the pointer: whatever is here, it is not that

@@ -43,12 +43,13 @@ def trainer_state(args, sampler, iteration: int, skipped: int) -> dict:
     """What a resume needs beside the tensors: steps skipped so far, the RNG, and the position in the data."""
     return {"skipped_steps": skipped, "rng": {"torch": torch.get_rng_state()},
             "data_position": {"global_batch_step": iteration * args.grad_accum,
-                              "batches_per_epoch": sampler.per_epoch, "samples": sum(map(len, sampler.args[0]))}}
+                              "batches_per_epoch": sampler.per_epoch, "samples": sampler.n_samples}}
 
 
 def make_checkpointer(args, accelerator, t, ckpt_dir, start_iter: int):
     """The run's Checkpointer, once the disk is known to hold its checkpoints; says how long the launcher lets a stop
     save run. Returns (checkpointer, (launcher name, grace seconds or None))."""
+    from .distributed import from_main_process
     from .run_control import detect_launcher, grace_advice
 
     checkpointer = ckpt.Checkpointer(ckpt_dir, t.unwrapped, t.optimizer, t.scheduler, t.ema, t.lora_meta,
@@ -57,7 +58,7 @@ def make_checkpointer(args, accelerator, t, ckpt_dir, start_iter: int):
     checkpointer.expected_bytes = shards + model
     first = start_iter - start_iter % args.save_iter + args.save_iter
     saves = len(range(first, args.max_iter + 1, args.save_iter)) + int(args.final_save and args.max_iter % args.save_iter > 0)
-    check_disk_space(ckpt_dir, shards + model, args.keep_last, max(1, saves))
+    from_main_process(lambda: check_disk_space(ckpt_dir, shards + model, args.keep_last, max(1, saves)))
     launcher, grace = detect_launcher()
     if grace is not None and accelerator.is_main_process:
         logger.log(logging.WARNING if grace < 10 else logging.INFO,
@@ -67,7 +68,7 @@ def make_checkpointer(args, accelerator, t, ckpt_dir, start_iter: int):
     return checkpointer, (launcher, grace)
 
 
-def resume(args, checkpointer, t, sampler, n_samples: int, latest: int) -> None:
+def resume(args, checkpointer, t, sampler, latest: int) -> None:
     """Restore the checkpoint of `latest` (this command's optimizer settings win), start building its model file if
     a stop save left it out, and say how the saved data position maps onto a dataset that changed since."""
     from .run_control import apply_optimizer_settings
@@ -78,12 +79,12 @@ def resume(args, checkpointer, t, sampler, n_samples: int, latest: int) -> None:
     checkpointer.build_model_file(latest)
     saved = state.get("data_position", {})
     before, before_samples = saved.get("batches_per_epoch"), saved.get("samples")
-    if (before is not None and before != sampler.per_epoch) or (before_samples not in (None, n_samples)):
+    if (before is not None and before != sampler.per_epoch) or (before_samples not in (None, sampler.n_samples)):
         step = latest * args.grad_accum
-        logger.warning("the data changed since the checkpoint: %s samples, %d global batches per epoch then; %d, %d "
+        logger.warning("the data changed since the checkpoint: %s samples, %s global batches per epoch then; %d, %d "
                        "now. The run goes on at global batch %d, which is now batch %d of epoch %d (the order is drawn "
                        "anew from the current samples, so some samples of this epoch may be seen twice or not at "
-                       "all).", before_samples if before_samples is not None else "?", before, n_samples,
+                       "all).", before_samples if before_samples is not None else "?", before, sampler.n_samples,
                        sampler.per_epoch, step, step % sampler.per_epoch, step // sampler.per_epoch)
     logger.info("resumed from %s at iteration %d", checkpointer.dir, latest)
 
@@ -112,12 +113,13 @@ def save_or_warn(checkpointer, iteration: int, state: dict) -> None:
 
 
 def save_or_exit(accelerator, checkpointer, run_dir, iteration: int | None, state: dict | None) -> None:
-    """The last save of a run (iteration None: only wait for the one in flight), on disk before returning; if it
-    fails, the run ends with exit code 74."""
+    """The last save of a run, on disk before returning (iteration None: at the end, wait for every process and the
+    save still in flight); if it fails, the run ends with exit code 74."""
     try:
         if iteration is not None:
             save(checkpointer, iteration, state, blocking=True)  # the process ends right after the last
-        checkpointer.wait_everyone()
+        else:
+            checkpointer.wait_everyone()
     except ckpt.SaveFailed as e:
         raise_save_failed(accelerator, run_dir, e)
 

@@ -106,10 +106,12 @@ def load(state: dict, folder, **kwargs) -> None:
     torch's CheckpointException (a BaseException that `except Exception` misses)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from .cli import first_failure
+
     try:
         dcp.load(state, storage_reader=reader(folder), planner=SafePlanner(), **kwargs)
     except CheckpointException as e:
-        inner = next((v[0] if isinstance(v, tuple) else v for v in e.failures.values()), None)
+        inner = first_failure(e)
         if isinstance(inner, Exception):
             raise inner from None
         raise RuntimeError(f"{folder}: {e}") from None
