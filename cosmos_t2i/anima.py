@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .registry import COMMON_CONFIG
-from .weight_files import diffusers_to_nvidia_key, is_non_weight_key, nvidia_to_diffusers_key, read_weights
+from .weight_files import (ADAPTER_MODULE, diffusers_to_nvidia_key, is_non_weight_key, nvidia_to_diffusers_key,
+                           read_weights)
 
 ADAPTER = "llm_adapter."
 FILE_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
@@ -76,6 +77,67 @@ def conditioner_config(adapter_state: dict) -> dict:
             "use_self_attention": "blocks.0.self_attn.q_proj.weight" in adapter_state}
 
 
+def attach_text_conditioner(transformer, conditioner):
+    """Make the adapter the DiT's `text_conditioner` child, run by the DiT's own forward when `encoder_hidden_states`
+    is a dict of its inputs (text_inputs) instead of a context tensor. One module then trains, shards (FSDP gathers
+    the adapter with the DiT's root before this hook runs), checkpoints and exports as the DiT does, and a context
+    tensor still passes straight through (sampling computes each prompt's context once)."""
+    transformer.text_conditioner = conditioner
+    transformer.register_forward_pre_hook(_run_text_conditioner, with_kwargs=True)
+    return transformer
+
+
+def _run_text_conditioner(module, args, kwargs):
+    def context(text):
+        if not isinstance(text, dict):
+            return text
+        keep_rope_in_fp32(module.text_conditioner)
+        return module.text_conditioner(**text)
+    if len(args) > 2:  # forward(hidden_states, timestep, encoder_hidden_states, ...)
+        return (*args[:2], context(args[2]), *args[3:]), kwargs
+    if "encoder_hidden_states" in kwargs:
+        kwargs = {**kwargs, "encoder_hidden_states": context(kwargs["encoder_hidden_states"])}
+    return args, kwargs
+
+
+def keep_rope_in_fp32(conditioner) -> None:
+    """The adapter's RoPE frequencies in fp32, as diffusers' from_pretrained leaves them: `.to(bfloat16)` rounds them,
+    which moves the rotation of late tokens by radians. Checked by dtype (no device sync); recomputed when cast."""
+    rotary = conditioner.rotary_emb
+    if rotary.inv_freq.dtype != torch.float32:
+        from diffusers.models.condition_embedders.condition_embedder_anima import AnimaRotaryEmbedding
+        head_dim = conditioner.config.model_dim // conditioner.config.num_attention_heads
+        rotary.inv_freq = AnimaRotaryEmbedding(head_dim).inv_freq.to(rotary.inv_freq.device)
+
+
+def text_inputs(qwen_states, qwen_mask, t5_ids, t5_mask) -> dict:
+    """The adapter's inputs (padded Qwen3 states zeroed past their mask, as diffusers' pipeline does, and T5 ids)."""
+    return {"source_hidden_states": qwen_states * qwen_mask.unsqueeze(-1).to(qwen_states.dtype),
+            "source_attention_mask": qwen_mask, "target_input_ids": t5_ids, "target_attention_mask": t5_mask}
+
+
+def new_conditioner(config: dict, dtype=torch.float32, device="cpu"):
+    """An AnimaTextConditioner of `config`, random; on the meta device its weights get no memory but the RoPE
+    buffer is computed (distributed.materialize_ keeps it)."""
+    from accelerate import init_empty_weights
+    from diffusers import AnimaTextConditioner
+
+    if torch.device(device).type == "meta":
+        with init_empty_weights(include_buffers=False):
+            return AnimaTextConditioner(**config).to(dtype)
+    with torch.device(device):
+        return AnimaTextConditioner(**config).to(dtype)
+
+
+def new_anima(model_size: str, dtype=torch.float32, device="cpu", **overrides):
+    """A random Anima of a registry size: the DiT with its adapter attached (benchmarks, tests, skeletons)."""
+    from .models import new_transformer
+    from .registry import anima_conditioner_config
+
+    transformer = new_transformer(model_size, dtype, device, **overrides)
+    return attach_text_conditioner(transformer, new_conditioner(anima_conditioner_config(model_size), dtype, device))
+
+
 def _build(cls, config: dict, state: dict, source, dtype):
     """A model of `cls` from its config and a complete state dict (every key used, every key present)."""
     from accelerate import init_empty_weights
@@ -91,29 +153,40 @@ def _build(cls, config: dict, state: dict, source, dtype):
     return model.eval()
 
 
+def is_anima_folder(path) -> bool:
+    return (Path(path) / "text_conditioner" / "config.json").is_file()
+
+
 def load_anima(path, dtype=torch.bfloat16):
-    """(CosmosTransformer3DModel, AnimaTextConditioner) from an original single file or a diffusers folder (its
-    transformer/ and text_conditioner/)."""
+    """The DiT with its adapter attached (attach_text_conditioner), from an original single file (any of its
+    prefixes) or a diffusers folder (its transformer/ and text_conditioner/). Sizes come from the weights."""
     from diffusers import AnimaTextConditioner, CosmosTransformer3DModel
 
     path = Path(path)
     if path.is_dir():
-        if not (path / "text_conditioner" / "config.json").is_file():
+        if not is_anima_folder(path):
             raise FileNotFoundError(f"{path}: no text_conditioner/config.json; an Anima diffusers folder holds "
                                     "transformer/ and text_conditioner/.")
-        return (CosmosTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=dtype).eval(),
-                AnimaTextConditioner.from_pretrained(path / "text_conditioner", torch_dtype=dtype).eval())
-    dit, adapter = split_single_file(read_weights(path), path)
-    return (_build(CosmosTransformer3DModel, dit_config(dit), dit, path, dtype),
-            _build(AnimaTextConditioner, conditioner_config(adapter), adapter, path, dtype))
+        from .models import check_folder_files
+        check_folder_files(path / "transformer")
+        check_folder_files(path / "text_conditioner")
+        transformer = CosmosTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+        conditioner = AnimaTextConditioner.from_pretrained(path / "text_conditioner", torch_dtype=dtype)
+    else:
+        dit, adapter = split_single_file(read_weights(path), path)
+        transformer = _build(CosmosTransformer3DModel, dit_config(dit), dit, path, dtype)
+        conditioner = _build(AnimaTextConditioner, conditioner_config(adapter), adapter, path, dtype)
+    return attach_text_conditioner(transformer.eval(), conditioner.eval())
 
 
-def save_single_file(transformer, conditioner, path, prefix: str = "net.") -> None:
-    """Write the original single-file form as safetensors, atomically (the layout ComfyUI loads)."""
+def save_single_file(transformer, path, prefix: str = "net.") -> None:
+    """Write an Anima (the DiT with its adapter attached) in the original single-file form as safetensors,
+    atomically (the layout ComfyUI loads)."""
     from safetensors.torch import save
 
     from .files import atomic_write
 
-    state = single_file_state(transformer.state_dict(), conditioner.state_dict(), prefix)
+    state = {k: v for k, v in transformer.state_dict().items() if not k.startswith(ADAPTER_MODULE)}
+    state = single_file_state(state, transformer.text_conditioner.state_dict(), prefix)
     with atomic_write(path) as f:
         f.write(save({k: v.detach().contiguous() for k, v in state.items()}))

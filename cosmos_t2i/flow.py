@@ -32,18 +32,32 @@ def draw_training_randomness(seed: int, iteration: int, sample_ids, latent_shape
     return torch.stack(sigmas), torch.stack(noises), torch.stack(keep)
 
 
-def flow_loss(transformer, latents, text_embeddings, sigma, noise, keep_text, padding_mask, loss_scale=10.0):
+def flow_loss(transformer, latents, text_embeddings, sigma, noise, keep_text, padding_mask, loss_scale=10.0,
+              drop_captions=None):
     """Velocity MSE x loss_scale. x_t = (1-t) x0 + t eps with t = sigma/(1+sigma); target v = eps - x0.
 
-    Equals NVIDIA's (1+sigma)^2/sigma^2-weighted x0 loss (docs/training.md). Latents, noise and loss in fp32.
+    Equals NVIDIA's (1+sigma)^2/sigma^2-weighted x0 loss (docs/training.md); with loss_scale 1 it is the model
+    author's Anima objective (t = sigmoid(N(0,1)) is the same draw). Latents, noise and loss in fp32.
+    `drop_captions(text, keep)` is the family's caption dropout (default: NVIDIA's, zeroed embeddings); the text is
+    a context tensor or, for Anima, its adapter's inputs (then the DiT's forward runs the adapter).
     """
     t = (sigma / (1 + sigma)).float()
     tb = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - tb) * latents + tb * noise
-    context = text_embeddings * keep_text.view(-1, 1, 1).to(text_embeddings.dtype)
+    if drop_captions is None:
+        from .t5 import drop_captions
+    context = drop_captions(text_embeddings, keep_text)
     dtype = _param_dtype(transformer)
-    prediction = run_transformer(transformer, x_t.to(dtype), t.to(dtype), context.to(dtype), padding_mask.to(dtype))
+    prediction = run_transformer(transformer, x_t.to(dtype), t.to(dtype), cast_floats(context, dtype),
+                                 padding_mask.to(dtype))
     return ((prediction.float() - (noise - latents)) ** 2).mean() * loss_scale
+
+
+def cast_floats(text, dtype):
+    """A context tensor, or each floating tensor of a dict of adapter inputs, in `dtype` (ids and masks kept)."""
+    if torch.is_tensor(text):
+        return text.to(dtype)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in text.items()}
 
 
 def run_transformer(transformer, x, timestep, context, padding_mask):

@@ -27,6 +27,16 @@ MODEL_SIZES = {
                  params=None, fsdp_config="accelerate_configs/fsdp_2b.yaml"),
 }
 
+# Anima's text adapter (diffusers' AnimaTextConditioner) per DiT size: the released model's (diffusers' defaults:
+# Qwen3-0.6B's 1024-wide states in, T5's 32128-id vocabulary as queries) and the tiny bundle's (64-wide toy Qwen3,
+# its 64-id word tokenizer).
+ANIMA_CONDITIONERS = {
+    "2B": dict(source_dim=1024, target_dim=1024, model_dim=1024, num_layers=6, num_attention_heads=16,
+               target_vocab_size=32128),
+    "tiny": dict(source_dim=64, target_dim=1024, model_dim=64, num_layers=2, num_attention_heads=4,
+                 target_vocab_size=64),
+}
+
 # NVIDIA's IMAGE_RES_SIZE_INFO, (width, height) per resolution class and aspect ratio (docs/sampling.md).
 RESOLUTIONS = {
     "1024": {"1:1": (1024, 1024), "4:3": (1168, 880), "3:4": (880, 1168), "16:9": (1360, 768), "9:16": (768, 1360)},
@@ -43,6 +53,13 @@ def transformer_config(model_size: str) -> dict:
     if model_size not in MODEL_SIZES:
         raise ValueError(f"Unknown model size {model_size!r}; choose one of {sorted(MODEL_SIZES)}.")
     return {**COMMON_CONFIG, **MODEL_SIZES[model_size]["config"]}
+
+
+def anima_conditioner_config(model_size: str) -> dict:
+    """The AnimaTextConditioner config paired with a DiT size (Anima is released at the 2B shape)."""
+    if model_size not in ANIMA_CONDITIONERS:
+        raise ValueError(f"Anima comes at sizes {sorted(ANIMA_CONDITIONERS)}, not {model_size!r}.")
+    return dict(ANIMA_CONDITIONERS[model_size])
 
 
 def size_of_config(config: dict) -> str | None:

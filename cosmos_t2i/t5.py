@@ -203,3 +203,52 @@ def embed_prompts_once(text_encoder: str, prompts: list[str], device, dtype=None
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return embeddings
+
+
+# ---------------------------------------------------------------- the text side of the Predict2 family (families.py)
+FOLDER, SUFFIX, COLUMN = "t5_xxl", ".pickle", "t5_xxl"
+
+
+def load_encoder(path: str, device="cpu", dtype=None, load_in_8bit: bool = False):
+    """(tokenizer, T5 encoder): what encode_captions takes."""
+    return load_text_encoder(path, device, dtype, load_in_8bit)
+
+
+def encode_captions(encoder, captions, max_length=MAX_LENGTH, batch_size=64, on_batch=None, too_long=None):
+    tokenizer, model = encoder
+    return encode_prompts(tokenizer, model, captions, max_length, batch_size, on_batch, too_long)
+
+
+write_text, read_text = write_embedding, read_embedding
+
+
+def to_column(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float16)
+
+
+def from_column(value, source="row") -> np.ndarray:
+    return np.asarray(value, dtype=np.float16)
+
+
+def column_feature():
+    import datasets
+    return datasets.Array2D(shape=(None, EMBED_DIM), dtype="float16")
+
+
+def sample_fields(array: np.ndarray) -> dict:
+    """NVIDIA's sample entries: the zero-padded embedding [512, 1024] and its token mask [512]."""
+    embedding, mask = pad_embedding(array)
+    return {"t5_text_embeddings": embedding, "t5_text_mask": mask}
+
+
+def placeholder_fields() -> dict:
+    return sample_fields(np.zeros((1, EMBED_DIM), dtype=np.float16))
+
+
+def model_inputs(batch: dict, to_device):
+    return to_device(batch["t5_text_embeddings"])
+
+
+def drop_captions(embeddings, keep):
+    """NVIDIA's caption dropout: a dropped caption's embedding becomes zeros."""
+    return embeddings * keep.view(-1, 1, 1).to(embeddings.dtype)

@@ -50,9 +50,16 @@ _NON_WEIGHT = re.compile(r"(^|\.)(pos_embedder\.|accum_|logvar)|\._extra_state$"
 _DIFFUSERS_TOP = ("transformer_blocks.", "time_embed.", "patch_embed.", "norm_out.", "proj_out.")
 NVIDIA_TOP_LEVEL = ("blocks.", "t_embedder.", "t_embedding_norm.", "x_embedder.", "final_layer.")
 
+# Anima's text adapter: `llm_adapter.*` in its single file, the `text_conditioner` child of our DiT (anima.py); the
+# rest of its key is AnimaTextConditioner's own, untouched by the DiT renames below.
+ADAPTER_FILE, ADAPTER_MODULE = "llm_adapter.", "text_conditioner."
+
+
 def nvidia_to_diffusers_key(key: str) -> str:
     """`blocks.0.self_attn.q_proj.weight` -> `transformer_blocks.0.attn1.to_q.weight` (diffusers keys unchanged)."""
-    if key.startswith(_DIFFUSERS_TOP):
+    if key.startswith(ADAPTER_FILE):
+        return ADAPTER_MODULE + key[len(ADAPTER_FILE):]
+    if key.startswith(_DIFFUSERS_TOP + (ADAPTER_MODULE,)):
         return key
     for old, new in _RENAMES:
         key = key.replace(old, new)
@@ -61,7 +68,9 @@ def nvidia_to_diffusers_key(key: str) -> str:
 
 def diffusers_to_nvidia_key(key: str) -> str:
     """Inverse of nvidia_to_diffusers_key (NVIDIA keys unchanged)."""
-    if key.startswith(NVIDIA_TOP_LEVEL):
+    if key.startswith(ADAPTER_MODULE):
+        return ADAPTER_FILE + key[len(ADAPTER_MODULE):]
+    if key.startswith(NVIDIA_TOP_LEVEL + (ADAPTER_FILE,)):
         return key
     for old, new in reversed(_RENAMES):
         key = key.replace(new, old)
