@@ -20,7 +20,7 @@ import torch
 
 from .registry import COMMON_CONFIG
 from .weight_files import (ADAPTER_MODULE, diffusers_to_nvidia_key, is_non_weight_key, nvidia_to_diffusers_key,
-                           read_weights)
+                           read_weights, select_weights)
 
 ADAPTER = "llm_adapter."
 FILE_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
@@ -160,23 +160,50 @@ def is_anima_folder(path) -> bool:
 def load_anima(path, dtype=torch.bfloat16):
     """The DiT with its adapter attached (attach_text_conditioner), from an original single file (any of its
     prefixes) or a diffusers folder (its transformer/ and text_conditioner/). Sizes come from the weights."""
+    path = Path(path)
+    if not path.is_dir():
+        return _from_single_file(read_weights(path), path, dtype)
+    if not is_anima_folder(path):
+        raise FileNotFoundError(f"{path}: no text_conditioner/config.json; an Anima diffusers folder holds "
+                                "transformer/ and text_conditioner/.")
     from diffusers import AnimaTextConditioner, CosmosTransformer3DModel
 
+    from .models import check_folder_files
+    check_folder_files(path / "transformer")
+    check_folder_files(path / "text_conditioner")
+    transformer = CosmosTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+    conditioner = AnimaTextConditioner.from_pretrained(path / "text_conditioner", torch_dtype=dtype)
+    return attach_text_conditioner(transformer.eval(), conditioner.eval())
+
+
+def _from_single_file(state: dict, source, dtype):
+    from diffusers import AnimaTextConditioner, CosmosTransformer3DModel
+
+    dit, adapter = split_single_file(state, source)
+    return attach_text_conditioner(_build(CosmosTransformer3DModel, dit_config(dit), dit, source, dtype),
+                                   _build(AnimaTextConditioner, conditioner_config(adapter), adapter, source, dtype))
+
+
+def load_anima_model(path, model_size=None, load_ema=False, dtype=torch.bfloat16, device="cpu", state=None):
+    """Anima as families.Family.load_model wants it: random at `model_size` without a path; a diffusers folder; a
+    single file (the original, ComfyUI's, or a model file of our training runs, whose `net_ema.*` --load_ema picks;
+    the adapter's EMA when it trained, else its `net.*` weights)."""
+    if path is None:
+        if model_size is None:
+            raise ValueError("Pass --dit_path, or --model_size for a randomly initialised model.")
+        return new_anima(model_size, dtype, device)
     path = Path(path)
     if path.is_dir():
-        if not is_anima_folder(path):
-            raise FileNotFoundError(f"{path}: no text_conditioner/config.json; an Anima diffusers folder holds "
-                                    "transformer/ and text_conditioner/.")
-        from .models import check_folder_files
-        check_folder_files(path / "transformer")
-        check_folder_files(path / "text_conditioner")
-        transformer = CosmosTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
-        conditioner = AnimaTextConditioner.from_pretrained(path / "text_conditioner", torch_dtype=dtype)
-    else:
-        dit, adapter = split_single_file(read_weights(path), path)
-        transformer = _build(CosmosTransformer3DModel, dit_config(dit), dit, path, dtype)
-        conditioner = _build(AnimaTextConditioner, conditioner_config(adapter), adapter, path, dtype)
-    return attach_text_conditioner(transformer.eval(), conditioner.eval())
+        if load_ema:
+            raise ValueError(f"{path}: --load_ema was given but a diffusers folder holds no EMA weights.")
+        return load_anima(path, dtype).to(device)
+    state = read_weights(path) if state is None else state
+    if load_ema:
+        weights = select_weights(state, True, path)
+        if not any(k.startswith(ADAPTER) for k in weights):
+            weights.update({k: v for k, v in select_weights(state, False, path).items() if k.startswith(ADAPTER)})
+        state = {"net." + k: v for k, v in weights.items()}
+    return _from_single_file(state, path, dtype).to(device)
 
 
 def save_single_file(transformer, path, prefix: str = "net.") -> None:

@@ -25,6 +25,7 @@ class Family:
     name: str
     text_module: str            # cosmos_t2i.<text_module>: the text side described above
     model_builder: str          # "module:function" of cosmos_t2i building a random model (model_size, dtype, device)
+    model_loader: str           # "module:function" loading one from a weight file or folder, as models.load_transformer
     text_encoder: str           # default --text_encoder
     vae_class: str              # the diffusers class of its VAE
     loss_scale: float           # default --loss_scale: the velocity MSE's factor
@@ -42,21 +43,30 @@ class Family:
     def new_model(self, model_size: str, dtype=None, device="cpu", **overrides):
         """A randomly initialised model of a registry size, as this family trains it (Anima: adapter attached)."""
         import torch
-        module, function = self.model_builder.split(":")
-        build = getattr(importlib.import_module(f"cosmos_t2i.{module}"), function)
-        return build(model_size, dtype or torch.float32, device, **overrides)
+        return _function(self.model_builder)(model_size, dtype or torch.float32, device, **overrides)
+
+    def load_model(self, path, model_size=None, load_ema=False, dtype=None, device="cpu", state=None):
+        """The model from a weight file, a diffusers folder (or random for no path), as this family trains it."""
+        import torch
+        return _function(self.model_loader)(path, model_size, load_ema, dtype or torch.bfloat16, device, state)
+
+
+def _function(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f"cosmos_t2i.{module}"), name)
 
 
 NVIDIA_LORA_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 
 PREDICT2 = Family(
-    name="predict2", text_module="t5", model_builder="models:new_transformer", text_encoder="google-t5/t5-11b", vae_class="AutoencoderKLWan",
+    name="predict2", text_module="t5", model_builder="models:new_transformer",
+    model_loader="models:load_transformer", text_encoder="google-t5/t5-11b", vae_class="AutoencoderKLWan",
     loss_scale=10.0, lora_targets=NVIDIA_LORA_TARGETS,
     # NVIDIA's: RectifiedFlowAB2 over Karras sigmas, x0-space guidance x0 = c + 4 (c - u), a zero negative
     sampler="ab2", num_steps=35, guidance=4.0, shift=1.0, negative_prompt=None)
 
 ANIMA = Family(
-    name="anima", text_module="anima_text", model_builder="anima:new_anima",
+    name="anima", text_module="anima_text", model_builder="anima:new_anima", model_loader="anima:load_anima_model",
     text_encoder="circlestone-labs/Anima", vae_class="AutoencoderKLQwenImage",
     # diffusion-pipe's (the author's trainer): the plain mean velocity MSE, the same logit-normal t as Predict2
     loss_scale=1.0, lora_targets=NVIDIA_LORA_TARGETS,

@@ -162,14 +162,18 @@ def lora_file_state(dit_path: str) -> dict | None:
 
 
 def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_scale=1.0, base_dit_path=None,
-             dtype=torch.bfloat16, device="cpu"):
+             dtype=torch.bfloat16, device="cpu", family=None):
     """The DiT from any accepted form, LoRA adapters merged in, in eval mode without gradients.
 
     dit_path: a weight file, a diffusers folder, a hub id, a training run folder (its latest model file), or a
     LoRA file, which stands for its recorded base (or `base_dit_path`) with the adapter merged (recursively: the
-    base may itself be a LoRA file). `lora_path` is merged on top with `lora_scale`.
+    base may itself be a LoRA file). `lora_path` is merged on top with `lora_scale`. `family` (families.py, default
+    Predict2) decides how a file or folder is read (Anima: the DiT with its text adapter attached).
     """
+    from .families import PREDICT2
     from .lora import adapter_from_state, merge_adapter, read_lora
+
+    family = family or PREDICT2
 
     dit_path = resolve_dit_path(dit_path) if dit_path else None
     lora_state = lora_file_state(dit_path) if dit_path else None
@@ -189,10 +193,10 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
             logger.warning(
                 "%s was trained against its base stored in fp8 (--lora_base_dtype fp8); it is merged into the "
                 "full-precision base, whose outputs differ slightly from what training saw.", dit_path)
-        model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32)
+        model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32, family=family)
         merge_adapter(model, adapter_from_state(lora_state, meta.get("alpha"), load_ema, dit_path), source=dit_path)
     else:
-        model = load_transformer(dit_path, model_size, load_ema, torch.float32, "cpu")
+        model = family.load_model(dit_path, model_size, load_ema, torch.float32, "cpu")
     if lora_path:
         merge_adapter(model, read_lora(lora_path)[0], lora_scale, source=lora_path)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -215,23 +219,29 @@ def fingerprint(path) -> str | None:
     return digest.hexdigest()
 
 
-def load_vae(vae_path: str, dtype=torch.bfloat16, device="cpu"):
-    """The Wan2.1 VAE from a diffusers folder (or its parent pipeline folder) or NVIDIA's `tokenizer.pth`."""
-    from diffusers import AutoencoderKLWan
+def load_vae(vae_path: str, dtype=torch.bfloat16, device="cpu", family=None):
+    """The family's VAE from a diffusers folder (or its parent pipeline folder) or a single file in the original
+    Wan layout: Predict2's Wan2.1 VAE (NVIDIA's `tokenizer.pth`), Anima's Qwen-Image VAE (ComfyUI's
+    `qwen_image_vae.safetensors`; the same architecture, so the same key mapping)."""
+    import diffusers
 
+    from .families import PREDICT2
+
+    kind_wanted = (family or PREDICT2).vae_class
+    vae_class = getattr(diffusers, kind_wanted)
     path = Path(vae_path)
-    not_a_vae = ("pass the Wan2.1 VAE as --vae_path: a diffusers AutoencoderKLWan folder (a pipeline's vae/) or "
-                 "NVIDIA's tokenizer/tokenizer.pth.")
+    not_a_vae = (f"pass the {kind_wanted} as --vae_path: a diffusers {kind_wanted} folder (a pipeline's vae/) or "
+                 "its single file (Predict2: NVIDIA's tokenizer/tokenizer.pth).")
     if path.is_dir():
         import json
 
         folder = path / "vae" if (path / "vae" / "config.json").exists() else path
         config = folder / "config.json"
         kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
-        if kind != "AutoencoderKLWan":
+        if kind != kind_wanted:
             raise ValueError(f"{folder} holds {'a ' + kind if kind else 'no config.json'}, not a VAE: " + not_a_vae)
         check_folder_files(folder)
-        vae = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype)
+        vae = vae_class.from_pretrained(str(folder), torch_dtype=dtype)
     elif path.is_file():
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
@@ -240,13 +250,12 @@ def load_vae(vae_path: str, dtype=torch.bfloat16, device="cpu"):
             raise ValueError(f"{path} is a DiT weight file, not a VAE: " + not_a_vae)
         state = convert_wan_vae_to_diffusers(state) if not any(k.startswith("encoder.conv_in") for k in state) \
             else state
-        vae = AutoencoderKLWan()  # the default config is Wan2.1's
+        vae = vae_class()  # the default config is the released model's
         check_keys(vae.state_dict(), state, path)
         vae.load_state_dict(state)
         vae = vae.to(dtype)
     else:
-        raise FileNotFoundError(f"{vae_path}: no VAE here. Pass a diffusers AutoencoderKLWan folder or NVIDIA's "
-                                "tokenizer/tokenizer.pth.")
+        raise FileNotFoundError(f"{vae_path}: no VAE here. " + not_a_vae[0].upper() + not_a_vae[1:])
     return vae.to(device).eval().requires_grad_(False)
 
 
