@@ -19,6 +19,7 @@ import torch
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.config import parse_with_config, to_yaml
+from cosmos_t2i.families import FAMILIES, get_family
 from cosmos_t2i.registry import MODEL_SIZES
 from cosmos_t2i.saving import (end_run, make_checkpointer, resume, save_or_exit, save_or_warn, stop_on_unreadable_data,
                                stop_with_checkpoint, trainer_state)
@@ -27,7 +28,7 @@ from cosmos_t2i.training import (NVIDIA_LORA_TARGETS, apply_gradients, backgroun
 
 logger = logging.getLogger("train")
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
-SHAPE_KEYS = ("weight_dtype", "model_size", "train_architecture", "lora_rank", "lora_target_modules", "lora_base_dtype",
+SHAPE_KEYS = ("family", "weight_dtype", "model_size", "train_architecture", "lora_rank", "lora_target_modules", "lora_base_dtype",
               "image_size", "ema",
               "aspect_buckets", "resolution", "optimizer")
 
@@ -37,12 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config", help="YAML file with any of these flags (command-line flags override it)")
     g = p.add_argument_group("model")
+    g.add_argument("--family", choices=list(FAMILIES), default="predict2",
+                   help="model family: predict2 (NVIDIA's Cosmos-Predict2: T5 text, Wan2.1 VAE) or anima (the "
+                        "community model on the 2B DiT: Qwen3 text through its adapter, Qwen-Image VAE; docs/anima.md). "
+                        "It sets the text files the data needs, the VAE, the loss scale and the sampler")
     g.add_argument("--model_size", choices=list(MODEL_SIZES), default="2B", help="DiT shape (registry key)")
     g.add_argument("--dit_path", help="the DiT to start from (required): NVIDIA's model.pt/.safetensors, a diffusers "
                                       "folder, a hub id, a training run folder (its latest checkpoint) or a LoRA "
                                       "file (its base with the adapter merged); 'random' = a randomly initialised "
                                       "--model_size (benchmarks)")
-    g.add_argument("--vae_path", required=False, help="diffusers AutoencoderKLWan folder or NVIDIA tokenizer.pth")
+    g.add_argument("--vae_path", required=False, help="the family's VAE: a diffusers folder (AutoencoderKLWan for "
+                                                      "predict2, AutoencoderKLQwenImage for anima) or its single file "
+                                                      "(NVIDIA's tokenizer.pth; qwen_image_vae.safetensors)")
     g.add_argument("--train_architecture", choices=["full", "lora"], default="full")
     g.add_argument("--lora_rank", type=int, default=16)
     g.add_argument("--lora_alpha", type=float, default=16)
@@ -86,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=8)
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2 ** -14.5)
+    g.add_argument("--adapter_lr", type=float, default=0.0,
+                   help="anima: also train its text adapter (the 6-block LLM adapter) at this learning rate; 0 keeps "
+                        "it frozen, as the model author's trainer does by default (training it helps new concepts "
+                        "and tags take hold; a tenth of --lr is a common start)")
     g.add_argument("--weight_decay", type=float, default=0.2)
     g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.99])
     g.add_argument("--eps", type=float, default=1e-8)
@@ -104,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="power EMA, fp32 copy")
     g.add_argument("--ema_rate", type=float, default=0.1)
     g.add_argument("--caption_dropout", type=float, default=0.2)
-    g.add_argument("--loss_scale", type=float, default=10.0)
+    g.add_argument("--loss_scale", type=float, default=None,
+                   help="factor on the velocity MSE (default: the family's, predict2 10 as NVIDIA, anima 1 as the "
+                        "model author's trainer)")
     g.add_argument("--max_iter", type=int, default=1000)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max_nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
@@ -136,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_prompts", nargs="*", default=[], help="prompts sampled with EMA weights")
     g.add_argument("--validation_iter", type=int, default=0, help="sample validation prompts every N iterations")
     g.add_argument("--validation_steps", type=int, default=35)
-    g.add_argument("--text_encoder", default="google-t5/t5-11b", help="T5 for validation prompts (freed after)")
+    g.add_argument("--text_encoder", default=None,
+                   help="text encoder for validation prompts, freed after encoding them (default: the family's, "
+                        "google-t5/t5-11b for predict2; for anima its diffusers folder)")
     g.add_argument("--profile_iters", type=int, default=0,
                    help="profile N iterations after 3 warm-up ones: per-phase times and GPU time by kernel kind in the "
                         "log, a trace per process in <run>/profile/ (ui.perfetto.dev; benchmarks/trace_gaps.py "
@@ -147,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args, parser) -> None:
     """Reject invalid combinations before any model is loaded, saying what to change."""
+    family = get_family(args.family)
+    args.loss_scale = family.loss_scale if args.loss_scale is None else args.loss_scale
+    args.text_encoder = args.text_encoder or family.text_encoder
+    if args.adapter_lr < 0 or (args.adapter_lr > 0 and not family.has_text_adapter):
+        parser.error(f"--adapter_lr {args.adapter_lr}: a learning rate for a text adapter (not negative), which the "
+                     f"{family.name} family does not have; it is for --family anima.")
     if args.context_parallel_size != 1:
         parser.error("--context_parallel_size must be 1: NVIDIA's text2image has no context parallelism "
                      "(an image is a single latent frame).")

@@ -181,7 +181,9 @@ class Checkpointer:
     def _state(self) -> tuple[dict, list]:
         from .distributed import optimizer_state, trainable_state
 
-        state = {"model": trainable_state(self.model)}
+        # a LoRA run saves what trains; a full fine-tune the whole model, frozen parts included (Anima's text adapter
+        # when it does not train), so its model file is the complete model
+        state = {"model": trainable_state(self.model, frozen_too=self.lora_metadata is None)}
         param_groups = []
         if self.portable:
             optim = optimizer_state(self.model, self.optimizer)

@@ -2,6 +2,7 @@
 
 Either source yields NVIDIA's sample dict: images [3,H,W] in [-1,1], t5_text_embeddings
 [512,1024], t5_text_mask, padding_mask [1,H,W], ... With a latent cache it yields `latents` instead of images.
+The text entries are the model family's (families.py): Anima's samples carry its adapter's inputs instead.
 Every sample also carries "unreadable" (see ImageDataset.__getitem__). Decoding and fitting images: images.py.
 """
 
@@ -12,7 +13,6 @@ import math
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -20,13 +20,13 @@ from .files import atomic_write
 from .images import RESIZE_MODES, fit_image, image_size, load_image, reduction, thin_side
 from .images import BACKGROUND, resize_image  # noqa: F401  (imported from here before images.py existed)
 from .registry import RESOLUTIONS
-from .t5 import pad_embedding, read_embedding
+from .families import PREDICT2
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 # the start check decodes for a small fit: a large JPEG at 1/8 scale (every coefficient is still read, so a
 # damaged or truncated file fails as it would whole), other formats whole, then reduced
 CHECK_SIZE = (64, 64)
-EMBEDDING_COLUMN = "t5_xxl"
+EMBEDDING_COLUMN = PREDICT2.text.COLUMN  # Predict2's column, named here before families existed
 logger = logging.getLogger(__name__)
 
 
@@ -48,8 +48,8 @@ def list_images(dataset_dir) -> list[Path]:
     return images
 
 
-def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
-    """Pair each image with its caption and embedding; report every incomplete sample at once.
+def find_samples(dataset_dir, skip_incomplete: bool = False, family=PREDICT2) -> list[dict]:
+    """Pair each image with its caption and pre-computed text (the family's); report every incomplete sample at once.
 
     Raises one error listing what is missing or malformed (first few and a count) unless skip_incomplete,
     in which case those samples are dropped with a warning.
@@ -64,10 +64,11 @@ def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
     if clashes:
         raise ValueError(f"{root / 'images'}: images share a name, so they would share one caption and embedding: "
                          f"{_listing(clashes)}. Rename or remove one of each.")
-    embeddings = {image: root / "t5_xxl" / f"{image.stem}.pickle" for image in images}
+    text = family.text
+    embeddings = {image: root / text.FOLDER / f"{image.stem}{text.SUFFIX}" for image in images}
     present = {image for image, embedding in embeddings.items() if embedding.is_file()}
     unreadable = check_files(images + [embeddings[image] for image in images if image in present], root,
-                             root / ".file_check.json")
+                             root / ".file_check.json", family)
     for image in images:
         caption, embedding = root / "metas" / f"{image.stem}.txt", embeddings[image]
         bad = [unreadable[name] for name in (str(image.relative_to(root)), str(embedding.relative_to(root)))
@@ -83,24 +84,24 @@ def find_samples(dataset_dir, skip_incomplete: bool = False) -> list[dict]:
     if problems and not skip_incomplete:
         raise ValueError(f"{root}: {len(problems)} of {len(problems) + len(samples)} samples are incomplete or "
                          f"unreadable: {_listing(problems)}. Fix: replace unreadable images, write a caption per "
-                         f"image in metas/<name>.txt, run `python precompute_t5.py --dataset_path {root}`, or pass "
-                         "--skip_incomplete to train on the complete ones.")
+                         f"image in metas/<name>.txt, run `python precompute_t5.py --dataset_path {root}"
+                         f"{family.precompute_flags}`, or pass --skip_incomplete to train on the complete ones.")
     if problems:
         logger.warning("%s: skipping %d incomplete samples (%s)", root, len(problems), _listing(problems, 3))
     if not samples:
-        raise ValueError(f"{root}: no complete samples (image + metas/*.txt + t5_xxl/*.pickle).")
+        raise ValueError(f"{root}: no complete samples (image + metas/*.txt + {text.FOLDER}/*{text.SUFFIX}).")
     logger.info("%s: %d samples", root, len(samples))
     return samples
 
 
 class FolderSource:
-    """images/, metas/, t5_xxl/ as indexable samples."""
+    """images/, metas/ and the family's text folder (t5_xxl/ for Predict2) as indexable samples."""
 
     headers_cheap = True
 
-    def __init__(self, dataset_dir, skip_incomplete=False):
-        self.root = Path(dataset_dir)
-        self.samples = find_samples(dataset_dir, skip_incomplete)
+    def __init__(self, dataset_dir, skip_incomplete=False, family=PREDICT2):
+        self.root, self.family = Path(dataset_dir), family
+        self.samples = find_samples(dataset_dir, skip_incomplete, family)
 
     def __len__(self):
         return len(self.samples)
@@ -118,8 +119,8 @@ class FolderSource:
         """(width, height) as displayed, from the file header, without decoding."""
         return image_size(self.samples[i]["image"])
 
-    def embedding(self, i) -> np.ndarray:
-        return read_embedding(self.samples[i]["embedding"])
+    def text(self, i):
+        return self.family.text.read_text(self.samples[i]["embedding"])
 
     def version(self, i) -> str:
         """Changes when the image file changes (size and modification time), for the latent cache."""
@@ -143,23 +144,26 @@ def load_hf_dataset(name: str, split: str = "train"):
 
 
 class HFSource:
-    """A datasets.Dataset with an image column and the `t5_xxl` column that precompute_t5.py adds."""
+    """A datasets.Dataset with an image column and the family's text column that precompute_t5.py adds (`t5_xxl`
+    for Predict2)."""
 
     headers_cheap = False  # a row's header comes with its whole image out of the arrow file
 
-    def __init__(self, dataset_name, image_column="image", split="train"):
+    def __init__(self, dataset_name, image_column="image", split="train", family=PREDICT2):
         self.dataset = load_hf_dataset(dataset_name, split)
-        self.root = Path(dataset_name)
+        self.root, self.family = Path(dataset_name), family
+        column = family.text.COLUMN
         columns = self.dataset.column_names
         if image_column not in columns:
             raise ValueError(f"{dataset_name}: no image column {image_column!r} (columns: {columns}); pass "
                              "--image_column.")
-        if EMBEDDING_COLUMN not in columns:
-            raise ValueError(f"{dataset_name}: no {EMBEDDING_COLUMN!r} column; run `python precompute_t5.py "
-                             f"--dataset_name {dataset_name}` and train on the dataset it writes.")
+        if column not in columns:
+            raise ValueError(f"{dataset_name}: no {column!r} column; run `python precompute_t5.py "
+                             f"--dataset_name {dataset_name}{family.precompute_flags}` and train on the dataset it "
+                             "writes.")
         self.image_column = image_column
         self.images = self.dataset.cast_column(image_column, _image_feature(decode=False))[image_column]
-        self.embeddings = self.dataset.select_columns([EMBEDDING_COLUMN]).with_format("numpy")
+        self.texts = self.dataset.select_columns([column]).with_format("numpy")
         logger.info("%s: %d samples", dataset_name, len(self.dataset))
 
     def __len__(self):
@@ -182,8 +186,8 @@ class HFSource:
     def image_size(self, i):
         return image_size(self._file(i))
 
-    def embedding(self, i) -> np.ndarray:
-        return np.asarray(self.embeddings[i][EMBEDDING_COLUMN], dtype=np.float16)
+    def text(self, i):
+        return self.family.text.from_column(self.texts[i][self.family.text.COLUMN], self.where(i))
 
     def version(self, i) -> str:
         return f"{self.dataset._fingerprint}-{i}"
@@ -195,15 +199,15 @@ def _image_feature(decode):
 
 
 # ---------------------------------------------------------------- the check at start
-def _check_file(path: Path) -> None:
-    """Raise ValueError (its first sentence says what is wrong) unless the image decodes or the embedding is valid."""
-    if path.suffix == ".pickle":
-        read_embedding(path)
+def _check_file(path: Path, family=PREDICT2) -> None:
+    """Raise ValueError (its first sentence says what is wrong) unless the image decodes or the text file is valid."""
+    if path.parent.name == family.text.FOLDER:
+        family.text.read_text(path)
     else:
         load_image(path, None, CHECK_SIZE)
 
 
-def check_files(paths, root, cache_file) -> dict[str, str]:
+def check_files(paths, root, cache_file, family=PREDICT2) -> dict[str, str]:
     """{path relative to root: problem} for the images that do not decode and embeddings that are malformed.
 
     Files that passed before with the same size and modification time (recorded in `cache_file`; skipped if it
@@ -222,7 +226,7 @@ def check_files(paths, root, cache_file) -> dict[str, str]:
 
     def check(path):
         try:
-            _check_file(path)
+            _check_file(path, family)
             return None
         except ValueError as e:
             return str(e).split(" Replace or remove")[0].split(". Rerun precompute")[0].rstrip(".")
@@ -307,10 +311,11 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset_dir=None, image_size=(768, 1360), resize_mode: str = "resize",
-                 skip_incomplete: bool = False, resolution: str | None = None, source=None):
+                 skip_incomplete: bool = False, resolution: str | None = None, source=None, family=PREDICT2):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
-        self.source = source if source is not None else FolderSource(dataset_dir, skip_incomplete)
+        self.source = source if source is not None else FolderSource(dataset_dir, skip_incomplete, family)
+        self.text_side, self.text_like = family.text, None  # text_like: the last text fields read (placeholders)
         self.resize_mode, self.skip_unreadable = resize_mode, skip_incomplete
         self.latent_cache = None
         self.failed = {}  # index -> the error that made its sample unreadable during training (in this process)
@@ -370,8 +375,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def _read(self, index) -> dict:
         """The sample dict; ValueError (naming the file and the fix) if its image, latents or embedding do not read."""
         height, width = self.sizes[index]
-        embedding, mask = pad_embedding(self.source.embedding(index))
-        sample = {"t5_text_embeddings": embedding, "t5_text_mask": mask, "fps": 16, "num_frames": 1,
+        self.text_like = self.text_side.sample_fields(self.source.text(index))
+        sample = {**self.text_like, "fps": 16, "num_frames": 1,
                   "image_size": torch.tensor([height, width, height, width]), "index": index,
                   "name": self.source.name(index), "unreadable": ""}
         if self.latent_cache is not None:
@@ -424,10 +429,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def _placeholder(self, index) -> dict:
         """A sample of zeros shaped like `index`'s, marked unreadable (the training loop saves and stops on it)."""
         height, width = self.sizes[index]
-        embedding, mask = pad_embedding(np.zeros((1, 1024), dtype=np.float16))
         pixels = {"latents": torch.zeros(16, 1, height // 8, width // 8)} if self.latent_cache is not None else \
             {"images": torch.zeros(3, height, width)}
-        return {"t5_text_embeddings": embedding, "t5_text_mask": mask, "fps": 16, "num_frames": 1,
+        return {**self.text_side.placeholder_fields(self.text_like), "fps": 16, "num_frames": 1,
                 "image_size": torch.tensor([height, width, height, width]), "index": index,
                 "name": self.source.name(index), "unreadable": " ".join(str(self.failed[index]).split()),
                 **pixels, "padding_mask": torch.zeros(1, height, width)}

@@ -116,9 +116,10 @@ def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(param.device), param.device_mesh, param.placements).to_local()
 
 
-def trainable_state(model) -> dict:
-    """{name: tensor} of what trains, each process's shards (DTensors under FSDP)."""
-    return get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+def trainable_state(model, frozen_too: bool = False) -> dict:
+    """{name: tensor} of what trains (and, with frozen_too, of the frozen rest), each process's shards (DTensors under
+    FSDP)."""
+    return get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=not frozen_too))
 
 
 def optimizer_state(model, optimizer) -> dict:

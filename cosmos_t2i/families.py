@@ -14,6 +14,7 @@ A family's text side is a module with the same functions (t5.py for Predict2, an
     placeholder_fields()        the same for a sample that could not be read
     model_inputs(batch, to_device)           a batch's text as the DiT takes it (a context, or the adapter's inputs)
     drop_captions(text, keep)   caption dropout: dropped samples get the family's empty caption
+    encode_prompts_once(path, prompts, device)  prompts as the DiT takes them, on the CPU, the encoder freed after
 """
 
 import importlib
@@ -27,6 +28,8 @@ class Family:
     model_builder: str          # "module:function" of cosmos_t2i building a random model (model_size, dtype, device)
     model_loader: str           # "module:function" loading one from a weight file or folder, as models.load_transformer
     text_encoder: str           # default --text_encoder
+    precompute_flags: str       # what precompute_t5.py needs to write this family's text (named in messages)
+    has_text_adapter: bool      # a trainable text adapter sits between the text encoder and the DiT (--adapter_lr)
     vae_class: str              # the diffusers class of its VAE
     loss_scale: float           # default --loss_scale: the velocity MSE's factor
     lora_targets: str           # default --lora_target_modules (NVIDIA module names)
@@ -60,14 +63,16 @@ NVIDIA_LORA_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 
 PREDICT2 = Family(
     name="predict2", text_module="t5", model_builder="models:new_transformer",
-    model_loader="models:load_transformer", text_encoder="google-t5/t5-11b", vae_class="AutoencoderKLWan",
+    model_loader="models:load_transformer", text_encoder="google-t5/t5-11b", precompute_flags="", has_text_adapter=False,
+    vae_class="AutoencoderKLWan",
     loss_scale=10.0, lora_targets=NVIDIA_LORA_TARGETS,
     # NVIDIA's: RectifiedFlowAB2 over Karras sigmas, x0-space guidance x0 = c + 4 (c - u), a zero negative
     sampler="ab2", num_steps=35, guidance=4.0, shift=1.0, negative_prompt=None)
 
 ANIMA = Family(
     name="anima", text_module="anima_text", model_builder="anima:new_anima", model_loader="anima:load_anima_model",
-    text_encoder="circlestone-labs/Anima", vae_class="AutoencoderKLQwenImage",
+    text_encoder="circlestone-labs/Anima",
+    precompute_flags=" --family anima", has_text_adapter=True, vae_class="AutoencoderKLQwenImage",
     # diffusion-pipe's (the author's trainer): the plain mean velocity MSE, the same logit-normal t as Predict2
     loss_scale=1.0, lora_targets=NVIDIA_LORA_TARGETS,
     # diffusers' AnimaModularPipeline: FlowMatchEuler with shift 3 over linspace(1, 1/N, N), CFG 4 against ""

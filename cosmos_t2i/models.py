@@ -11,7 +11,7 @@ import torch
 
 from .registry import check_size_matches, transformer_config
 from .weight_files import (NVIDIA_TOP_LEVEL, check_keys, diffusers_to_nvidia_key, mmap_safetensors, nvidia_to_diffusers,
-                           read_weights, safetensors_header, select_weights)
+                           nvidia_to_diffusers_key, read_weights, safetensors_header, select_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,13 @@ def new_transformer(model_size: str, dtype=torch.float32, device="cpu", **overri
     return model
 
 
-def transformer_weights(path, model_size: str | None = None, load_ema: bool = False, state: dict | None = None):
-    """(model size, {diffusers name: CPU tensor}) from a weight file or a diffusers transformer folder, key- and
-    shape-checked against the model. Tensors stay memory-mapped: no process holds a copy until it uses one."""
+def transformer_weights(path, model_size: str | None = None, load_ema: bool = False, state: dict | None = None,
+                        family=None):
+    """(model size, {diffusers name: CPU tensor}) from a weight file or a diffusers transformer folder (with an
+    Anima pipeline's text_conditioner/ beside it), key- and shape-checked against the family's model. Tensors stay
+    memory-mapped: no process holds a copy until it uses one."""
+    from .families import PREDICT2
+
     path, file_name = Path(path), None
     if path.is_dir():
         import json
@@ -60,6 +64,8 @@ def transformer_weights(path, model_size: str | None = None, load_ema: bool = Fa
         weights = {}
         for f in sorted(folder.glob("*.safetensors")):
             weights.update(mmap_safetensors(f))
+        for f in sorted((folder.parent / "text_conditioner").glob("*.safetensors")):
+            weights.update({"text_conditioner." + k: v for k, v in mmap_safetensors(f).items()})
     else:
         state = read_weights(path) if state is None else state
         if model_size is None:
@@ -75,7 +81,7 @@ def transformer_weights(path, model_size: str | None = None, load_ema: bool = Fa
             prefix = "net_ema." if load_ema else "net." if any(k.startswith("net.") for k in state) else ""
             file_name = lambda k: prefix + diffusers_to_nvidia_key(k)  # noqa: E731
         weights = nvidia_to_diffusers(weights, path)  # diffusers-named keys pass through unchanged
-    check_keys(new_transformer(model_size, torch.float32, "meta").state_dict(), weights, path, file_name)
+    check_keys((family or PREDICT2).new_model(model_size, torch.float32, "meta").state_dict(), weights, path, file_name)
     return model_size, weights
 
 
@@ -195,11 +201,25 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
                 "full-precision base, whose outputs differ slightly from what training saw.", dit_path)
         model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32, family=family)
         merge_adapter(model, adapter_from_state(lora_state, meta.get("alpha"), load_ema, dit_path), source=dit_path)
+        load_full_weights(model, lora_state, load_ema, dit_path)
     else:
         model = family.load_model(dit_path, model_size, load_ema, torch.float32, "cpu")
     if lora_path:
         merge_adapter(model, read_lora(lora_path)[0], lora_scale, source=lora_path)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_full_weights(model, lora_state: dict, load_ema: bool, source) -> None:
+    """Modules a LoRA run trained in full (Anima's text adapter with --adapter_lr) travel in its file as plain
+    weights beside the LoRA pairs: they replace the base's."""
+    from .weight_files import select_weights
+
+    full = {nvidia_to_diffusers_key(k): v for k, v in select_weights(lora_state, load_ema, source).items()
+            if ".lora_" not in k and not k.endswith(".alpha")}
+    if not full:
+        return
+    check_keys({k: v for k, v in model.state_dict().items() if k in full}, full, source)
+    model.load_state_dict(full, strict=False)
 
 
 def fingerprint(path) -> str | None:

@@ -370,11 +370,12 @@ def check_resume_settings(run_dir, config_yaml: str, fatal_keys, iteration: int,
                                sort_keys=False)
 
 
-def apply_optimizer_settings(optimizer, scheduler, lr: float, betas, eps: float, weight_decay: float) -> None:
-    """After restoring a checkpoint: the optimizer and schedule settings of this command, not the saved ones."""
+def apply_optimizer_settings(optimizer, scheduler, lr, betas, eps: float, weight_decay: float) -> None:
+    """After restoring a checkpoint: the optimizer and schedule settings of this command, not the saved ones. `lr`:
+    one learning rate for every group, or a list of one per group."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-    for group, lr_lambda in zip(inner.param_groups, scheduler.lr_lambdas):
+    scheduler.base_lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr for _ in scheduler.base_lrs]
+    for group, lr, lr_lambda in zip(inner.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group.update(betas=tuple(betas), eps=eps, weight_decay=weight_decay, initial_lr=lr,
                      lr=lr * lr_lambda(scheduler.last_epoch))
     scheduler._last_lr = [group["lr"] for group in inner.param_groups]

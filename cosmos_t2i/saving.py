@@ -74,7 +74,10 @@ def resume(args, checkpointer, t, sampler, latest: int) -> None:
     from .run_control import apply_optimizer_settings
 
     state = checkpointer.restore(latest)
-    apply_optimizer_settings(t.optimizer, t.scheduler, args.lr, args.betas, args.eps, args.weight_decay)
+    from .training import group_lrs
+
+    apply_optimizer_settings(t.optimizer, t.scheduler, group_lrs(args, t.optimizer), args.betas, args.eps,
+                             args.weight_decay)
     torch.set_rng_state(state["rng"]["torch"])
     checkpointer.build_model_file(latest)
     saved = state.get("data_position", {})

@@ -219,7 +219,12 @@ def encode_captions(encoder, captions, max_length=MAX_LENGTH, batch_size=64, on_
     return encode_prompts(tokenizer, model, captions, max_length, batch_size, on_batch, too_long)
 
 
-write_text, read_text = write_embedding, read_embedding
+def write_text(path, array: np.ndarray) -> None:
+    write_embedding(path, array)
+
+
+def read_text(path) -> np.ndarray:
+    return read_embedding(path)
 
 
 def to_column(array: np.ndarray) -> np.ndarray:
@@ -241,8 +246,13 @@ def sample_fields(array: np.ndarray) -> dict:
     return {"t5_text_embeddings": embedding, "t5_text_mask": mask}
 
 
-def placeholder_fields() -> dict:
+def placeholder_fields(like: dict | None = None) -> dict:
     return sample_fields(np.zeros((1, EMBED_DIM), dtype=np.float16))
+
+
+def encode_prompts_once(path: str, prompts: list[str], device):
+    """Validation prompts' embeddings on the CPU, the T5 loaded and freed here."""
+    return embed_prompts_once(path, prompts, device).cpu()
 
 
 def model_inputs(batch: dict, to_device):

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import torch
 
 from . import checkpoint as ckpt
+from .families import NVIDIA_LORA_TARGETS, get_family  # noqa: F401  (NVIDIA_LORA_TARGETS: imported from here)
 from .registry import RESOLUTIONS
 
 logger = logging.getLogger("train")
-NVIDIA_LORA_TARGETS = "q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2"
 
 
 def collate(samples):
@@ -33,10 +33,12 @@ def base_dtype(train_architecture: str, mixed_precision: str, weight_dtype: str)
 
 
 def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradient_checkpointing: bool = False,
-                         compile: bool = False, device=None, fp8: bool = False):
+                         compile: bool = False, device=None, fp8: bool = False, train_text_adapter: bool = False):
     """LoRA injection (lora = {"rank", "alpha", "targets"}: NVIDIA module names; "base_dtype": "fp8" stores the
     frozen block weights in fp8, converting layer by layer on `device`), float8 matmuls (fp8), diffusers' gradient
-    checkpointing and per-block torch.compile, then train mode. Shared with benchmarks/bench_train.py."""
+    checkpointing and per-block torch.compile, then train mode. A text adapter (Anima's `text_conditioner`) trains
+    fully with `train_text_adapter`, else it stays frozen, in LoRA runs as in full fine-tunes. Shared with
+    benchmarks/bench_train.py."""
     from .lora import add_lora, store_frozen_linears_in_fp8_
 
     if lora is not None:
@@ -44,6 +46,12 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
         if lora.get("base_dtype") == "fp8":
             logger.info("LoRA base: %.1fM frozen block weights stored in fp8 (e5m2)",
                         store_frozen_linears_in_fp8_(model, device) / 1e6)
+    adapter = getattr(model, "text_conditioner", None)
+    if adapter is not None:
+        adapter.requires_grad_(train_text_adapter)
+        for p in adapter.parameters():  # trained in fp32, as LoRA's adapters are
+            if train_text_adapter:
+                p.data = p.data.float()
     if fp8:
         from .fp8 import convert_to_fp8_training
         logger.info("--fp8: %d block projections run float8 matmuls (torchao)", convert_to_fp8_training(model))
@@ -62,36 +70,37 @@ def build_transformer(args, device, sharded: bool):
     copies in only its own shards from the memory-mapped weights (weights is None: random init). Otherwise the
     model is loaded here, on `device`, and the returned weights are None.
     """
-    from .models import (fingerprint, load_dit, load_transformer, lora_file_state, new_transformer,
-                         resolve_dit_path, transformer_weights)
+    from .models import fingerprint, load_dit, lora_file_state, resolve_dit_path, transformer_weights
     from .registry import size_of_config
 
+    family = get_family(args.family)
     dtype = base_dtype(args.train_architecture, args.mixed_precision, args.weight_dtype)
     weights, meta, lora = None, None, None
     path = resolve_dit_path(args.dit_path) if args.dit_path else None  # a run folder: its latest model file
     if path is not None and lora_file_state(path) is not None:  # a LoRA file: its base with the adapter merged
-        merged = load_dit(path, args.model_size, dtype=torch.float32)
+        merged = load_dit(path, args.model_size, dtype=torch.float32, family=family)
         args.model_size = size_of_config(dict(merged.config))
         if sharded and args.train_architecture == "full":
-            weights, model = merged.state_dict(), new_transformer(args.model_size, dtype, "meta")
+            weights, model = merged.state_dict(), family.new_model(args.model_size, dtype, "meta")
         else:
             model = merged.to(device=device, dtype=dtype).requires_grad_(True)
     elif sharded and args.train_architecture == "full":
         if path is not None:
-            args.model_size, weights = transformer_weights(path, args.model_size)
-        model = new_transformer(args.model_size, dtype, "meta")
+            args.model_size, weights = transformer_weights(path, args.model_size, family=family)
+        model = family.new_model(args.model_size, dtype, "meta")
     else:  # an fp8 LoRA base is converted layer by layer on the GPU, from the CPU (see prepare_for_training)
-        model = load_transformer(path, args.model_size, dtype=dtype,
-                                 device="cpu" if args.lora_base_dtype == "fp8" else device)
+        model = family.load_model(path, args.model_size, dtype=dtype,
+                                  device="cpu" if args.lora_base_dtype == "fp8" else device)
     if args.train_architecture == "lora":
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets, "base_dtype": args.lora_base_dtype}
         meta = {"rank": args.lora_rank, "alpha": float(args.lora_alpha), "target_modules": targets,
                 "base_dtype": args.lora_base_dtype,
-                "model_size": args.model_size, "base_path": str(path), "base_fingerprint": fingerprint(path)}
+                "model_size": args.model_size, "base_path": str(path), "base_fingerprint": fingerprint(path),
+                "family": family.name}
     # under FSDP Accelerate checkpoints inside each sharded block instead (see build_training)
     model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile,
-                                 device, args.fp8)
+                                 device, args.fp8, train_text_adapter=args.adapter_lr > 0)
     return (model if weights is not None or model.device.type == "meta" else model.to(device)), weights, meta
 
 
@@ -141,7 +150,7 @@ def prepare_latent_cache(args, dataset, accelerator):
     stale, vae = from_main_process(cache.stale), None
     if stale:
         logger.info("encoding %d of %d images into the latent cache %s", len(stale), len(dataset), cache.dir)
-        vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device)
+        vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device, get_family(args.family))
         cache.fill(stale[accelerator.process_index::accelerator.num_processes], vae, accelerator.device,
                    show_progress=accelerator.is_local_main_process)
     wait_for_everyone()  # with a long timeout: for a large dataset, one share can take far longer than another
@@ -156,9 +165,10 @@ def build_data(args, accelerator, start_iter: int):
     from .models import load_vae
     from .run_control import end_workers_at_exit, ignore_stop_signals
 
-    source = HFSource(args.dataset_name, args.image_column, args.split) if args.dataset_name else None
+    family = get_family(args.family)
+    source = HFSource(args.dataset_name, args.image_column, args.split, family) if args.dataset_name else None
     dataset = ImageDataset(args.dataset_dir, tuple(args.image_size), args.resize_mode, args.skip_incomplete,
-                           args.resolution if args.aspect_buckets else None, source)
+                           args.resolution if args.aspect_buckets else None, source, family)
     if args.aspect_buckets:
         logger.info("aspect buckets (%s, %s): %s", args.resolution, args.resize_mode, ", ".join(
             f"{k} {RESOLUTIONS[args.resolution][k][0]}x{RESOLUTIONS[args.resolution][k][1]}: {n}"
@@ -176,7 +186,7 @@ def build_data(args, accelerator, start_iter: int):
         end_workers_at_exit()
     vae = prepare_latent_cache(args, dataset, accelerator) if args.cache_latents else None
     if vae is None and (not args.cache_latents or args.validation_prompts):
-        vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device)
+        vae = load_vae(args.vae_path, torch.bfloat16, accelerator.device, family)
     return dataset, sampler, loader, vae
 
 
@@ -198,8 +208,8 @@ def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
     if accelerator.is_fsdp2:  # our loading already gives each process only its shards (build_transformer)
         accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
     model, weights, lora_meta = build_transformer(args, device, sharded=accelerator.is_fsdp2)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args.betas, args.eps,
-                               args.weight_decay, args.optimizer, args.weight_dtype == "bf16", device.type)
+    optimizer = make_optimizer(param_groups(model, args), args.lr, args.betas, args.eps, args.weight_decay,
+                               args.optimizer, args.weight_dtype == "bf16", device.type)
     scheduler = make_scheduler(optimizer, args.scheduler, args.warm_up_steps, args.cycle_lengths, args.f_start,
                                args.f_max, args.f_min)
     if args.lora_base_dtype == "fp8":
@@ -217,8 +227,9 @@ def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
     if any(p.is_meta for p in unwrapped.parameters()):
         materialize_(unwrapped, weights, device, args.seed)
         # Accelerate matched the optimizer's parameters to the sharded ones by storage address, which every meta
-        # tensor shares: point it at the sharded parameters (the same order: one group, built from the model)
-        getattr(optimizer, "optimizer", optimizer).param_groups[0]["params"] = params
+        # tensor shares: point it at the sharded parameters (the same groups and order, built from the model)
+        for group, built in zip(getattr(optimizer, "optimizer", optimizer).param_groups, param_groups(unwrapped, args)):
+            group["params"] = built["params"]
     ema = PowerEMA([(ckpt.canonical_name(n), p) for n, p in trainable], args.ema_rate) if args.ema else None
     logger.info("model %s (%s): %.1fM trainable parameters%s; %d samples; global batch %d x %d accumulation",
                 args.model_size, args.train_architecture, sum(p.numel() for p in params) / 1e6,  # DTensors: full
@@ -228,6 +239,20 @@ def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
                            ema=ema, lora_meta=lora_meta)
 
 
+def param_groups(model, args) -> list[dict]:
+    """What trains, as optimizer groups: the DiT (or its LoRA adapters) at --lr, then a text adapter (Anima's) at
+    --adapter_lr when it trains. Built from the model's parameter order, so the same on every process."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    adapter = [p for n, p in named if ckpt.canonical_name(n).startswith("text_conditioner.")]
+    groups = [{"params": [p for n, p in named if not ckpt.canonical_name(n).startswith("text_conditioner.")]}]
+    return groups + ([{"params": adapter, "lr": args.adapter_lr}] if adapter else [])
+
+
+def group_lrs(args, optimizer) -> list[float]:
+    """The learning rate of each optimizer group (see param_groups), from this command's flags."""
+    return [args.lr, args.adapter_lr][:len(getattr(optimizer, "optimizer", optimizer).param_groups)]
+
+
 def embed_validation_prompts(args, accelerator):
     """The validation prompts' T5 embeddings (on the CPU), or None without prompts. Only the main process loads the
     T5, embeds and frees it, then sends the embeddings to the others (over cpu_group: long timeout), instead of every
@@ -235,10 +260,9 @@ def embed_validation_prompts(args, accelerator):
     if not args.validation_prompts:
         return None
     from .distributed import from_main_process
-    from .t5 import embed_prompts_once
 
-    return from_main_process(lambda: embed_prompts_once(args.text_encoder, args.validation_prompts,
-                                                        accelerator.device).cpu())
+    return from_main_process(lambda: get_family(args.family).text.encode_prompts_once(
+        args.text_encoder, args.validation_prompts, accelerator.device))
 
 
 def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -> tuple[torch.Tensor, list[str]]:
@@ -251,6 +275,7 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
     from .models import encode_images
 
     device, total = accelerator.device, torch.zeros((), device=accelerator.device)
+    text_side = get_family(args.family).text
 
     def to_device(x):  # from pinned memory (the loader pins its batches): no wait for the GPU's queue to drain
         return x.to(device, non_blocking=True)
@@ -269,8 +294,8 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
         masks = batch["padding_mask"]  # one for all when they are equal, decided here on the CPU (no GPU sync)
         masks = masks[:1] if bool((masks == masks[:1]).all()) else masks
         with accelerator.autocast(), record_function("forward"):
-            loss = flow_loss(model, latents, to_device(batch["t5_text_embeddings"]), sigma, noise, keep,
-                             to_device(masks), args.loss_scale)
+            loss = flow_loss(model, latents, text_side.model_inputs(batch, to_device), sigma, noise, keep,
+                             to_device(masks), args.loss_scale, text_side.drop_captions)
         with record_function("backward"), \
                 accelerator.no_sync(model) if micro < args.grad_accum - 1 else contextlib.nullcontext():
             accelerator.backward(loss / args.grad_accum)

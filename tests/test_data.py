@@ -217,12 +217,13 @@ def test_dataset_check_reads_each_file_once(dataset_copy, monkeypatch):
     """Images are decoded and embeddings read once, at the first start; later starts (every resume, every process)
     trust the record of files unchanged since (size, modification time) and read nothing."""
     import cosmos_t2i.data as data
+    import cosmos_t2i.t5 as t5
     ImageDataset(dataset_copy, (64, 64))
 
     def refuse(path, *args, **kwargs):
         raise AssertionError(f"{path} was read again")
     monkeypatch.setattr(data, "load_image", refuse)
-    monkeypatch.setattr(data, "read_embedding", refuse)
+    monkeypatch.setattr(t5, "read_embedding", refuse)  # the family's text side reads embeddings (t5.read_text)
     assert len(ImageDataset(dataset_copy, (64, 64))) == len(list((dataset_copy / "images").iterdir()))
 
 
