@@ -57,3 +57,16 @@ def tiny_bundle(tmp_path_factory):
 def dataset_copy(tiny_bundle, tmp_path):
     """A private copy of the tiny dataset that a test may damage."""
     return Path(shutil.copytree(tiny_bundle / "dataset", tmp_path / "dataset"))
+
+
+@pytest.fixture(scope="session")
+def anima_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle for Anima: dataset/ (a copy of the tiny dataset with anima_text/ precomputed by
+    `precompute_t5.py --family anima`) and models/ (make_assets.py's models/anima: an Anima diffusers folder). Do not
+    modify (copy it first)."""
+    out = tmp_path_factory.mktemp("anima")
+    shutil.copytree(tiny_bundle / "dataset", out / "dataset")
+    shutil.copytree(tiny_bundle / "models" / "anima", out / "models")
+    run_script("precompute_t5.py", "--family", "anima", "--dataset_path", out / "dataset", "--text_encoder",
+               out / "models")
+    return out
