@@ -9,7 +9,7 @@ Qwen3-0.6B hidden states into the DiT's 1024-wide context, with T5-tokenizer ids
     diffusers      transformer/ (CosmosTransformer3DModel), text_conditioner/ (AnimaTextConditioner), text_encoder/,
                    tokenizer/, t5_tokenizer/, vae/ (AutoencoderKLQwenImage), scheduler/
 
-Sizes are read off the weights: blocks counted, heads from the width (128 per head), the adapter's shape from its
+Sizes are read off the weights: blocks counted, heads from the width and the per-head QK-norm, the adapter's shape from its
 tensors. The adapter's keys are split off before any DiT key is renamed: the DiT renames (`blocks.` ->
 `transformer_blocks.`, `self_attn` -> `attn1`) would otherwise apply inside the adapter too.
 """
@@ -24,7 +24,6 @@ from .weight_files import (ADAPTER_MODULE, diffusers_to_nvidia_key, is_non_weigh
 
 ADAPTER = "llm_adapter."
 FILE_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
-HEAD_DIM = 128
 
 
 def split_single_file(state: dict, source="checkpoint") -> tuple[dict, dict]:
@@ -54,13 +53,14 @@ def single_file_state(dit_state: dict, adapter_state: dict, prefix: str = "net."
 
 
 def dit_config(dit_state: dict) -> dict:
-    """The CosmosTransformer3DModel config of diffusers-named DiT weights: blocks counted, width / 128 heads."""
+    """The CosmosTransformer3DModel config of diffusers-named DiT weights: blocks counted, heads from the per-head QK-norm."""
     blocks = {int(k.split(".")[1]) for k in dit_state if k.startswith("transformer_blocks.")}
     if not blocks or blocks != set(range(len(blocks))):
         raise ValueError(f"the DiT weights hold blocks {sorted(blocks)[:5]}...; expected 0..N-1.")
     width = dit_state["patch_embed.proj.weight"].shape[0]
-    return {**COMMON_CONFIG, "num_layers": len(blocks), "num_attention_heads": width // HEAD_DIM,
-            "attention_head_dim": HEAD_DIM, "adaln_lora_dim": dit_state["transformer_blocks.0.norm1.linear_1.weight"].shape[0],
+    head_dim = dit_state["transformer_blocks.0.attn1.norm_q.weight"].shape[0]  # QK-norm is per head
+    return {**COMMON_CONFIG, "num_layers": len(blocks), "num_attention_heads": width // head_dim,
+            "attention_head_dim": head_dim, "adaln_lora_dim": dit_state["transformer_blocks.0.norm1.linear_1.weight"].shape[0],
             "text_embed_dim": dit_state["transformer_blocks.0.attn2.to_k.weight"].shape[1]}
 
 

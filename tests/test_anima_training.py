@@ -1,0 +1,162 @@
+"""Anima training: the objective against the model author's, written independently in float64; full fine-tune and
+LoRA through train_text2image.py on the tiny Anima bundle, with its text adapter frozen (the default) or trained at
+its own learning rate; exact resume; the files a run writes load back as Anima."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import losses_of, run_script
+from cosmos_t2i import anima, anima_text
+from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i.families import ANIMA
+from cosmos_t2i.flow import draw_training_randomness, flow_loss
+
+
+def anima_args(bundle, out, *extra):
+    """A short training run on the tiny Anima bundle (extra flags override, being later)."""
+    return ["train_text2image.py", "--family", "anima", "--model_size", "tiny", "--dit_path", bundle / "models",
+            "--vae_path", bundle / "models" / "vae", "--dataset_dir", bundle / "dataset", "--image_size", "64", "64",
+            "--batch_size", "4", "--num_workers", "0", "--mixed_precision", "no", "--lr", "1e-3",
+            "--scheduler", "constant", "--report_to", "none", "--output_root", out, "--name", "a",
+            "--logging_iter", "1", "--hit_thres", "0", *map(str, extra)]
+
+
+def output_losses(result) -> dict[int, float]:
+    return losses_of(result.stdout + result.stderr)
+
+
+def model_file(out, iteration):
+    return ckpt.model_file(ckpt.checkpoint_dir(out, "posttraining", "text2image", "a"), iteration)
+
+
+def dataset_text(bundle, n=3):
+    """The first n samples' stored text as a batch of the family's fields."""
+    files = sorted((bundle / "dataset" / anima_text.FOLDER).glob("*" + anima_text.SUFFIX))[:n]
+    fields = [anima_text.sample_fields(anima_text.read_text(f)) for f in files]
+    return {k: torch.stack([f[k] for f in fields]) for k in fields[0]}
+
+
+def authors_loss(net, x0, batch, z, eps, keep):
+    """diffusion-pipe's Anima objective written out in float64: t = sigmoid(z), z ~ N(0,1) (logit-normal, no shift);
+    x_t = (1 - t) x0 + t eps; the DiT, given t, predicts eps - x0; plain mean squared error. A dropped caption is
+    the empty prompt as diffusers' Anima pipeline encodes it: one masked Qwen token, the T5 ids of "" ([</s>])."""
+    total = 0.0
+    for i in range(x0.shape[0]):
+        t = torch.sigmoid(z[i:i + 1])
+        if keep[i]:
+            n_qwen, n_t5 = int(batch["qwen_mask"][i].sum()), int(batch["t5_mask"][i].sum())
+            qwen, ids = batch["qwen_states"][i:i + 1, :n_qwen], batch["t5_ids"][i:i + 1, :n_t5]
+            qwen_mask, t5_mask = torch.ones(1, n_qwen), torch.ones(1, n_t5)
+        else:
+            qwen, qwen_mask = torch.zeros(1, 1, batch["qwen_states"].shape[-1]), torch.zeros(1, 1)
+            ids, t5_mask = torch.tensor([[anima_text.T5_EOS]]), torch.ones(1, 1)
+        context = net.text_conditioner(qwen.double(), ids, t5_mask, qwen_mask)
+        x_t = (1 - t) * x0[i:i + 1] + t * eps[i:i + 1]
+        v = net(hidden_states=x_t, timestep=t, encoder_hidden_states=context, padding_mask=torch.zeros(1, 1, 64, 64),
+                return_dict=False)[0]
+        total += ((v - (eps[i:i + 1] - x0[i:i + 1])) ** 2).mean()
+    return total / x0.shape[0]
+
+
+def test_anima_objective_matches_the_authors_in_float64(anima_bundle):
+    net = anima.load_anima(anima_bundle / "models", dtype=torch.float64)
+    for p in net.parameters():  # diffusers zero-initialises the output layers: make every path count
+        p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    batch = dataset_text(anima_bundle)
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 16, 1, 8, 8).double()
+    sigma, eps, _ = draw_training_randomness(0, 5, range(3), x0.shape[1:], 0.0)
+    keep = torch.tensor([1.0, 0.0, 1.0])
+    ours = flow_loss(net, x0, anima_text.model_inputs(batch, lambda x: x), sigma.double(), eps.double(), keep.double(),
+                     torch.zeros(3, 1, 64, 64).double(), ANIMA.loss_scale, anima_text.drop_captions)
+    reference = authors_loss(net, x0, batch, sigma.double().log(), eps.double(), keep)
+    assert ANIMA.loss_scale == 1.0
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-6, atol=1e-9)
+    # and the draw: t = sigma / (1 + sigma) with log sigma ~ N(0, 1) is the author's t = sigmoid(N(0, 1))
+    sig, _, _ = draw_training_randomness(0, 1, range(4000), (1,), 0.0)
+    torch.testing.assert_close(sig / (1 + sig), torch.sigmoid(sig.log()), rtol=1e-6, atol=1e-7)
+    assert abs(sig.log().mean()) < 0.06 and abs(sig.log().std() - 1) < 0.05
+
+
+def test_full_fine_tune_trains_the_dit_keeps_the_frozen_adapter_and_writes_an_anima_file(anima_bundle, tmp_path):
+    out = tmp_path / "out"
+    result = run_script(*anima_args(anima_bundle, out, "--max_iter", 4, "--save_iter", 4, "--cache_latents",
+                                    "--latent_cache_dir", tmp_path / "cache"))
+    losses = output_losses(result)
+    assert sorted(losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    base = anima.load_anima(anima_bundle / "models", dtype=torch.float32)
+    trained = anima.load_anima(model_file(out, 4), dtype=torch.float32)  # the original single-file layout
+    ema = anima.load_anima_model(model_file(out, 4), load_ema=True, dtype=torch.float32)
+    for name, value in base.text_conditioner.state_dict().items():  # frozen: the file holds it (bf16, as net.*)
+        assert torch.equal(trained.text_conditioner.state_dict()[name], value.bfloat16().float()), name
+        assert torch.equal(ema.text_conditioner.state_dict()[name], value.bfloat16().float()), name
+    block = "transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.allclose(trained.state_dict()[block], base.state_dict()[block].bfloat16().float())
+    assert not torch.equal(ema.state_dict()[block], trained.state_dict()[block])
+
+
+def test_adapter_lr_trains_the_adapter_and_the_run_resumes_exactly(anima_bundle, tmp_path):
+    flags = ["--adapter_lr", "1e-2", "--max_iter", 6, "--save_iter", 3]
+    straight = output_losses(run_script(*anima_args(anima_bundle, tmp_path / "straight", *flags)))
+    run_script(*anima_args(anima_bundle, tmp_path / "split", *flags[:-4], "--max_iter", 3, "--save_iter", 3))
+    resumed = output_losses(run_script(*anima_args(anima_bundle, tmp_path / "split", *flags)))
+    assert sorted(resumed) == [4, 5, 6]
+    for i in (4, 5, 6):
+        assert resumed[i] == straight[i], (i, resumed[i], straight[i])
+    base = anima.load_anima(anima_bundle / "models", dtype=torch.float32).text_conditioner.state_dict()
+    trained = anima.load_anima(model_file(tmp_path / "straight", 6), dtype=torch.float32).text_conditioner
+    changed = [n for n, v in trained.state_dict().items() if not torch.allclose(v, base[n].bfloat16().float())]
+    assert "blocks.0.cross_attn.q_proj.weight" in changed and "out_proj.weight" in changed
+
+
+def test_lora_run_writes_a_lora_file_that_loads_with_its_base_and_trained_adapter(anima_bundle, tmp_path):
+    from cosmos_t2i.models import load_dit
+    from cosmos_t2i.weight_files import read_weights
+
+    out = tmp_path / "out"
+    run_script(*anima_args(anima_bundle, out, "--train_architecture", "lora", "--lora_rank", 4, "--adapter_lr", "1e-2",
+                           "--max_iter", 3, "--save_iter", 3, "--no-ema"))
+    state = read_weights(model_file(out, 3))
+    assert state["lora_metadata"]["family"] == "anima"
+    adapter_keys = [k for k in state if k.startswith("net.llm_adapter.")]
+    assert adapter_keys and any(".lora_A." in k for k in state)
+    merged = load_dit(str(model_file(out, 3)), dtype=torch.float32, family=ANIMA)
+    base = anima.load_anima(anima_bundle / "models", dtype=torch.float32)
+    for key in adapter_keys:  # the trained adapter replaced the base's
+        name = key.removeprefix("net.llm_adapter.")
+        assert torch.equal(merged.text_conditioner.state_dict()[name], state[key].float()), name
+    block = "transformer_blocks.1.ff.net.2.weight"
+    assert not torch.allclose(merged.state_dict()[block], base.state_dict()[block])  # the LoRA was merged
+    # a frozen adapter (the default) is not in the file: the base's is used
+    run_script(*anima_args(anima_bundle, tmp_path / "frozen", "--train_architecture", "lora", "--lora_rank", 4,
+                           "--max_iter", 1, "--save_iter", 1, "--no-ema", "--name", "a"))
+    frozen = read_weights(model_file(tmp_path / "frozen", 1))
+    assert not any(k.startswith("net.llm_adapter.") for k in frozen)
+
+
+def test_a_predict2_dataset_or_flag_mismatch_is_named(anima_bundle, tiny_bundle, tmp_path):
+    data = shutil.copytree(anima_bundle / "dataset", tmp_path / "dataset")
+    shutil.rmtree(data / anima_text.FOLDER)
+    result = run_script(*anima_args(anima_bundle, tmp_path / "out", "--dataset_dir", data, "--max_iter", 1),
+                        check=False)
+    assert result.returncode != 0 and "precompute_t5.py --dataset_path" in result.stderr
+    assert "--family anima" in result.stderr
+    result = run_script(*anima_args(anima_bundle, tmp_path / "out2", "--family", "predict2", "--adapter_lr", "1e-3"),
+                        check=False)
+    assert result.returncode != 0 and "--adapter_lr" in result.stderr and "anima" in result.stderr
+
+
+@pytest.mark.parametrize("family_flag", [[], ["--family", "predict2"]])
+def test_predict2_runs_are_unchanged_by_the_family_flag(tiny_bundle, tmp_path, family_flag):
+    """--family predict2 is the default and the same run: the same losses as without the flag."""
+    from conftest import tiny_args
+    result = run_script(*tiny_args(tiny_bundle, tmp_path / "out", "--max_iter", 2, "--save_iter", 2, *family_flag))
+    losses = output_losses(result)
+    assert sorted(losses) == [1, 2]
+    reference = getattr(test_predict2_runs_are_unchanged_by_the_family_flag, "losses", None)
+    if reference is None:
+        test_predict2_runs_are_unchanged_by_the_family_flag.losses = losses
+    else:
+        assert losses == reference
