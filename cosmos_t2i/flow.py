@@ -191,3 +191,57 @@ def sample_distilled(denoise, x, steps: int, seed: int, progress=None) -> torch.
         if progress is not None:
             progress()
     return x
+
+
+# ---------------------------------------------------------------- flow-matching Euler (Anima's sampler)
+# diffusers' AnimaModularPipeline, step for step: FlowMatchEulerDiscreteScheduler over sigmas linspace(1, 1/N, N)
+# with a static shift, the model called at timestep sigma, classifier-free guidance v = u + g (c - u), Euler steps.
+NUM_TRAIN_TIMESTEPS = 1000  # the scheduler's timesteps are sigma * 1000; the pipeline divides them back
+
+
+def flow_match_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """num_steps + 1 fp32 sigmas from 1 to 0: linspace(1, 1/N, N) (float64, cast to float32), shifted in float32 as
+    shift * s / (1 + (shift - 1) * s), a final 0 appended: FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)
+    bit for bit."""
+    shift = float(shift)
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)  # numpy keeps float32 (a Python float does not promote)
+    return torch.cat([torch.from_numpy(sigmas).to(torch.float32), torch.zeros(1)])
+
+
+def make_velocity_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtype=None):
+    """v(x, sigma) as the Anima pipeline computes it: the DiT on x in the model dtype at timestep sigma (the
+    scheduler's sigma * 1000 in the model dtype, divided by 1000), guided v = u + g (c - u) in the model dtype.
+
+    cond and uncond are context tensors [B, 512, 1024] (run as one batched forward); guidance 1 or no uncond runs the
+    conditional branch alone, as diffusers' guider does.
+    """
+    dtype = dtype or _param_dtype(transformer)
+    use_cfg = uncond is not None and not math.isclose(guidance, 1.0)
+    context = (torch.cat([cond, uncond]) if use_cfg else cond).to(dtype)
+    padding_mask = padding_mask.to(dtype)
+
+    def velocity(x, sigma):
+        batch = torch.cat([x, x]) if use_cfg else x
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        timestep = (sigma * NUM_TRAIN_TIMESTEPS).expand(batch.shape[0]).to(dtype) / NUM_TRAIN_TIMESTEPS
+        with torch.no_grad():
+            v = run_transformer(transformer, batch.to(dtype), timestep, context, padding_mask)
+        if not use_cfg:
+            return v
+        c, u = v.chunk(2)
+        return u + guidance * (c - u)
+
+    return velocity
+
+
+def sample_flow_euler(velocity, x, sigmas, progress=None) -> torch.Tensor:
+    """Euler over `sigmas` (num_steps + 1 values, last 0): x <- x + (s_next - s) v, as FlowMatchEulerDiscreteScheduler
+    steps: x in fp32 for the update, then stored in the velocity's dtype (bf16 latents between steps for a bf16
+    model, as diffusers keeps them). Returns the latents at sigma 0."""
+    for i in range(len(sigmas) - 1):
+        v = velocity(x, sigmas[i])
+        x = (x.to(torch.float32) + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
+        if progress is not None:
+            progress()
+    return x
