@@ -94,7 +94,12 @@ def materialize_(model, weights: dict | None, device, seed: int = 0) -> None:
     one tensor at a time; without, parameters get a random init (benchmarks): N(0, 0.02) for matrices, ones for
     norm scales, zeros for biases.
     """
+    # buffers computed at construction (Anima's adapter RoPE frequencies, built off the meta device) are no weights
+    # and not in `weights`: keep their values through to_empty
+    computed = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
     model.to_empty(device=device)
+    for name, value in computed.items():
+        model.get_buffer(name).copy_(value)
     if weights is not None:
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
         return

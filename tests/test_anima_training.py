@@ -160,3 +160,32 @@ def test_predict2_runs_are_unchanged_by_the_family_flag(tiny_bundle, tmp_path, f
         test_predict2_runs_are_unchanged_by_the_family_flag.losses = losses
     else:
         assert losses == reference
+
+
+def test_fsdp_anima_with_a_training_adapter_equals_one_process(anima_bundle, tmp_path):
+    """Two gloo processes under FSDP2 (the adapter is gathered with the DiT's root before the DiT's forward runs it)
+    give the losses and the model file of one process."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+
+    flags = ["--adapter_lr", "1e-2", "--max_iter", 3, "--save_iter", 3, "--lr", "1e-4"]
+    one = output_losses(run_script(*anima_args(anima_bundle, tmp_path / "one", *flags)))
+    args = anima_args(anima_bundle, tmp_path / "two", *flags, "--batch_size", 2)
+    args[0] = "tests/run_patched.py"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", COSMOS_TEST_FSDP="1")
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(free_port()), *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "sharded across 2 processes (FSDP2)" in result.stderr
+    two = losses_of(result.stderr)
+    assert one.keys() == two.keys() == {1, 2, 3} and all(abs(one[i] - two[i]) < 1e-5 * abs(one[i]) for i in one)
+    a = anima.load_anima(model_file(tmp_path / "one", 3), dtype=torch.float32).state_dict()
+    b = anima.load_anima(model_file(tmp_path / "two", 3), dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3, msg=k)  # bf16 net.* weights
