@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
     g.add_argument("--validation_prompts", nargs="*", default=[], help="prompts sampled with EMA weights")
     g.add_argument("--validation_iter", type=int, default=0, help="sample validation prompts every N iterations")
-    g.add_argument("--validation_steps", type=int, default=35)
+    g.add_argument("--validation_steps", type=int, default=None,
+                   help="sampler steps for validation images (default: the family's, predict2 35, anima 50)")
     g.add_argument("--text_encoder", default=None,
                    help="text encoder for validation prompts, freed after encoding them (default: the family's, "
                         "google-t5/t5-11b for predict2; for anima its diffusers folder)")
@@ -165,6 +166,7 @@ def validate(args, parser) -> None:
     family = get_family(args.family)
     args.loss_scale = family.loss_scale if args.loss_scale is None else args.loss_scale
     args.text_encoder = args.text_encoder or family.text_encoder
+    args.validation_steps = args.validation_steps or family.num_steps
     if args.adapter_lr < 0 or (args.adapter_lr > 0 and not family.has_text_adapter):
         parser.error(f"--adapter_lr {args.adapter_lr}: a learning rate for a text adapter (not negative), which the "
                      f"{family.name} family does not have; it is for --family anima.")
@@ -353,7 +355,7 @@ def main(argv=None):
             from cosmos_t2i.pipeline import save_validation_images
             with t.ema.applied() if t.ema is not None else contextlib.nullcontext():
                 save_validation_images(accelerator, t.unwrapped, vae, validation, iteration, run_dir / "validation",
-                                       args.image_size, args.validation_steps, args.seed)
+                                       args.image_size, args.validation_steps, args.seed, get_family(args.family))
         profiler.end(iteration)
         if stop_here:
             stop_with_checkpoint(accelerator, checkpointer, run_dir, iteration,

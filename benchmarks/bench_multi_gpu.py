@@ -57,6 +57,41 @@ def make_dataset(work: Path, n_images: int, height: int, width: int) -> tuple[Pa
     return data, vae_dir
 
 
+def make_anima_dataset(work: Path, n_images: int, height: int, width: int, model_size: str) -> tuple[Path, Path]:
+    """Random images + random Anima text files (Qwen3 states, T5 ids, of the adapter's widths) + a random Qwen-Image
+    VAE folder; returns (dataset, vae)."""
+    import torch
+    from PIL import Image
+
+    from cosmos_t2i.anima_text import FOLDER, SUFFIX, write_text
+    from cosmos_t2i.registry import anima_conditioner_config
+
+    adapter = anima_conditioner_config(model_size)
+    data, vae_dir = work / "anima_dataset", work / "qwen_image_vae"
+    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    for sub in ("images", "metas", FOLDER):
+        (data / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        if not (data / "images" / f"{i:05d}.jpg").exists():
+            Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
+                data / "images" / f"{i:05d}.jpg")
+            (data / "metas" / f"{i:05d}.txt").write_text(f"synthetic image {i}")
+            write_text(data / FOLDER / f"{i:05d}{SUFFIX}", {
+                "qwen": torch.randn(120, adapter["source_dim"], generator=generator).bfloat16(),
+                "t5_ids": torch.randint(2, adapter["target_vocab_size"], (100,), generator=generator)})
+    if not (vae_dir / "config.json").exists():
+        from diffusers import AutoencoderKLQwenImage
+        if model_size == "tiny":  # the tiny bundle's VAE shape
+            config = json.loads((ROOT / "examples" / "tiny" / "vae" / "config.json").read_text())
+            import inspect
+            keep = inspect.signature(AutoencoderKLQwenImage.__init__).parameters
+            vae = AutoencoderKLQwenImage(**{k: v for k, v in config.items() if k in keep})
+        else:
+            vae = AutoencoderKLQwenImage()  # the released shape, random weights
+        vae.to(torch.bfloat16).save_pretrained(vae_dir)
+    return data, vae_dir
+
+
 def parse_log(text: str, skip: int, log_every: int = 1) -> dict:
     """Seconds per iteration (median of the logged windows of `log_every` iterations that lie wholly after `skip`
     warm-up iterations), losses, memory, checkpoint and resume lines."""
@@ -153,7 +188,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["scaling"],
                         choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "lora14b_fp8",
-                                 "lowmem", "multinode", "fp8", "14b_fp8"],
+                                 "lowmem", "multinode", "fp8", "14b_fp8", "anima"],
                         help="run sets, in the order given")
     parser.add_argument("--work", default="/tmp/cosmos_bench")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
@@ -354,9 +389,21 @@ def main():
               "max_rel_diff_window_mean": max(abs(b - a) / abs(a) for a, b in means) if means else None,
               "max_rel_diff_per_iteration": max(abs(fp8[i] - bf16[i]) / abs(bf16[i]) for i in its) if its else None})
 
+    def anima():  # one GPU at 1024x1024: Anima LoRA and full fine-tune, beside Predict2 at the same size and recipe
+        side = 64 if args.tiny else 1024
+        anima_data, qwen_vae = make_anima_dataset(work, n_images, side, side, size_2b)
+        at_square = ["--image_size", side, side]
+        recipes = {"lora": ["--train_architecture", "lora", *no_save], "full": no_save}
+        for name, data_flags in (("anima", ["--family", "anima", "--vae_path", qwen_vae, "--dataset_dir", anima_data]),
+                                 ("predict2", [])):
+            for recipe, extra in recipes.items():
+                run(f"{name}_{recipe}_1gpu_{side}", single, 1, size_2b, [*data_flags, *at_square, *extra],
+                    batch=1 if recipe == "lora" else args.batch_size)
+                shutil.rmtree(work / "runs", ignore_errors=True)
+
     sets = {"scaling": scaling, "stall": stall, "reshard": reshard, "14b": fourteen, "14b_nvidia": fourteen_nvidia,
             "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "lora14b_fp8": lora_fp8, "lowmem": lowmem,
-            "multinode": multinode, "fp8": fp8, "14b_fp8": fourteen_fp8}
+            "multinode": multinode, "fp8": fp8, "14b_fp8": fourteen_fp8, "anima": anima}
     for name in args.runs:
         try:
             sets[name]()

@@ -14,7 +14,7 @@ A family's text side is a module with the same functions (t5.py for Predict2, an
     placeholder_fields()        the same for a sample that could not be read
     model_inputs(batch, to_device)           a batch's text as the DiT takes it (a context, or the adapter's inputs)
     drop_captions(text, keep)   caption dropout: dropped samples get the family's empty caption
-    encode_prompts_once(path, prompts, device)  prompts as the DiT takes them, on the CPU, the encoder freed after
+    prompt_inputs(encoder, prompts, device)  prompts as the DiT takes them (sampling, validation), as the training data
 """
 
 import importlib

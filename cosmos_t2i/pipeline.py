@@ -94,14 +94,9 @@ def as_family(family) -> Family:
 
 
 def prompt_text(family: Family, encoder, prompts, device):
-    """Prompts -> the family's text as its DiT takes it: a context (Predict2's zero-padded T5 embeddings
-    [B,512,1024]) or the adapter's inputs (Anima). Through the text side's prompt_inputs where it has one, else
-    through its training-data path (Predict2: the fp16-stored T5 embeddings, exactly as the training data)."""
-    text = family.text
-    if hasattr(text, "prompt_inputs"):
-        return text.prompt_inputs(encoder, list(prompts), device)
-    fields = [text.sample_fields(item) for item in text.encode_captions(encoder, list(prompts), text.MAX_LENGTH)]
-    return text.model_inputs({k: torch.stack([f[k] for f in fields]) for k in fields[0]}, lambda t: t.to(device))
+    """Prompts -> the family's text as its DiT takes it, exactly as the training data: a context (Predict2's
+    zero-padded T5 embeddings [B,512,1024]) or the adapter's inputs (Anima)."""
+    return family.text.prompt_inputs(encoder, list(prompts), device)
 
 
 def encode_prompts_once(family, text_encoder: str, prompts, device, dtype=None, load_in_8bit: bool = False):

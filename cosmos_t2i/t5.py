@@ -250,9 +250,10 @@ def placeholder_fields(like: dict | None = None) -> dict:
     return sample_fields(np.zeros((1, EMBED_DIM), dtype=np.float16))
 
 
-def encode_prompts_once(path: str, prompts: list[str], device):
-    """Validation prompts' embeddings on the CPU, the T5 loaded and freed here."""
-    return embed_prompts_once(path, prompts, device).cpu()
+def prompt_inputs(encoder, prompts: list[str], device):
+    """Prompts -> zero-padded T5 embeddings [B, 512, 1024] (fp32) on `device`, exactly as the training data."""
+    tokenizer, model = encoder
+    return embed_prompts(tokenizer, model, prompts).to(device)
 
 
 def model_inputs(batch: dict, to_device):

@@ -261,8 +261,10 @@ def embed_validation_prompts(args, accelerator):
         return None
     from .distributed import from_main_process
 
-    return from_main_process(lambda: get_family(args.family).text.encode_prompts_once(
-        args.text_encoder, args.validation_prompts, accelerator.device))
+    from .pipeline import encode_prompts_once
+
+    return from_main_process(lambda: encode_prompts_once(get_family(args.family), args.text_encoder,
+                                                         args.validation_prompts, accelerator.device))
 
 
 def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -> tuple[torch.Tensor, list[str]]:

@@ -83,9 +83,12 @@ def test_anima_objective_matches_the_authors_in_float64(anima_bundle):
 def test_full_fine_tune_trains_the_dit_keeps_the_frozen_adapter_and_writes_an_anima_file(anima_bundle, tmp_path):
     out = tmp_path / "out"
     result = run_script(*anima_args(anima_bundle, out, "--max_iter", 4, "--save_iter", 4, "--cache_latents",
-                                    "--latent_cache_dir", tmp_path / "cache"))
+                                    "--latent_cache_dir", tmp_path / "cache", "--validation_prompts", "a red circle",
+                                    "--validation_iter", 4, "--validation_steps", 2, "--text_encoder",
+                                    anima_bundle / "models"))
     losses = output_losses(result)
     assert sorted(losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    assert (out / "posttraining" / "text2image" / "a" / "validation" / "iter_000000004_0.jpg").is_file()
     base = anima.load_anima(anima_bundle / "models", dtype=torch.float32)
     trained = anima.load_anima(model_file(out, 4), dtype=torch.float32)  # the original single-file layout
     ema = anima.load_anima_model(model_file(out, 4), load_ema=True, dtype=torch.float32)
