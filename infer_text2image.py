@@ -8,10 +8,11 @@
         --prompt "1girl, watercolor, night sky" --aspect_ratio 3:4 --save_path output/anima.png
 
 Predict2's default sampler is NVIDIA's (RES/Adams-Bashforth 2, 35 steps, guidance 4, numpy-seeded noise, so a seed
-gives NVIDIA's image); `--sampler euler` reproduces diffusers' Cosmos2TextToImagePipeline. Anima's (--family anima:
-Anima is a diffusers folder of circlestone-labs/Anima, or --dit_path its single file or a training run) is
-diffusers' AnimaModularPipeline's: flow-matching Euler, 50 steps, shift 3, guidance 4 against the negative prompt "",
-noise from torch.Generator().manual_seed(seed), so a seed gives that pipeline's image. Flags left out take the
+gives NVIDIA's image); `--sampler euler` reproduces diffusers' Cosmos2TextToImagePipeline. Anima's (--family anima;
+`Anima` above is a local copy of circlestone-labs/Anima-Base-v1.0-Diffusers, and --dit_path may also be the original
+single file or a training run) is diffusers' AnimaModularPipeline's: flow-matching Euler, 50 steps, shift 3,
+guidance 4 against the negative prompt "", noise from torch.Generator().manual_seed(seed), so a seed gives that
+pipeline's image. Flags left out take the
 family's defaults. Beside each image a .txt records prompt, negative prompt, seed and settings.
 """
 
@@ -62,7 +63,7 @@ def build_parser():
                                          "qwen_image_vae.safetensors")
     a("--text_encoder", default=None, help="Predict2: the T5 encoder (hub id or local folder; default "
                                            "google-t5/t5-11b); Anima: its diffusers folder (text_encoder/, "
-                                           "tokenizer/, t5_tokenizer/; default circlestone-labs/Anima)")
+                                           "tokenizer/, t5_tokenizer/; default circlestone-labs/Anima-Base-v1.0-Diffusers)")
     a("--prompt", help="text prompt")
     a("--negative_prompt", default=None, help="default: the family's; Predict2: none, i.e. a zero text embedding "
                                               "(as NVIDIA); Anima: the empty prompt \"\" (as diffusers)")

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--text_encoder", default=None,
                         help="predict2: the T5 encoder (default google-t5/t5-11b): hub id, folder with "
                              "encoder+tokenizer, a diffusers folder with text_encoder/ and tokenizer/, or that "
-                             "text_encoder/ folder. anima: an Anima diffusers folder (default circlestone-labs/Anima) "
+                             "text_encoder/ folder. anima: an Anima diffusers folder (default circlestone-labs/Anima-Base-v1.0-Diffusers) "
                              "with text_encoder/, tokenizer/ and t5_tokenizer/, or its text_encoder/ folder")
     parser.add_argument("--max_length", type=int, default=512, help="token limit (both families: 512)")
     parser.add_argument("--batch_size", type=int, default=128, help="captions per encoder forward")

@@ -71,7 +71,7 @@ PREDICT2 = Family(
 
 ANIMA = Family(
     name="anima", text_module="anima_text", model_builder="anima:new_anima", model_loader="anima:load_anima_model",
-    text_encoder="circlestone-labs/Anima",
+    text_encoder="circlestone-labs/Anima-Base-v1.0-Diffusers",
     precompute_flags=" --family anima", has_text_adapter=True, vae_class="AutoencoderKLQwenImage",
     # diffusion-pipe's (the author's trainer): the plain mean velocity MSE, the same logit-normal t as Predict2
     loss_scale=1.0, lora_targets=NVIDIA_LORA_TARGETS,
