@@ -34,23 +34,30 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def make_dataset(work: Path, n_images: int, height: int, width: int) -> tuple[Path, Path]:
-    """Random images + NVIDIA-format random T5 pickles + a random Wan2.1 VAE folder; returns (dataset, vae)."""
-    import torch
+def write_images(data: Path, n_images: int, height: int, width: int, text_folder: str, write_text) -> None:
+    """images/, metas/ and text_folder/ of n random images; write_text(stem, rng) writes one image's text file."""
     from PIL import Image
 
-    from cosmos_t2i.t5 import write_embedding
-
-    data, vae_dir = work / "dataset", work / "vae"
     rng = np.random.default_rng(0)
-    for sub in ("images", "metas", "t5_xxl"):
+    for sub in ("images", "metas", text_folder):
         (data / sub).mkdir(parents=True, exist_ok=True)
     for i in range(n_images):
         if not (data / "images" / f"{i:05d}.jpg").exists():
             Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
                 data / "images" / f"{i:05d}.jpg")
             (data / "metas" / f"{i:05d}.txt").write_text(f"synthetic image {i}")
-            write_embedding(data / "t5_xxl" / f"{i:05d}.pickle", rng.standard_normal((120, 1024)) * 0.1)
+            write_text(f"{i:05d}", rng)
+
+
+def make_dataset(work: Path, n_images: int, height: int, width: int) -> tuple[Path, Path]:
+    """Random images + NVIDIA-format random T5 pickles + a random Wan2.1 VAE folder; returns (dataset, vae)."""
+    import torch
+
+    from cosmos_t2i.t5 import write_embedding
+
+    data, vae_dir = work / "dataset", work / "vae"
+    write_images(data, n_images, height, width, "t5_xxl", lambda stem, rng: write_embedding(
+        data / "t5_xxl" / f"{stem}.pickle", rng.standard_normal((120, 1024)) * 0.1))
     if not (vae_dir / "config.json").exists():
         from diffusers import AutoencoderKLWan
         AutoencoderKLWan().to(torch.bfloat16).save_pretrained(vae_dir)  # Wan2.1's shape, random weights
@@ -61,29 +68,20 @@ def make_anima_dataset(work: Path, n_images: int, height: int, width: int, model
     """Random images + random Anima text files (Qwen3 states, T5 ids, of the adapter's widths) + a random Qwen-Image
     VAE folder; returns (dataset, vae)."""
     import torch
-    from PIL import Image
 
     from cosmos_t2i.anima_text import FOLDER, SUFFIX, write_text
     from cosmos_t2i.registry import anima_conditioner_config
 
     adapter = anima_conditioner_config(model_size)
     data, vae_dir = work / "anima_dataset", work / "qwen_image_vae"
-    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    for sub in ("images", "metas", FOLDER):
-        (data / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(n_images):
-        if not (data / "images" / f"{i:05d}.jpg").exists():
-            Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
-                data / "images" / f"{i:05d}.jpg")
-            (data / "metas" / f"{i:05d}.txt").write_text(f"synthetic image {i}")
-            write_text(data / FOLDER / f"{i:05d}{SUFFIX}", {
-                "qwen": torch.randn(120, adapter["source_dim"], generator=generator).bfloat16(),
-                "t5_ids": torch.randint(2, adapter["target_vocab_size"], (100,), generator=generator)})
+    write_images(data, n_images, height, width, FOLDER, lambda stem, rng: write_text(data / FOLDER / f"{stem}{SUFFIX}", {
+        "qwen": torch.from_numpy(rng.standard_normal((120, adapter["source_dim"]), dtype=np.float32)).bfloat16(),
+        "t5_ids": torch.from_numpy(rng.integers(2, adapter["target_vocab_size"], 100))}))
     if not (vae_dir / "config.json").exists():
         from diffusers import AutoencoderKLQwenImage
         if model_size == "tiny":  # the tiny bundle's VAE shape
-            config = json.loads((ROOT / "examples" / "tiny" / "vae" / "config.json").read_text())
             import inspect
+            config = json.loads((ROOT / "examples" / "tiny" / "vae" / "config.json").read_text())
             keep = inspect.signature(AutoencoderKLQwenImage.__init__).parameters
             vae = AutoencoderKLQwenImage(**{k: v for k, v in config.items() if k in keep})
         else:
@@ -188,7 +186,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["scaling"],
                         choices=["scaling", "stall", "reshard", "14b", "14b_nvidia", "lora", "lora14b", "lora14b_fp8",
-                                 "lowmem", "multinode", "fp8", "14b_fp8", "anima"],
+                                 "lowmem", "multinode", "fp8", "14b_fp8", "anima", "predict2_square"],
                         help="run sets, in the order given")
     parser.add_argument("--work", default="/tmp/cosmos_bench")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
@@ -232,7 +230,7 @@ def main():
     port = [29700]
 
     def run(name, config, n, model_size, extra, machine=None, env_extra=None, batch=None, report=True,
-            extra_launch=(), log_every=None):
+            extra_launch=(), log_every=None, sample_flops=None):
         port[0] += 1
         batch, log_every = batch or args.batch_size, log_every or args.log_every
         flags = common + ["--model_size", model_size, "--batch_size", batch, "--max_iter", args.iters,
@@ -254,8 +252,9 @@ def main():
             result["interconnect"] = interconnect(n)
         if "sec_per_iter" in result:
             result["samples_per_s"] = n * batch / result["sec_per_iter"]
-            if model_size in flops:
-                result["mfu_per_gpu"] = flops[model_size] * batch / result["sec_per_iter"] / (peak * 1e12)
+            sample_flops = sample_flops or flops.get(model_size)
+            if sample_flops:
+                result["mfu_per_gpu"] = sample_flops * batch / result["sec_per_iter"] / (peak * 1e12)
         if report:
             emit({k: v for k, v in result.items() if k != "losses"})
         return result
@@ -389,21 +388,28 @@ def main():
               "max_rel_diff_window_mean": max(abs(b - a) / abs(a) for a, b in means) if means else None,
               "max_rel_diff_per_iteration": max(abs(fp8[i] - bf16[i]) / abs(bf16[i]) for i in its) if its else None})
 
-    def anima():  # one GPU at 1024x1024: Anima LoRA and full fine-tune, beside Predict2 at the same size and recipe
+    def square(families):  # one GPU at 1024x1024 (Anima's size): LoRA (batch 1) and the full fine-tune recipe
         side = 64 if args.tiny else 1024
-        anima_data, qwen_vae = make_anima_dataset(work, n_images, side, side, size_2b)
+        sample_flops = None
+        if not args.tiny:  # the DiT's FLOPs at this size (the adapter's are left out: under 1% of a step)
+            from cosmos_t2i.models import training_flops_per_sample
+            sample_flops = training_flops_per_sample("2B", side, side)
         at_square = ["--image_size", side, side]
         recipes = {"lora": ["--train_architecture", "lora", *no_save], "full": no_save}
-        for name, data_flags in (("anima", ["--family", "anima", "--vae_path", qwen_vae, "--dataset_dir", anima_data]),
-                                 ("predict2", [])):
+        for name in families:
+            data_flags = []
+            if name == "anima":
+                anima_data, qwen_vae = make_anima_dataset(work, n_images, side, side, size_2b)
+                data_flags = ["--family", "anima", "--vae_path", qwen_vae, "--dataset_dir", anima_data]
             for recipe, extra in recipes.items():
                 run(f"{name}_{recipe}_1gpu_{side}", single, 1, size_2b, [*data_flags, *at_square, *extra],
-                    batch=1 if recipe == "lora" else args.batch_size)
+                    batch=1 if recipe == "lora" else args.batch_size, sample_flops=sample_flops)
                 shutil.rmtree(work / "runs", ignore_errors=True)
 
     sets = {"scaling": scaling, "stall": stall, "reshard": reshard, "14b": fourteen, "14b_nvidia": fourteen_nvidia,
             "lora": lambda: lora(size_2b), "lora14b": lambda: lora(size_14b), "lora14b_fp8": lora_fp8, "lowmem": lowmem,
-            "multinode": multinode, "fp8": fp8, "14b_fp8": fourteen_fp8, "anima": anima}
+            "multinode": multinode, "fp8": fp8, "14b_fp8": fourteen_fp8,
+            "anima": lambda: square(["anima"]), "predict2_square": lambda: square(["predict2"])}
     for name in args.runs:
         try:
             sets[name]()
