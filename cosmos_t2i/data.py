@@ -163,7 +163,9 @@ class HFSource:
                              "writes.")
         self.image_column = image_column
         self.images = self.dataset.cast_column(image_column, _image_feature(decode=False))[image_column]
-        self.texts = self.dataset.select_columns([column]).with_format("numpy")
+        # arrays as numpy (fast); bytes as Python bytes: numpy's bytes_ drops trailing zero bytes
+        binary = getattr(self.dataset.features[column], "dtype", None) == "binary"
+        self.texts = self.dataset.select_columns([column]).with_format(None if binary else "numpy")
         logger.info("%s: %d samples", dataset_name, len(self.dataset))
 
     def __len__(self):

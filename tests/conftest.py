@@ -31,6 +31,15 @@ def tiny_args(bundle, out, *extra):
             "--logging_iter", "1", "--hit_thres", "0", *map(str, extra)]
 
 
+def anima_args(bundle, out, *extra):
+    """A short training run on the tiny Anima bundle (extra flags override, being later)."""
+    return ["train_text2image.py", "--family", "anima", "--model_size", "tiny", "--dit_path", bundle / "models",
+            "--vae_path", bundle / "models" / "vae", "--dataset_dir", bundle / "dataset", "--image_size", "64", "64",
+            "--batch_size", "4", "--num_workers", "0", "--mixed_precision", "no", "--lr", "1e-3",
+            "--scheduler", "constant", "--report_to", "none", "--output_root", out, "--name", "a",
+            "--logging_iter", "1", "--hit_thres", "0", *map(str, extra)]
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for a launcher's rendezvous (a fixed one can still be held by the previous
     test's processes while they wind down)."""

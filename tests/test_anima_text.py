@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import anima_args, losses_of, run_script
 
 from cosmos_t2i import anima_text
 from cosmos_t2i.anima import text_inputs
@@ -195,6 +195,12 @@ def test_hf_dataset_column_holds_the_folder_items(anima_bundle, tmp_path):
         assert torch.equal(item["t5_ids"], expected["t5_ids"])
     with pytest.raises(ValueError, match="row 3: unreadable Anima text encoding"):
         anima_text.from_column(b"not safetensors", "row 3")
+    # and the trainer reads the column
+    args = anima_args(anima_bundle, tmp_path / "run", "--max_iter", 2, "--save_iter", 2, "--no-ema")
+    i = args.index("--dataset_dir")
+    args[i:i + 2] = ["--dataset_name", out]
+    trained = run_script(*args)
+    assert sorted(losses_of(trained.stdout + trained.stderr)) == [1, 2]
 
 
 def test_dropped_captions_are_the_pipelines_empty_caption(pipe, encoder, conditioner):

@@ -7,20 +7,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import losses_of, run_script
+from conftest import anima_args, losses_of, run_script
 from cosmos_t2i import anima, anima_text
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.families import ANIMA
 from cosmos_t2i.flow import draw_training_randomness, flow_loss
-
-
-def anima_args(bundle, out, *extra):
-    """A short training run on the tiny Anima bundle (extra flags override, being later)."""
-    return ["train_text2image.py", "--family", "anima", "--model_size", "tiny", "--dit_path", bundle / "models",
-            "--vae_path", bundle / "models" / "vae", "--dataset_dir", bundle / "dataset", "--image_size", "64", "64",
-            "--batch_size", "4", "--num_workers", "0", "--mixed_precision", "no", "--lr", "1e-3",
-            "--scheduler", "constant", "--report_to", "none", "--output_root", out, "--name", "a",
-            "--logging_iter", "1", "--hit_thres", "0", *map(str, extra)]
 
 
 def output_losses(result) -> dict[int, float]:
