@@ -81,7 +81,10 @@ def transformer_weights(path, model_size: str | None = None, load_ema: bool = Fa
             prefix = "net_ema." if load_ema else "net." if any(k.startswith("net.") for k in state) else ""
             file_name = lambda k: prefix + diffusers_to_nvidia_key(k)  # noqa: E731
         weights = nvidia_to_diffusers(weights, path)  # diffusers-named keys pass through unchanged
-    check_keys((family or PREDICT2).new_model(model_size, torch.float32, "meta").state_dict(), weights, path, file_name)
+    skeleton = (family or PREDICT2).new_model(model_size, torch.float32, "meta").state_dict()
+    if any(k.startswith("text_conditioner.") for k in set(weights) - set(skeleton)):
+        raise ValueError(f"{path} is an Anima model (it holds the text adapter, llm_adapter.*): pass --family anima.")
+    check_keys(skeleton, weights, path, file_name)
     return model_size, weights
 
 

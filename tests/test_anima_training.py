@@ -183,3 +183,13 @@ def test_fsdp_anima_with_a_training_adapter_equals_one_process(anima_bundle, tmp
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3, msg=k)  # bf16 net.* weights
+
+
+def test_an_anima_file_given_to_predict2_names_the_family(anima_bundle, tmp_path):
+    from cosmos_t2i.models import load_dit
+
+    base = anima.load_anima(anima_bundle / "models", dtype=torch.float32)
+    anima.save_single_file(base, tmp_path / "anima.safetensors")
+    with pytest.raises(ValueError, match="pass --family anima"):
+        load_dit(str(tmp_path / "anima.safetensors"), "tiny")
+    assert load_dit(str(tmp_path / "anima.safetensors"), family=ANIMA).text_conditioner is not None
