@@ -142,20 +142,6 @@ def test_a_predict2_dataset_or_flag_mismatch_is_named(anima_bundle, tiny_bundle,
     assert result.returncode != 0 and "--adapter_lr" in result.stderr and "anima" in result.stderr
 
 
-@pytest.mark.parametrize("family_flag", [[], ["--family", "predict2"]])
-def test_predict2_runs_are_unchanged_by_the_family_flag(tiny_bundle, tmp_path, family_flag):
-    """--family predict2 is the default and the same run: the same losses as without the flag."""
-    from conftest import tiny_args
-    result = run_script(*tiny_args(tiny_bundle, tmp_path / "out", "--max_iter", 2, "--save_iter", 2, *family_flag))
-    losses = output_losses(result)
-    assert sorted(losses) == [1, 2]
-    reference = getattr(test_predict2_runs_are_unchanged_by_the_family_flag, "losses", None)
-    if reference is None:
-        test_predict2_runs_are_unchanged_by_the_family_flag.losses = losses
-    else:
-        assert losses == reference
-
-
 def test_fsdp_anima_with_a_training_adapter_equals_one_process(anima_bundle, tmp_path):
     """Two gloo processes under FSDP2 (the adapter is gathered with the DiT's root before the DiT's forward runs it)
     give the losses and the model file of one process."""
