@@ -104,6 +104,8 @@ def encode_captions(encoder, captions, max_length=MAX_LENGTH, batch_size=64, on_
     """
     import torch
 
+    from .t5 import encode_in_sorted_batches, to_host
+
     qwen_tokenizer, t5_tokenizer, model = encoder
     captions = list(captions)
     if not captions:
@@ -133,30 +135,17 @@ def encode_captions(encoder, captions, max_length=MAX_LENGTH, batch_size=64, on_
         if on_batch is not None:
             on_batch(len(chunk))
 
-    pending = None
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    def encode(chunk):
         if lengths[chunk[-1]] == 0:  # empty captions only: no token, no state (the pipeline masks its dummy token)
-            hidden, copied = torch.zeros(len(chunk), 0, model.config.hidden_size, dtype=model.dtype), None
-        else:
-            tokens = qwen_tokenizer([captions[i] for i in chunk], return_tensors="pt", padding="longest",
-                                    padding_side="right", truncation=True, max_length=max_length)
-            with torch.inference_mode():
-                hidden = model(input_ids=tokens.input_ids.to(device, non_blocking=True),
-                               attention_mask=tokens.attention_mask.to(device, non_blocking=True)).last_hidden_state
-                if device.type == "cuda":
-                    out = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-                    out.copy_(hidden, non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record()
-                    hidden = out
-                else:
-                    copied = None
-        if pending is not None:
-            finish(*pending)
-        pending = (chunk, hidden, copied)
-    if pending is not None:
-        finish(*pending)
+            return torch.zeros(len(chunk), 0, model.config.hidden_size, dtype=model.dtype), None
+        tokens = qwen_tokenizer([captions[i] for i in chunk], return_tensors="pt", padding="longest",
+                                padding_side="right", truncation=True, max_length=max_length)
+        with torch.inference_mode():
+            hidden = model(input_ids=tokens.input_ids.to(device, non_blocking=True),
+                           attention_mask=tokens.attention_mask.to(device, non_blocking=True)).last_hidden_state
+            return to_host(hidden, hidden.dtype)
+
+    encode_in_sorted_batches(order, batch_size, encode, finish)
     return results
 
 

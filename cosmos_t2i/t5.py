@@ -128,6 +128,35 @@ def load_text_encoder(path: str, device="cpu", dtype=None, load_in_8bit: bool = 
     return tokenizer, encoder
 
 
+def encode_in_sorted_batches(order, batch_size: int, encode, finish) -> None:
+    """Encode `order` (indices sorted by token count, so a batch pads only to its longest) batch by batch:
+    encode(chunk) -> (host tensor, CUDA event or None), and finish(chunk, host tensor, event) for each batch on the
+    CPU while the device already encodes the next one."""
+    pending = None
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        out = encode(chunk)
+        if pending is not None:
+            finish(*pending)
+        pending = (chunk, *out)
+    if pending is not None:
+        finish(*pending)
+
+
+def to_host(hidden, dtype):
+    """(hidden in dtype on the CPU, event): on a GPU converted there and copied out asynchronously into pinned memory
+    (the event marks the copy's end); on the CPU converted now (event None)."""
+    import torch
+
+    if hidden.device.type != "cuda":
+        return hidden.to(dtype), None
+    out = torch.empty(hidden.shape, dtype=dtype, pin_memory=True)
+    out.copy_(hidden, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return out, copied
+
+
 def encode_prompts(tokenizer, encoder, prompts: list[str], max_length: int = MAX_LENGTH, batch_size: int = 64,
                    on_batch=None, too_long: list | None = None) -> list[np.ndarray]:
     """Encode captions to float16 (n_tokens, 1024) arrays trimmed to their true length (with </s>).
@@ -163,27 +192,16 @@ def encode_prompts(tokenizer, encoder, prompts: list[str], max_length: int = MAX
         if on_batch is not None:
             on_batch(len(chunk))
 
-    pending = None
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    def encode(chunk):
         tokens = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding="longest", truncation=True,
                            max_length=max_length)
         with torch.inference_mode():
             hidden = encoder(input_ids=tokens.input_ids.to(device, non_blocking=True),
                              attention_mask=tokens.attention_mask.to(device, non_blocking=True)).last_hidden_state
             # float16 on the device (bf16 -> fp16 rounds as bf16 -> fp32 -> fp16 does), copied out asynchronously
-            if device.type == "cuda":
-                out = torch.empty(hidden.shape, dtype=torch.float16, pin_memory=True)
-                out.copy_(hidden, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record()
-            else:
-                out, copied = hidden.to(torch.float16), None
-        if pending is not None:
-            finish(*pending)
-        pending = (chunk, out, copied)
-    if pending is not None:
-        finish(*pending)
+            return to_host(hidden, torch.float16)
+
+    encode_in_sorted_batches(order, batch_size, encode, finish)
     return results
 
 
