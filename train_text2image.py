@@ -28,9 +28,8 @@ from cosmos_t2i.training import (NVIDIA_LORA_TARGETS, apply_gradients, backgroun
 
 logger = logging.getLogger("train")
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
-SHAPE_KEYS = ("family", "weight_dtype", "model_size", "train_architecture", "lora_rank", "lora_target_modules", "lora_base_dtype",
-              "image_size", "ema",
-              "aspect_buckets", "resolution", "optimizer")
+SHAPE_KEYS = ("family", "text_adapter_trains", "weight_dtype", "model_size", "train_architecture", "lora_rank",
+              "lora_target_modules", "lora_base_dtype", "image_size", "ema", "aspect_buckets", "resolution", "optimizer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,9 +166,13 @@ def validate(args, parser) -> None:
     args.loss_scale = family.loss_scale if args.loss_scale is None else args.loss_scale
     args.text_encoder = args.text_encoder or family.text_encoder
     args.validation_steps = args.validation_steps or family.num_steps
-    if args.adapter_lr < 0 or (args.adapter_lr > 0 and not family.has_text_adapter):
-        parser.error(f"--adapter_lr {args.adapter_lr}: a learning rate for a text adapter (not negative), which the "
-                     f"{family.name} family does not have; it is for --family anima.")
+    if args.adapter_lr < 0:
+        parser.error(f"--adapter_lr {args.adapter_lr}: a learning rate is not negative (0 keeps the adapter frozen).")
+    if args.adapter_lr > 0 and not family.has_text_adapter:
+        parser.error(f"--adapter_lr {args.adapter_lr}: the {family.name} family has no text adapter to train; it is "
+                     "for --family anima.")
+    # whether the adapter trains decides what a checkpoint holds: a resume cannot switch it (its rate may change)
+    args.text_adapter_trains = args.adapter_lr > 0
     if args.context_parallel_size != 1:
         parser.error("--context_parallel_size must be 1: NVIDIA's text2image has no context parallelism "
                      "(an image is a single latent frame).")

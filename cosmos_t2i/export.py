@@ -26,7 +26,7 @@ from .checkpoint import atomic_save, resolve_model_file
 from .cli import one_line_errors, run_main
 from .files import TEMPORARY, atomic_write, temporary_name
 from .lora import read_lora, save_diffusers_adapter, to_comfyui
-from .models import load_dit, quiet_library_logs, resolve_dit_path
+from .models import load_dit, lora_file_state, quiet_library_logs, resolve_dit_path
 from .registry import MODEL_SIZES
 from .weight_files import diffusers_to_nvidia
 
@@ -161,6 +161,10 @@ def main(argv=None):
         write_model_card(out, resolve_dit_path(args.dit_path), "full", args.load_ema, args.sample_image)
     else:
         lora_file = resolve_model_file(args.lora_path)
+        family = ((lora_file_state(str(lora_file)) or {}).get("lora_metadata") or {}).get("family", "predict2")
+        if family != "predict2":
+            raise SystemExit(f"{lora_file} is a LoRA of the {family} family: its exports are not written yet "
+                             "(docs/anima.md). Sample from it with infer_text2image.py --family anima.")
         if args.format == "merged":
             model = load_dit(str(lora_file), args.model_size, args.load_ema, base_dit_path=args.base_dit_path,
                              dtype=torch.float32)

@@ -24,8 +24,11 @@ logger = logging.getLogger(__name__)
 
 def cache_key(dataset, vae_path) -> str:
     """Hash of the settings that decide the latents."""
+    vae = vae_path  # a pipeline folder: its vae/ alone decides the latents
+    if vae is not None and (Path(vae) / "vae" / "config.json").is_file():
+        vae = Path(vae) / "vae"
     settings = {"sizes": sorted(set(map(tuple, dataset.sizes))), "fit": dataset.resize_mode,
-                "vae": fingerprint(vae_path), "version": 2}
+                "vae": fingerprint(vae), "version": 2}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

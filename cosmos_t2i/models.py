@@ -14,6 +14,8 @@ from .weight_files import (NVIDIA_TOP_LEVEL, check_keys, diffusers_to_nvidia_key
                            nvidia_to_diffusers_key, read_weights, safetensors_header, select_weights)
 
 logger = logging.getLogger(__name__)
+ANIMA_MODEL = ("is an Anima model (it holds the text adapter: llm_adapter.* or text_conditioner/): load it with "
+               "--family anima.")
 
 
 def keep_compile_cache() -> None:
@@ -83,7 +85,7 @@ def transformer_weights(path, model_size: str | None = None, load_ema: bool = Fa
         weights = nvidia_to_diffusers(weights, path)  # diffusers-named keys pass through unchanged
     skeleton = (family or PREDICT2).new_model(model_size, torch.float32, "meta").state_dict()
     if any(k.startswith("text_conditioner.") for k in set(weights) - set(skeleton)):
-        raise ValueError(f"{path} is an Anima model (it holds the text adapter, llm_adapter.*): pass --family anima.")
+        raise ValueError(f"{path} " + ANIMA_MODEL)
     check_keys(skeleton, weights, path, file_name)
     return model_size, weights
 
@@ -126,6 +128,8 @@ def load_transformer(dit_path: str | None, model_size: str | None = None, load_e
         if load_ema:
             raise ValueError(f"{path}: --load_ema was given but a diffusers folder holds no EMA weights (one set "
                              "only). Drop --load_ema, or export the EMA weights with --load_ema.")
+        if (folder.parent / "text_conditioner").is_dir():
+            raise ValueError(f"{path} " + ANIMA_MODEL)
         check_folder_files(folder)
         model = CosmosTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype)
         check_size_matches(model_size, dict(model.config), str(folder / "config.json"))
@@ -202,6 +206,9 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
             logger.warning(
                 "%s was trained against its base stored in fp8 (--lora_base_dtype fp8); it is merged into the "
                 "full-precision base, whose outputs differ slightly from what training saw.", dit_path)
+        if meta.get("family", family.name) != family.name:
+            raise ValueError(f"{dit_path} is a LoRA of the {meta['family']} family: load it with --family "
+                             f"{meta['family']}.")
         model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32, family=family)
         merge_adapter(model, adapter_from_state(lora_state, meta.get("alpha"), load_ema, dit_path), source=dit_path)
         load_full_weights(model, lora_state, load_ema, dit_path)
@@ -209,6 +216,9 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
         model = family.load_model(dit_path, model_size, load_ema, torch.float32, "cpu")
     if lora_path:
         merge_adapter(model, read_lora(lora_path)[0], lora_scale, source=lora_path)
+        from .lora import DIFFUSERS_FILE
+        lora_file = Path(lora_path) / DIFFUSERS_FILE if Path(lora_path).is_dir() else Path(lora_path)
+        load_full_weights(model, read_weights(lora_file), load_ema, lora_path)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -262,7 +272,10 @@ def load_vae(vae_path: str, dtype=torch.bfloat16, device="cpu", family=None):
         config = folder / "config.json"
         kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
         if kind != kind_wanted:
-            raise ValueError(f"{folder} holds {'a ' + kind if kind else 'no config.json'}, not a VAE: " + not_a_vae)
+            other = {"AutoencoderKLWan": "predict2", "AutoencoderKLQwenImage": "anima"}.get(kind)
+            hint = f" (that VAE is the {other} family's: pass --family {other} if that is the model)" if other else ""
+            raise ValueError(f"{folder} holds {'a ' + kind if kind else 'no config.json'}, not a VAE{hint}: "
+                             + not_a_vae)
         check_folder_files(folder)
         vae = vae_class.from_pretrained(str(folder), torch_dtype=dtype)
     elif path.is_file():

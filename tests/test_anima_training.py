@@ -153,16 +153,22 @@ def test_fsdp_anima_with_a_training_adapter_equals_one_process(anima_bundle, tmp
 
     flags = ["--adapter_lr", "1e-2", "--max_iter", 3, "--save_iter", 3, "--lr", "1e-4"]
     one = output_losses(run_script(*anima_args(anima_bundle, tmp_path / "one", *flags)))
-    args = anima_args(anima_bundle, tmp_path / "two", *flags, "--batch_size", 2)
-    args[0] = "tests/run_patched.py"
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", COSMOS_TEST_FSDP="1")
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "--main_process_port", str(free_port()), *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "sharded across 2 processes (FSDP2)" in result.stderr
-    two = losses_of(result.stderr)
+
+    def two_processes(out, *extra):
+        args = anima_args(anima_bundle, out, *flags, "--batch_size", 2, *extra)
+        args[0] = "tests/run_patched.py"
+        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", COSMOS_TEST_FSDP="1")
+        result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                                 "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                 "--main_process_port", str(free_port()), *map(str, args)], cwd=ROOT,
+                                capture_output=True, text=True, env=env, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "sharded across 2 processes (FSDP2)" in result.stderr
+        return losses_of(result.stderr)
+
+    two = two_processes(tmp_path / "two")
+    # bf16 weights (the 24 GB recipe): the adapter trains in the model's dtype, one dtype per FSDP group
+    assert sorted(two_processes(tmp_path / "bf16", "--weight_dtype", "bf16", "--max_iter", 2)) == [1, 2]
     assert one.keys() == two.keys() == {1, 2, 3} and all(abs(one[i] - two[i]) < 1e-5 * abs(one[i]) for i in one)
     a = anima.load_anima(model_file(tmp_path / "one", 3), dtype=torch.float32).state_dict()
     b = anima.load_anima(model_file(tmp_path / "two", 3), dtype=torch.float32).state_dict()
@@ -179,3 +185,28 @@ def test_an_anima_file_given_to_predict2_names_the_family(anima_bundle, tmp_path
     with pytest.raises(ValueError, match="pass --family anima"):
         load_dit(str(tmp_path / "anima.safetensors"), "tiny")
     assert load_dit(str(tmp_path / "anima.safetensors"), family=ANIMA).text_conditioner is not None
+
+
+def test_switching_the_adapter_on_or_off_at_resume_is_refused(anima_bundle, tmp_path):
+    """Whether the adapter trains decides what a checkpoint holds: a resume may change --adapter_lr's value, not
+    turn it on or off (the trained adapter would be silently dropped)."""
+    out = tmp_path / "out"
+    run_script(*anima_args(anima_bundle, out, "--train_architecture", "lora", "--lora_rank", 2, "--adapter_lr", "1e-3",
+                           "--max_iter", 1, "--save_iter", 1, "--no-ema"))
+    again = run_script(*anima_args(anima_bundle, out, "--train_architecture", "lora", "--lora_rank", 2, "--max_iter",
+                                   2, "--save_iter", 1, "--no-ema"), check=False)
+    assert again.returncode != 0 and "text_adapter_trains: True -> False" in again.stderr
+    changed = run_script(*anima_args(anima_bundle, out, "--train_architecture", "lora", "--lora_rank", 2,
+                                     "--adapter_lr", "2e-3", "--max_iter", 2, "--save_iter", 1, "--no-ema"))
+    assert "adapter_lr: 0.001 -> 0.002" in changed.stderr
+    # --lora_path applies the adapter the file carries, as --dit_path does
+    from cosmos_t2i.models import load_dit
+    lora = model_file(out, 2)
+    as_dit = load_dit(str(lora), dtype=torch.float32, family=ANIMA)
+    on_base = load_dit(str(anima_bundle / "models"), lora_path=str(lora), dtype=torch.float32, family=ANIMA)
+    for k, v in as_dit.state_dict().items():
+        assert torch.equal(v, on_base.state_dict()[k]), k
+    with pytest.raises(ValueError, match="--family anima"):  # an Anima LoRA or folder is never taken for Predict2
+        load_dit(str(lora), dtype=torch.float32)
+    with pytest.raises(ValueError, match="--family anima"):
+        load_dit(str(anima_bundle / "models"), dtype=torch.float32)
