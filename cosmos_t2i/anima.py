@@ -116,6 +116,35 @@ def text_inputs(qwen_states, qwen_mask, t5_ids, t5_mask) -> dict:
             "source_attention_mask": qwen_mask, "target_input_ids": t5_ids, "target_attention_mask": t5_mask}
 
 
+def without_padding(text: dict) -> dict:
+    """The adapter's inputs cut after the last real position on each side (Qwen's "source_", T5's "target_"; at
+    least one position), as diffusers' pipeline pads one prompt: padding changes nothing the adapter computes, but
+    its 16-bit attention would round differently and move bf16 images off the reference's."""
+    def length(mask):
+        used = mask.any(0).nonzero()
+        return int(used.max()) + 1 if len(used) else 1
+    n, m = length(text["source_attention_mask"]), length(text["target_attention_mask"])
+    return {k: v[:, :n] if k.startswith("source_") else v[:, :m] for k, v in text.items()}
+
+
+@torch.no_grad()
+def adapter_context(transformer, text: dict) -> torch.Tensor:
+    """The DiT's context [B,512,1024] of the adapter's inputs, for sampling: through the DiT's text_conditioner in
+    its dtype, each prompt alone without padding (its context then depends on no other prompt, in any dtype),
+    returned in fp32 (lossless)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from .flow import cast_floats
+    if isinstance(transformer, FSDPModule):  # FSDP2 shards the adapter with the root: gather (released after use)
+        transformer.unshard()
+    conditioner = transformer.text_conditioner
+    keep_rope_in_fp32(conditioner)
+    weight = next(conditioner.parameters())
+    text = {k: v.to(weight.device) for k, v in cast_floats(text, weight.dtype).items()}
+    return torch.cat([conditioner(**without_padding({k: v[i:i + 1] for k, v in text.items()})).float()
+                      for i in range(len(text["target_input_ids"]))])
+
+
 def new_conditioner(config: dict, dtype=torch.float32, device="cpu"):
     """An AnimaTextConditioner of `config`, random; on the meta device its weights get no memory but the RoPE
     buffer is computed (distributed.materialize_ keeps it)."""

@@ -115,35 +115,14 @@ def batch_size(text) -> int:
     return len(text) if torch.is_tensor(text) else len(next(iter(text.values())))
 
 
-def without_padding(text: dict) -> dict:
-    """The adapter's inputs cut after the last real position on each side (Qwen's "source_", T5's "target_"; at
-    least one position), as diffusers' pipeline pads one prompt: padding changes nothing the adapter computes, but
-    its 16-bit attention would round differently and move bf16 images off the reference's."""
-    def length(mask):
-        used = mask.any(0).nonzero()
-        return int(used.max()) + 1 if len(used) else 1
-    n, m = length(text["source_attention_mask"]), length(text["target_attention_mask"])
-    return {k: v[:, :n] if k.startswith("source_") else v[:, :m] for k, v in text.items()}
-
-
 @torch.no_grad()
 def text_context(transformer, text) -> torch.Tensor:
-    """The DiT's context [B,512,1024] of a family's text: a context tensor as it is; the adapter's inputs (a dict)
-    through the DiT's text_conditioner in its dtype, once (not at every step), each prompt alone without padding
-    (its context then depends on no other prompt, in any dtype), returned in fp32 (lossless)."""
+    """The DiT's context [B,512,1024] of a family's text: a context tensor as it is; a text adapter's inputs (a dict,
+    Anima's) through the DiT's adapter once, not at every step (anima.adapter_context)."""
     if torch.is_tensor(text):
         return text
-    from torch.distributed.fsdp import FSDPModule
-
-    from .anima import keep_rope_in_fp32
-    if isinstance(transformer, FSDPModule):  # FSDP2 shards the adapter with the root: gather (released after use)
-        transformer.unshard()
-    conditioner = transformer.text_conditioner
-    keep_rope_in_fp32(conditioner)
-    weight = next(conditioner.parameters())
-    text = {k: v.to(weight.device) for k, v in flow.cast_floats(text, weight.dtype).items()}
-    return torch.cat([conditioner(**without_padding({k: v[i:i + 1] for k, v in text.items()})).float()
-                      for i in range(batch_size(text))])
+    from .anima import adapter_context
+    return adapter_context(transformer, text)
 
 
 # ---------------------------------------------------------------- the pipeline
