@@ -182,7 +182,7 @@ def test_an_anima_file_given_to_predict2_names_the_family(anima_bundle, tmp_path
 
     base = anima.load_anima(anima_bundle / "models", dtype=torch.float32)
     anima.save_single_file(base, tmp_path / "anima.safetensors")
-    with pytest.raises(ValueError, match="pass --family anima"):
+    with pytest.raises(ValueError, match="load it with --family anima"):
         load_dit(str(tmp_path / "anima.safetensors"), "tiny")
     assert load_dit(str(tmp_path / "anima.safetensors"), family=ANIMA).text_conditioner is not None
 
