@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_save, resolve_model_file
+from .families import FAMILIES, get_family
 from .cli import one_line_errors, run_main
 from .files import TEMPORARY, atomic_write, temporary_name
 from .lora import read_lora, save_diffusers_adapter, to_comfyui
@@ -114,6 +115,20 @@ def clean_destination(out: Path, folder_export: bool) -> None:
               + ", ".join(str(p) for p in removed))
 
 
+def save_model_folders(model, out: Path) -> None:
+    """The model's diffusers folder(s): Predict2's transformer at `out`; a DiT with a text adapter (Anima) as a
+    pipeline's transformer/ and text_conditioner/ (what anima.load_anima and diffusers' Anima classes read)."""
+    adapter = model._modules.pop("text_conditioner", None)
+    if adapter is None:
+        save_transformer_folder(model, out)
+        return
+    try:
+        save_transformer_folder(model, out / "transformer")
+        save_transformer_folder(adapter, out / "text_conditioner")
+    finally:
+        model.text_conditioner = adapter
+
+
 def save_transformer_folder(model, out: Path) -> None:
     """save_pretrained into a staging folder inside `out`, then each file renamed into place: a killed export leaves
     no half-written weight file under its real name, only a staging folder the next export removes."""
@@ -141,6 +156,9 @@ def main(argv=None):
     parser.add_argument("--lora_path", help="LoRA checkpoint (model/iter_*.pt of a LoRA run, or its run folder)")
     parser.add_argument("--base_dit_path", help="base weights when the LoRA's recorded base moved")
     parser.add_argument("--model_size", choices=list(MODEL_SIZES))
+    parser.add_argument("--family", choices=list(FAMILIES), default="predict2",
+                        help="the model family (anima: a diffusers export writes transformer/ and text_conditioner/, a "
+                             "merged one the original single-file layout with net.llm_adapter.*)")
     parser.add_argument("--load_ema", action="store_true", help="export the EMA weights")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                         help="merged export: bf16 as NVIDIA's files, or fp32 to keep the merge exact over an fp32 base")
@@ -156,18 +174,18 @@ def main(argv=None):
     clean_destination(out, folder_export=args.format in ("diffusers", "lora-diffusers"))
     if args.format == "diffusers":
         model = load_dit(args.dit_path, args.model_size, args.load_ema, base_dit_path=args.base_dit_path,
-                         dtype=torch.bfloat16)
-        save_transformer_folder(model, out)
+                         dtype=torch.bfloat16, family=get_family(args.family))
+        save_model_folders(model, out)
         write_model_card(out, resolve_dit_path(args.dit_path), "full", args.load_ema, args.sample_image)
     else:
         lora_file = resolve_model_file(args.lora_path)
         family = ((lora_file_state(str(lora_file)) or {}).get("lora_metadata") or {}).get("family", "predict2")
-        if family != "predict2":
-            raise SystemExit(f"{lora_file} is a LoRA of the {family} family: its exports are not written yet "
-                             "(docs/anima.md). Sample from it with infer_text2image.py --family anima.")
+        if family != "predict2" and args.format != "merged":
+            raise SystemExit(f"{lora_file} is a LoRA of the {family} family: its LoRA exports ({args.format}) are not "
+                             "written yet (docs/anima.md); `merged --family anima` writes the merged model.")
         if args.format == "merged":
             model = load_dit(str(lora_file), args.model_size, args.load_ema, base_dit_path=args.base_dit_path,
-                             dtype=torch.float32)
+                             dtype=torch.float32, family=get_family(args.family))
             dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
             atomic_save(diffusers_to_nvidia({k: v.to(dtype) for k, v in model.state_dict().items()}, "net."), out)
         else:

@@ -89,6 +89,12 @@ def test_full_fine_tune_trains_the_dit_keeps_the_frozen_adapter_and_writes_an_an
     block = "transformer_blocks.0.attn1.to_q.weight"
     assert not torch.allclose(trained.state_dict()[block], base.state_dict()[block].bfloat16().float())
     assert not torch.equal(ema.state_dict()[block], trained.state_dict()[block])
+    # exported as a diffusers pipeline's transformer/ + text_conditioner/: the same model
+    run_script("-m", "cosmos_t2i.export", "diffusers", "--family", "anima", "--dit_path", model_file(out, 4),
+               "--output", tmp_path / "folder")
+    folder = anima.load_anima(tmp_path / "folder", dtype=torch.float32).state_dict()
+    assert folder.keys() == trained.state_dict().keys()
+    assert all(torch.equal(folder[k], v) for k, v in trained.state_dict().items())
 
 
 def test_adapter_lr_trains_the_adapter_and_the_run_resumes_exactly(anima_bundle, tmp_path):
@@ -206,6 +212,13 @@ def test_switching_the_adapter_on_or_off_at_resume_is_refused(anima_bundle, tmp_
     on_base = load_dit(str(anima_bundle / "models"), lora_path=str(lora), dtype=torch.float32, family=ANIMA)
     for k, v in as_dit.state_dict().items():
         assert torch.equal(v, on_base.state_dict()[k]), k
+    run_script("-m", "cosmos_t2i.export", "merged", "--family", "anima", "--lora_path", lora, "--dtype", "fp32",
+               "--output", tmp_path / "merged.pt")  # the original single-file layout, the LoRA and adapter merged
+    merged = anima.load_anima(tmp_path / "merged.pt", dtype=torch.float32).state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in as_dit.state_dict().items())
+    refused = run_script("-m", "cosmos_t2i.export", "lora-comfyui", "--lora_path", lora, "--output",
+                         tmp_path / "c.safetensors", check=False)
+    assert refused.returncode != 0 and "not written yet" in refused.stderr
     with pytest.raises(ValueError, match="--family anima"):  # an Anima LoRA or folder is never taken for Predict2
         load_dit(str(lora), dtype=torch.float32)
     with pytest.raises(ValueError, match="--family anima"):
