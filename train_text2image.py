@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="power EMA, fp32 copy")
     g.add_argument("--ema_rate", type=float, default=0.1)
     g.add_argument("--caption_dropout", type=float, default=0.2)
+    g.add_argument("--timestep_shift", type=float, default=1.0,
+                   help="shift the training timesteps towards noise, t' = s t / (1 + (s - 1) t) (diffusion-pipe's "
+                        "optional shift for Anima, e.g. 3; default 1: none, as NVIDIA and the model author train)")
     g.add_argument("--loss_scale", type=float, default=None,
                    help="factor on the velocity MSE (default: the family's, predict2 10 as NVIDIA, anima 1 as the "
                         "model author's trainer)")
@@ -166,6 +169,8 @@ def validate(args, parser) -> None:
     args.loss_scale = family.loss_scale if args.loss_scale is None else args.loss_scale
     args.text_encoder = args.text_encoder or family.text_encoder
     args.validation_steps = args.validation_steps or family.num_steps
+    if not args.timestep_shift > 0:
+        parser.error(f"--timestep_shift {args.timestep_shift}: must be positive (1 = no shift).")
     if args.adapter_lr < 0:
         parser.error(f"--adapter_lr {args.adapter_lr}: a learning rate is not negative (0 keeps the adapter frozen).")
     if args.adapter_lr > 0 and not family.has_text_adapter:

@@ -33,15 +33,18 @@ def draw_training_randomness(seed: int, iteration: int, sample_ids, latent_shape
 
 
 def flow_loss(transformer, latents, text_embeddings, sigma, noise, keep_text, padding_mask, loss_scale=10.0,
-              drop_captions=None):
+              drop_captions=None, shift=1.0):
     """Velocity MSE x loss_scale. x_t = (1-t) x0 + t eps with t = sigma/(1+sigma); target v = eps - x0.
 
     Equals NVIDIA's (1+sigma)^2/sigma^2-weighted x0 loss (docs/training.md); with loss_scale 1 it is the model
     author's Anima objective (t = sigmoid(N(0,1)) is the same draw). Latents, noise and loss in fp32.
     `drop_captions(text, keep)` is the family's caption dropout (default: NVIDIA's, zeroed embeddings); the text is
-    a context tensor or, for Anima, its adapter's inputs (then the DiT's forward runs the adapter).
+    a context tensor or, for Anima, its adapter's inputs (then the DiT's forward runs the adapter). `shift` moves t
+    towards noise as t' = s t / (1 + (s - 1) t) (SD3's; diffusion-pipe's optional shift; 1: none, NVIDIA's).
     """
     t = (sigma / (1 + sigma)).float()
+    if shift != 1.0:
+        t = shift * t / (1 + (shift - 1) * t)
     tb = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - tb) * latents + tb * noise
     if drop_captions is None:

@@ -297,7 +297,7 @@ def forward_backward(args, accelerator, model, vae, data_iter, iteration: int) -
         masks = masks[:1] if bool((masks == masks[:1]).all()) else masks
         with accelerator.autocast(), record_function("forward"):
             loss = flow_loss(model, latents, text_side.model_inputs(batch, to_device), sigma, noise, keep,
-                             to_device(masks), args.loss_scale, text_side.drop_captions)
+                             to_device(masks), args.loss_scale, text_side.drop_captions, args.timestep_shift)
         with record_function("backward"), \
                 accelerator.no_sync(model) if micro < args.grad_accum - 1 else contextlib.nullcontext():
             accelerator.backward(loss / args.grad_accum)

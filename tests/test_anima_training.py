@@ -29,13 +29,14 @@ def dataset_text(bundle, n=3):
     return {k: torch.stack([f[k] for f in fields]) for k in fields[0]}
 
 
-def authors_loss(net, x0, batch, z, eps, keep):
+def authors_loss(net, x0, batch, z, eps, keep, shift=1.0):
     """diffusion-pipe's Anima objective written out in float64: t = sigmoid(z), z ~ N(0,1) (logit-normal, no shift);
     x_t = (1 - t) x0 + t eps; the DiT, given t, predicts eps - x0; plain mean squared error. A dropped caption is
     the empty prompt as diffusers' Anima pipeline encodes it: one masked Qwen token, the T5 ids of "" ([</s>])."""
     total = 0.0
     for i in range(x0.shape[0]):
         t = torch.sigmoid(z[i:i + 1])
+        t = shift * t / (1 + (shift - 1) * t)  # the optional SD3-style shift (none by default)
         if keep[i]:
             n_qwen, n_t5 = int(batch["qwen_mask"][i].sum()), int(batch["t5_mask"][i].sum())
             qwen, ids = batch["qwen_states"][i:i + 1, :n_qwen], batch["t5_ids"][i:i + 1, :n_t5]
@@ -65,6 +66,12 @@ def test_anima_objective_matches_the_authors_in_float64(anima_bundle):
     reference = authors_loss(net, x0, batch, sigma.double().log(), eps.double(), keep)
     assert ANIMA.loss_scale == 1.0
     torch.testing.assert_close(ours.double(), reference, rtol=1e-6, atol=1e-9)
+    shifted = flow_loss(net, x0, anima_text.model_inputs(batch, lambda x: x), sigma.double(), eps.double(),
+                        keep.double(), torch.zeros(3, 1, 64, 64).double(), ANIMA.loss_scale, anima_text.drop_captions,
+                        shift=3.0)
+    torch.testing.assert_close(shifted.double(), authors_loss(net, x0, batch, sigma.double().log(), eps.double(), keep,
+                                                              shift=3.0), rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(shifted, ours)
     # and the draw: t = sigma / (1 + sigma) with log sigma ~ N(0, 1) is the author's t = sigmoid(N(0, 1))
     sig, _, _ = draw_training_randomness(0, 1, range(4000), (1,), 0.0)
     torch.testing.assert_close(sig / (1 + sig), torch.sigmoid(sig.log()), rtol=1e-6, atol=1e-7)
