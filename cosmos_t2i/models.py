@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from .registry import check_size_matches, transformer_config
-from .weight_files import (NVIDIA_TOP_LEVEL, check_keys, diffusers_to_nvidia_key, mmap_safetensors, nvidia_to_diffusers,
-                           nvidia_to_diffusers_key, read_weights, safetensors_header, select_weights)
+from .weight_files import (COMFY_PREFIXES, NVIDIA_TOP_LEVEL, check_keys, diffusers_to_nvidia_key, mmap_safetensors,
+                           nvidia_to_diffusers, nvidia_to_diffusers_key, read_weights, safetensors_header,
+                           select_weights)
 
 logger = logging.getLogger(__name__)
 ANIMA_MODEL = ("is an Anima model (it holds the text adapter: llm_adapter.* or text_conditioner/): load it with "
@@ -70,6 +71,9 @@ def transformer_weights(path, model_size: str | None = None, load_ema: bool = Fa
             weights.update({"text_conditioner." + k: v for k, v in mmap_safetensors(f).items()})
     else:
         state = read_weights(path) if state is None else state
+        comfy = next((p for p in COMFY_PREFIXES if any(k.startswith(p) for k in state)), None)
+        if comfy and not any(k.startswith(("net.", "net_ema.")) for k in state):  # ComfyUI's layout of a model file
+            state = {k[len(comfy):]: v for k, v in state.items() if k.startswith(comfy)}
         if model_size is None:
             model_size = size_of_state(state)
             if model_size is None:

@@ -192,9 +192,6 @@ def select_weights(state: dict, load_ema: bool, source) -> dict:
     """
     has_net = any(k.startswith("net.") for k in state)
     has_ema = any(k.startswith("net_ema.") for k in state)
-    comfy = next((p for p in COMFY_PREFIXES if any(k.startswith(p) for k in state)), None)
-    if comfy and not (has_net or has_ema):  # ComfyUI's layout of the same keys
-        state = {k[len(comfy):]: v for k, v in state.items() if k.startswith(comfy)}
     if load_ema and not has_ema:
         raise ValueError(f"{source}: --load_ema was given but the file holds no EMA weights (no 'net_ema.*' keys). "
                          "Drop --load_ema, or train with EMA on.")

@@ -198,6 +198,14 @@ def test_an_anima_file_given_to_predict2_names_the_family(anima_bundle, tmp_path
     with pytest.raises(ValueError, match="load it with --family anima"):
         load_dit(str(tmp_path / "anima.safetensors"), "tiny")
     assert load_dit(str(tmp_path / "anima.safetensors"), family=ANIMA).text_conditioner is not None
+    # ComfyUI's prefix, read as FSDP's sharded loading reads it (every weight, key-checked against the family's model)
+    from cosmos_t2i.models import transformer_weights
+    from cosmos_t2i.weight_files import read_weights
+    comfy = {"model.diffusion_model." + k.removeprefix("net."): v
+             for k, v in read_weights(tmp_path / "anima.safetensors").items()}
+    torch.save(comfy, tmp_path / "comfy.pt")
+    size, weights = transformer_weights(tmp_path / "comfy.pt", family=ANIMA)
+    assert size == "tiny" and torch.equal(weights["text_conditioner.embed.weight"], base.text_conditioner.embed.weight)
 
 
 def test_switching_the_adapter_on_or_off_at_resume_is_refused(anima_bundle, tmp_path):
