@@ -50,7 +50,9 @@ def write_model_card(folder: Path, source, kind: str, load_ema: bool, sample_ima
     base = (lora_meta or {}).get("base_path") or config.get("dit_path") or "unknown"
     lines = ["---", "library_name: diffusers", f"base_model: {base}", "tags:", "- cosmos-predict2", "- text-to-image"]
     lines += ["- lora"] if kind == "lora" else []
-    lines += ["---", "", f"# Cosmos-Predict2 Text2Image {'LoRA adapter' if kind == 'lora' else 'transformer'}", "",
+    title = "Anima transformer and text adapter" if (folder / "text_conditioner").is_dir() else \
+        f"Cosmos-Predict2 Text2Image {'LoRA adapter' if kind == 'lora' else 'transformer'}"
+    lines += ["---", "", f"# {title}", "",
               f"- exported from `{source}`" + (f" (iteration {int(iteration.group(1))})" if iteration else ""),
               f"- weights: {'EMA' if load_ema else 'training (non-EMA)'}", f"- base model: `{base}`"]
     if lora_meta:
@@ -64,10 +66,16 @@ def write_model_card(folder: Path, source, kind: str, load_ema: bool, sample_ima
         lines += ["from diffusers import CosmosTransformer3DModel",
                   f"transformer = CosmosTransformer3DModel.from_pretrained(...)  # the base: {base}",
                   f'transformer.load_lora_adapter("{folder.name}", weight_name="pytorch_lora_weights.safetensors")']
+    elif (folder / "text_conditioner").is_dir():  # a DiT with a text adapter: Anima's pipeline folders
+        lines[lines.index("- cosmos-predict2")] = "- anima"
+        lines += ["from diffusers import AnimaTextConditioner, CosmosTransformer3DModel",
+                  f'transformer = CosmosTransformer3DModel.from_pretrained("{folder.name}/transformer")',
+                  f'text_conditioner = AnimaTextConditioner.from_pretrained("{folder.name}/text_conditioner")']
     else:
         lines += ["from diffusers import CosmosTransformer3DModel",
                   f'transformer = CosmosTransformer3DModel.from_pretrained("{folder.name}")']
-    lines += ["```", "", "or with this repository: `python infer_text2image.py --dit_path "
+    family = " --family anima" if (folder / "text_conditioner").is_dir() else ""
+    lines += ["```", "", f"or with this repository: `python infer_text2image.py{family} --dit_path "
               + (f"BASE --lora_path {folder.name}" if kind == "lora" else folder.name) + " --vae_path ... --prompt ...`"]
     if sample_image:
         shutil.copy(sample_image, folder / ("sample" + Path(sample_image).suffix))

@@ -102,6 +102,8 @@ def test_full_fine_tune_trains_the_dit_keeps_the_frozen_adapter_and_writes_an_an
     folder = anima.load_anima(tmp_path / "folder", dtype=torch.float32).state_dict()
     assert folder.keys() == trained.state_dict().keys()
     assert all(torch.equal(folder[k], v) for k, v in trained.state_dict().items())
+    card = (tmp_path / "folder" / "README.md").read_text()
+    assert "AnimaTextConditioner.from_pretrained" in card and "--family anima" in card
 
 
 def test_adapter_lr_trains_the_adapter_and_the_run_resumes_exactly(anima_bundle, tmp_path):
