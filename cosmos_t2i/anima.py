@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from .registry import COMMON_CONFIG
-from .weight_files import (ADAPTER_MODULE, diffusers_to_nvidia_key, is_non_weight_key, nvidia_to_diffusers_key,
-                           read_weights, select_weights)
+from .weight_files import (ADAPTER_FILE, ADAPTER_MODULE, COMFY_PREFIXES, diffusers_to_nvidia_key, is_non_weight_key,
+                           nvidia_to_diffusers_key, read_weights, select_weights)
 
-ADAPTER = "llm_adapter."
-FILE_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
+ADAPTER = ADAPTER_FILE  # the adapter's keys in the single file: llm_adapter.*
+FILE_PREFIXES = ("net.",) + COMFY_PREFIXES
 
 
 def split_single_file(state: dict, source="checkpoint") -> tuple[dict, dict]:

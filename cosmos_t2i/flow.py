@@ -44,7 +44,7 @@ def flow_loss(transformer, latents, text_embeddings, sigma, noise, keep_text, pa
     """
     t = (sigma / (1 + sigma)).float()
     if shift != 1.0:
-        t = shift * t / (1 + (shift - 1) * t)
+        t = shift_time(t, shift)
     tb = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - tb) * latents + tb * noise
     if drop_captions is None:
@@ -202,13 +202,18 @@ def sample_distilled(denoise, x, steps: int, seed: int, progress=None) -> torch.
 NUM_TRAIN_TIMESTEPS = 1000  # the scheduler's timesteps are sigma * 1000; the pipeline divides them back
 
 
+def shift_time(t, shift: float):
+    """SD3's timestep shift t' = s t / (1 + (s - 1) t), towards noise for s > 1 (tensors or numpy arrays)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def flow_match_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     """num_steps + 1 fp32 sigmas from 1 to 0: linspace(1, 1/N, N) (float64, cast to float32), shifted in float32 as
     shift * s / (1 + (shift - 1) * s), a final 0 appended: FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)
     bit for bit."""
     shift = float(shift)
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)  # numpy keeps float32 (a Python float does not promote)
+    sigmas = shift_time(sigmas, shift)  # numpy keeps float32 (a Python float does not promote)
     return torch.cat([torch.from_numpy(sigmas).to(torch.float32), torch.zeros(1)])
 
 

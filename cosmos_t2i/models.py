@@ -229,8 +229,6 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
 def load_full_weights(model, lora_state: dict, load_ema: bool, source) -> None:
     """Modules a LoRA run trained in full (Anima's text adapter with --adapter_lr) travel in its file as plain
     weights beside the LoRA pairs: they replace the base's."""
-    from .weight_files import select_weights
-
     full = {nvidia_to_diffusers_key(k): v for k, v in select_weights(lora_state, load_ema, source).items()
             if ".lora_" not in k and not k.endswith(".alpha")}
     if not full:
@@ -276,7 +274,8 @@ def load_vae(vae_path: str, dtype=torch.bfloat16, device="cpu", family=None):
         config = folder / "config.json"
         kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
         if kind != kind_wanted:
-            other = {"AutoencoderKLWan": "predict2", "AutoencoderKLQwenImage": "anima"}.get(kind)
+            from .families import FAMILIES
+            other = next((f.name for f in FAMILIES.values() if f.vae_class == kind), None)
             hint = f" (that VAE is the {other} family's: pass --family {other} if that is the model)" if other else ""
             raise ValueError(f"{folder} holds {'a ' + kind if kind else 'no config.json'}, not a VAE{hint}: "
                              + not_a_vae)
