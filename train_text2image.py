@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA: store the frozen base's block weights as fp8 (e5m2, per-tensor scale; computed in bf16): "
                         "half the weight memory (14B: 14 GB instead of 28), at a small cost in fidelity")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--blocks_to_swap", default="0", metavar="N|all",
+                   help="LoRA on small cards: keep the frozen base of the last N blocks (or all) in pinned host memory "
+                        "and stream each to the GPU ahead of use, overlapped with compute; same results, less GPU "
+                        "memory, slower steps (turns on --gradient_checkpointing; docs/anima.md, small cards)")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--fp8", action="store_true",
                    help="full fine-tune: the blocks' projections run float8 matmuls (torchao Float8Linear: dynamic "
@@ -225,6 +230,11 @@ def validate(args, parser) -> None:
         args.resize_mode = {"crop": "center_crop", "pad": "pad"}[args.bucket_fit]
     if args.resize_mode is None:
         args.resize_mode = "center_crop" if args.aspect_buckets else "resize"
+    if not re.fullmatch(r"\d+|all", str(args.blocks_to_swap)):
+        parser.error(f"--blocks_to_swap {args.blocks_to_swap}: give a number of blocks or 'all'.")
+    if args.blocks_to_swap not in ("0", 0) and args.train_architecture != "lora":
+        parser.error("--blocks_to_swap swaps a frozen base: it needs --train_architecture lora (a full fine-tune "
+                     "updates every block; see --weight_dtype bf16 and --optimizer adamw8bit for small cards).")
     if args.lora_base_dtype == "fp8" and args.train_architecture != "lora":
         parser.error("--lora_base_dtype fp8 stores a LoRA's frozen base: it needs --train_architecture lora.")
     if args.fp8:

@@ -140,18 +140,29 @@ class CosmosText2Image:
     @classmethod
     def from_pretrained(cls, dit_path=None, vae_path=None, text_encoder=None, model_size=None, load_ema=False,
                         lora_path=None, lora_scale=1.0, base_dit_path=None, device=None, dtype=torch.bfloat16,
-                        text_encoder_dtype=None, text_encoder_8bit=False, compile=False, fp8=False, family=None):
+                        text_encoder_dtype=None, text_encoder_8bit=False, compile=False, fp8=False, family=None,
+                        blocks_to_swap=0):
         """Load every part of a family's model (a name, a Family, default Predict2): `dit_path` in any form
         load_dit reads (Anima: its diffusers folder, single file or our model files), `vae_path` its VAE,
         `text_encoder` its text encoder (Anima: the diffusers folder), None when prompts come as embeddings=.
-        fp8=True runs the blocks' projections as float8 matmuls (torchao, H100-class GPU, bf16 dtype)."""
+        fp8=True runs the blocks' projections as float8 matmuls (torchao, H100-class GPU, bf16 dtype).
+        blocks_to_swap (N or "all"): the last N blocks' weights stay in pinned host memory and stream to the GPU
+        one block ahead (block_swap.py): the same images in less GPU memory."""
         family = as_family(family)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if vae_path is None:
             raise ValueError(f"Pass vae_path: a diffusers {family.vae_class} folder or its single file (Predict2: "
                              "NVIDIA's tokenizer.pth).")
-        transformer = prepare_for_inference(load_dit(dit_path, model_size, load_ema, lora_path, lora_scale,
-                                                     base_dit_path, dtype, device, family=family), fp8, compile)
+        swap = blocks_to_swap not in (None, 0, "0")
+        if swap and fp8:
+            raise ValueError("--blocks_to_swap and --fp8 do not combine: swap bf16 blocks, or use --fp8 alone.")
+        transformer = load_dit(dit_path, model_size, load_ema, lora_path, lora_scale, base_dit_path, dtype,
+                               "cpu" if swap else device, family=family)
+        if swap:  # the rest of the model to the GPU, the swapped blocks' weights never
+            from .block_swap import swap_blocks
+            swap_blocks(transformer, blocks_to_swap, device)
+            transformer.to(device)
+        transformer = prepare_for_inference(transformer, fp8, compile)
         vae = load_vae(vae_path, dtype, device, family=family)
         encoder = family.text.load_encoder(text_encoder, device, text_encoder_dtype,
                                            load_in_8bit=text_encoder_8bit) if text_encoder else None

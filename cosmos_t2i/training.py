@@ -33,16 +33,21 @@ def base_dtype(train_architecture: str, mixed_precision: str, weight_dtype: str)
 
 
 def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradient_checkpointing: bool = False,
-                         compile: bool = False, device=None, fp8: bool = False, train_text_adapter: bool = False):
+                         compile: bool = False, device=None, fp8: bool = False, train_text_adapter: bool = False,
+                         blocks_to_swap=0):
     """LoRA injection (lora = {"rank", "alpha", "targets"}: NVIDIA module names; "base_dtype": "fp8" stores the
     frozen block weights in fp8, converting layer by layer on `device`), float8 matmuls (fp8), diffusers' gradient
     checkpointing and per-block torch.compile, then train mode. A text adapter (Anima's `text_conditioner`) trains
-    fully with `train_text_adapter`, else it stays frozen, in LoRA runs as in full fine-tunes. Shared with
-    benchmarks/bench_train.py."""
+    fully with `train_text_adapter`, else it stays frozen, in LoRA runs as in full fine-tunes. `blocks_to_swap`
+    (N or "all", LoRA only): the frozen base of the last N blocks in pinned host memory (block_swap.py); the model
+    comes on the CPU then, and checkpointing is turned on. Shared with benchmarks/bench_train.py."""
     from .lora import add_lora, store_frozen_linears_in_fp8_
 
     if lora is not None:
         add_lora(model, lora["rank"], lora["alpha"], lora["targets"], seed)
+        if blocks_to_swap:
+            swap = swap_lora_base(model, blocks_to_swap, device, lora.get("base_dtype") == "fp8")
+            gradient_checkpointing = gradient_checkpointing or swap is not None
         if lora.get("base_dtype") == "fp8":
             logger.info("LoRA base: %.1fM frozen block weights stored in fp8 (e5m2)",
                         store_frozen_linears_in_fp8_(model, device) / 1e6)
@@ -63,6 +68,24 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
     return model.train()
 
 
+def swap_lora_base(model, count, device, base_fp8: bool):
+    """block_swap.swap_blocks for a LoRA's frozen base, its float8 storage converted block by block on the GPU."""
+    from types import SimpleNamespace
+
+    from .block_swap import swap_blocks
+    from .lora import store_frozen_linears_in_fp8_
+
+    def to_fp8(block):
+        store_frozen_linears_in_fp8_(SimpleNamespace(transformer_blocks=block))
+
+    swap = swap_blocks(model, count, device, to_fp8 if base_fp8 else None)
+    if swap is not None:
+        logger.info("block swap: the frozen weights of the last %d of %d blocks (%.2f GB) in pinned host memory, "
+                    "%.2f GB of GPU slots; activation checkpointing on", swap.num_blocks - swap.first,
+                    swap.num_blocks, swap.host_bytes() / 1e9, swap.resident_bytes() / 1e9)
+    return swap
+
+
 def build_transformer(args, device, sharded: bool):
     """The DiT ready to train; returns (model, weights to load after sharding, LoRA metadata).
 
@@ -77,20 +100,21 @@ def build_transformer(args, device, sharded: bool):
     dtype = base_dtype(args.train_architecture, args.mixed_precision, args.weight_dtype)
     weights, meta, lora = None, None, None
     path = resolve_dit_path(args.dit_path) if args.dit_path else None  # a run folder: its latest model file
+    # an fp8 LoRA base is converted layer by layer on the GPU, and a swapped one block by block: both from the CPU
+    load_on = "cpu" if args.lora_base_dtype == "fp8" or args.blocks_to_swap not in (None, 0, "0") else device
     if path is not None and lora_file_state(path) is not None:  # a LoRA file: its base with the adapter merged
         merged = load_dit(path, args.model_size, dtype=torch.float32, family=family)
         args.model_size = size_of_config(dict(merged.config))
         if sharded and args.train_architecture == "full":
             weights, model = merged.state_dict(), family.new_model(args.model_size, dtype, "meta")
         else:
-            model = merged.to(device=device, dtype=dtype).requires_grad_(True)
+            model = merged.to(device=load_on, dtype=dtype).requires_grad_(True)
     elif sharded and args.train_architecture == "full":
         if path is not None:
             args.model_size, weights = transformer_weights(path, args.model_size, family=family)
         model = family.new_model(args.model_size, dtype, "meta")
-    else:  # an fp8 LoRA base is converted layer by layer on the GPU, from the CPU (see prepare_for_training)
-        model = family.load_model(path, args.model_size, dtype=dtype,
-                                  device="cpu" if args.lora_base_dtype == "fp8" else device)
+    else:
+        model = family.load_model(path, args.model_size, dtype=dtype, device=load_on)
     if args.train_architecture == "lora":
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
         lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets, "base_dtype": args.lora_base_dtype}
@@ -100,7 +124,8 @@ def build_transformer(args, device, sharded: bool):
                 "family": family.name}
     # under FSDP Accelerate checkpoints inside each sharded block instead (see build_training)
     model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile,
-                                 device, args.fp8, train_text_adapter=args.adapter_lr > 0)
+                                 device, args.fp8, train_text_adapter=args.adapter_lr > 0,
+                                 blocks_to_swap=args.blocks_to_swap)
     return (model if weights is not None or model.device.type == "meta" else model.to(device)), weights, meta
 
 
@@ -202,6 +227,9 @@ def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
         # checkpoint inside each sharded block (Accelerate's wrapper): diffusers' own wraps the block from outside,
         # where FSDP does not cast the recomputed inputs to bf16 again and the recompute no longer matches
         accelerator.state.fsdp_plugin.activation_checkpointing = True
+    if accelerator.is_fsdp2 and args.blocks_to_swap not in (None, 0, "0"):
+        raise SystemExit("--blocks_to_swap runs with one process or plain data parallel (accelerate_configs/"
+                         "multi_gpu.yaml), not under FSDP, which already spreads the weights over the GPUs.")
     if accelerator.is_fsdp2 and args.lora_base_dtype == "fp8":
         raise SystemExit("--lora_base_dtype fp8 runs with one process or plain data parallel (accelerate_configs/"
                          "multi_gpu.yaml, the faster choice for LoRA anyway), not under FSDP.")
@@ -212,13 +240,15 @@ def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
                                args.optimizer, args.weight_dtype == "bf16", device.type)
     scheduler = make_scheduler(optimizer, args.scheduler, args.warm_up_steps, args.cycle_lengths, args.f_start,
                                args.f_max, args.f_min)
-    if args.lora_base_dtype == "fp8":
-        # DDP broadcasts every parameter and buffer at start, which NCCL/gloo refuse for fp8; every process built the
-        # same fp8 base from the same file, so there is nothing to broadcast
+    swap = model.__dict__.get("block_swap")
+    if args.lora_base_dtype == "fp8" or swap is not None:
+        # DDP broadcasts every parameter and buffer at start, which NCCL/gloo refuse for fp8 and which would find
+        # swapped weights empty; every process built the same base from the same file: nothing to broadcast
         from torch.nn.parallel import DistributedDataParallel
+        swapped = {id(p) for params in (swap.params.values() if swap else []) for p in params}
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [
             n for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.dtype == torch.float8_e5m2 or n.endswith("weight_scale")])
+            if t.dtype == torch.float8_e5m2 or n.endswith("weight_scale") or id(t) in swapped])
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaces parameters with sharded ones: refer to those from here on
     unwrapped = accelerator.unwrap_model(model)
