@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks_to_swap", default="0", metavar="N|all",
                    help="LoRA on small cards: keep the frozen base of the last N blocks (or all) in pinned host memory "
                         "and stream each to the GPU ahead of use, overlapped with compute; same results, less GPU "
-                        "memory, slower steps (turns on --gradient_checkpointing; docs/anima.md, small cards)")
+                        "memory, slower steps (the swapped blocks are checkpointed; docs/anima.md, small cards)")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--fp8", action="store_true",
                    help="full fine-tune: the blocks' projections run float8 matmuls (torchao Float8Linear: dynamic "

@@ -5,8 +5,8 @@ Only frozen parameters move (a LoRA's base, a sampler's whole block); trainable 
 the optimizer never sees a swap. The last blocks are the swapped ones: the first, resident blocks hide the first
 copy in the forward pass, and the backward pass starts on the block the forward pass ended with, still in its slot.
 
-Training needs activation checkpointing on the swapped blocks: autograd would otherwise keep each block's weights
-alive from its forward to its backward, which is what swapping gives back. With checkpointing the backward pass
+Training needs activation checkpointing on the swapped blocks (checkpoint_swapped_blocks, or all blocks): autograd
+would otherwise keep each block's weights alive from its forward to its backward, which is what swapping gives back. With checkpointing the backward pass
 recomputes each block in reverse order, so the same pre-forward hook fetches the blocks downwards, one ahead.
 
 A slot is reused only after every kernel that reads its previous block has been queued on the compute stream: the
@@ -133,6 +133,22 @@ class BlockSwap:
             for p, host in zip(params, self.host[index]):
                 p.data = host.to(self.device)
         self.slots, self.host, self.slot_block = [], {}, []
+
+
+def checkpoint_swapped_blocks(model, swap: BlockSwap) -> None:
+    """Activation checkpointing for the swapped blocks only (diffusers' loop calls this function for every block when
+    checkpointing is on): the resident blocks keep their activations and run at full speed, so --blocks_to_swap N
+    is one dial for memory against time."""
+    from torch.utils.checkpoint import checkpoint
+
+    swapped = {id(model.transformer_blocks[i]) for i in swap.params}
+
+    def run_block(block, *args):
+        if id(block) in swapped:
+            return checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    model.enable_gradient_checkpointing(run_block)
 
 
 def swap_blocks(model, count, device, prepare_block=None) -> BlockSwap | None:

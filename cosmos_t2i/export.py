@@ -39,7 +39,8 @@ CARD_SETTINGS = ("model_size", "train_architecture", "lora_rank", "lora_alpha", 
                  "weight_dtype", "seed")
 
 
-def write_model_card(folder: Path, source, kind: str, load_ema: bool, sample_image=None, lora_meta=None) -> Path:
+def write_model_card(folder: Path, source, kind: str, load_ema: bool, sample_image=None, lora_meta=None,
+                     family: str = "predict2") -> Path:
     """README.md for an exported folder: what it is, where it came from, how it was trained, how to load it."""
     import yaml
 
@@ -50,8 +51,12 @@ def write_model_card(folder: Path, source, kind: str, load_ema: bool, sample_ima
     base = (lora_meta or {}).get("base_path") or config.get("dit_path") or "unknown"
     lines = ["---", "library_name: diffusers", f"base_model: {base}", "tags:", "- cosmos-predict2", "- text-to-image"]
     lines += ["- lora"] if kind == "lora" else []
-    title = "Anima transformer and text adapter" if (folder / "text_conditioner").is_dir() else \
-        f"Cosmos-Predict2 Text2Image {'LoRA adapter' if kind == 'lora' else 'transformer'}"
+    anima = family == "anima" or (folder / "text_conditioner").is_dir()
+    if anima:
+        lines[lines.index("- cosmos-predict2")] = "- anima"
+    title = (f"Anima LoRA adapter{' and text adapter' if (folder / 'text_conditioner').is_dir() else ''}"
+             if anima and kind == "lora" else "Anima transformer and text adapter" if anima else
+             f"Cosmos-Predict2 Text2Image {'LoRA adapter' if kind == 'lora' else 'transformer'}")
     lines += ["---", "", f"# {title}", "",
               f"- exported from `{source}`" + (f" (iteration {int(iteration.group(1))})" if iteration else ""),
               f"- weights: {'EMA' if load_ema else 'training (non-EMA)'}", f"- base model: `{base}`"]
@@ -62,20 +67,24 @@ def write_model_card(folder: Path, source, kind: str, load_ema: bool, sample_ima
         lines += ["", "## Training settings", "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {config[k]} |" for k in CARD_SETTINGS if config.get(k) not in (None, [], "")]
     lines += ["", "## Use", "", "```python"]
-    if kind == "lora":
+    if kind == "lora" and anima:
+        lines += [f"pipe = ...  # diffusers' AnimaModularPipeline of the base: {base}",
+                  f'pipe.load_lora_weights("{folder.name}")']
+        if (folder / "text_conditioner").is_dir():  # the text adapter, trained in full beside the LoRA
+            lines += ["from diffusers import AnimaTextConditioner", "pipe.update_components(text_conditioner="
+                      f'AnimaTextConditioner.from_pretrained("{folder.name}/text_conditioner"))']
+    elif kind == "lora":
         lines += ["from diffusers import CosmosTransformer3DModel",
                   f"transformer = CosmosTransformer3DModel.from_pretrained(...)  # the base: {base}",
                   f'transformer.load_lora_adapter("{folder.name}", weight_name="pytorch_lora_weights.safetensors")']
-    elif (folder / "text_conditioner").is_dir():  # a DiT with a text adapter: Anima's pipeline folders
-        lines[lines.index("- cosmos-predict2")] = "- anima"
+    elif anima:  # a DiT with a text adapter: Anima's pipeline folders
         lines += ["from diffusers import AnimaTextConditioner, CosmosTransformer3DModel",
                   f'transformer = CosmosTransformer3DModel.from_pretrained("{folder.name}/transformer")',
                   f'text_conditioner = AnimaTextConditioner.from_pretrained("{folder.name}/text_conditioner")']
     else:
         lines += ["from diffusers import CosmosTransformer3DModel",
                   f'transformer = CosmosTransformer3DModel.from_pretrained("{folder.name}")']
-    family = " --family anima" if (folder / "text_conditioner").is_dir() else ""
-    lines += ["```", "", f"or with this repository: `python infer_text2image.py{family} --dit_path "
+    lines += ["```", "", f"or with this repository: `python infer_text2image.py{' --family anima' if anima else ''} --dit_path "
               + (f"BASE --lora_path {folder.name}" if kind == "lora" else folder.name) + " --vae_path ... --prompt ...`"]
     if sample_image:
         shutil.copy(sample_image, folder / ("sample" + Path(sample_image).suffix))

@@ -1,17 +1,17 @@
-"""LoRA adapters in every form we read and write: ours (.pt), diffusers (safetensors + PEFT config), ComfyUI.
-
-Internally an adapter is {diffusers module name: (A, B)} plus alpha per module, so scale = alpha / rank.
+"""LoRA adapters: injecting them for training, reading them from any tool's file, merging them, starting a run from
+one. Internally an adapter is {diffusers module name: {"A", "B", "alpha"}}, so scale = alpha / rank; the other tools'
+key layouts, both ways, are in lora_formats.py.
 """
 
-import json
 from pathlib import Path
 
 import torch
 
+from .lora_formats import (DIFFUSERS_FILE, config_alpha, full_weights, lora_entry, lora_weights_file, peft_configs,
+                           save_diffusers_adapter, to_comfyui)
 from .weight_files import diffusers_to_nvidia_key, nvidia_to_diffusers_key, read_weights, select_weights
 
-COMFY_PREFIX = "diffusion_model."
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+__all__ = ["DIFFUSERS_FILE", "save_diffusers_adapter", "to_comfyui"]  # their home is lora_formats.py
 
 
 def lora_target_modules(nvidia_names) -> list[str]:
@@ -38,26 +38,26 @@ def add_lora(model, rank: int, alpha: float, nvidia_targets, seed: int) -> None:
 
 
 def adapter_from_state(state: dict, alpha=None, load_ema: bool = False, source="adapter") -> dict:
-    """{module: {"A", "B", "alpha"}} in diffusers names from any key layout: ours and NVIDIA's (`net.`/`net_ema.`,
-    NVIDIA's PEFT `lora_A.default`), diffusers' (`transformer.`) and ComfyUI's (`diffusion_model.`).
+    """{module: {"A", "B", "alpha"}} in diffusers names from any layout lora_formats.py reads (ours and NVIDIA's
+    `net.`/`net_ema.` and PEFT `lora_A.default`, diffusers', ComfyUI's, diffusion-pipe's, kohya's).
 
-    alpha: from the file's `.alpha` entries, else `alpha`, else the rank (scale 1, NVIDIA's default).
+    alpha: a module's `.alpha` entry, else `alpha` (a number, or a function of (module, rank)), else the rank (scale
+    1: NVIDIA's, diffusers' and diffusion-pipe's default).
     """
     modules: dict = {}
     for key, value in select_weights(state, load_ema, source).items():
-        k = key
-        for p in (COMFY_PREFIX, "transformer."):
-            k = k.removeprefix(p)
-        if k.endswith(".alpha"):
-            modules.setdefault(nvidia_to_diffusers_key(k[:-len(".alpha")]), {})["alpha"] = float(value)
+        found = lora_entry(key, source)
+        if found is None:
             continue
-        for part in ("lora_A", "lora_B"):
-            if f".{part}." in k:
-                entry = modules.setdefault(nvidia_to_diffusers_key(k.split(f".{part}.")[0]), {})
-                entry[part[-1]] = value
-                entry.setdefault("keys", {})[part[-1]] = key  # as the file names it, for error messages
+        module, part = found
+        entry = modules.setdefault(module, {})
+        if part == "alpha":
+            entry["alpha"] = float(value)
+        else:
+            entry[part] = value
+            entry.setdefault("keys", {})[part] = key  # as the file names it, for error messages
     if not modules:
-        raise ValueError(f"{source}: no LoRA weights found (expected keys with lora_A/lora_B).")
+        raise ValueError(f"{source}: no LoRA weights found (expected keys with lora_A/lora_B or lora_down/lora_up).")
     for module, entry in modules.items():
         if "A" not in entry or "B" not in entry:
             raise ValueError(f"{source}: module {module} has only one of lora_A / lora_B.")
@@ -66,7 +66,9 @@ def adapter_from_state(state: dict, alpha=None, load_ema: bool = False, source="
             raise ValueError(f"{source}: {entry['keys']['A']} {tuple(a.shape)} and {entry['keys']['B']} "
                              f"{tuple(b.shape)} are not a LoRA pair (B's columns must equal A's rows, the rank). "
                              "The file is damaged: export or download it again.")
-        entry.setdefault("alpha", float(alpha) if alpha is not None else float(a.shape[0]))
+        if "alpha" not in entry:
+            given = alpha(module, a.shape[0]) if callable(alpha) else alpha
+            entry["alpha"] = float(given if given is not None else a.shape[0])
     return modules
 
 
@@ -88,22 +90,32 @@ def merge_peft_state(weights: dict) -> dict:
     return plain
 
 
-def read_lora(path, load_ema: bool = False):
-    """(adapter, metadata) from our .pt file, a diffusers adapter folder/file, or a ComfyUI safetensors file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / DIFFUSERS_FILE
-    state = read_weights(path)
+def read_lora(path, load_ema: bool = False, state: dict | None = None):
+    """(adapter, metadata) from a LoRA file or folder of any tool (lora_formats.py); `state`: the file's contents when
+    already read. Alpha comes from the file's `.alpha` entries, our metadata, or diffusers'/PEFT's LoraConfig."""
+    file = lora_weights_file(path)
+    state = read_weights(file) if state is None else state
     metadata = state.get("lora_metadata") or {}
     alpha = metadata.get("alpha")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-        if "lora_adapter_metadata" in header:
-            config = {k.removeprefix("transformer."): v for k, v in json.loads(header["lora_adapter_metadata"]).items()}
-            alpha, metadata = config.get("lora_alpha"), {"rank": config.get("r"), "alpha": config.get("lora_alpha")}
-    return adapter_from_state(state, alpha, load_ema, path), metadata
+    configs = peft_configs(file)
+    if configs:
+        main = configs.get("transformer") or configs.get("") or next(iter(configs.values()))
+        alpha, metadata = (lambda module, rank: config_alpha(configs, module, rank)), {
+            "rank": main.get("r"), "alpha": main.get("lora_alpha")}
+    return adapter_from_state(state, alpha, load_ema, file), metadata
+
+
+def read_full_weights(path, load_ema: bool = False) -> dict:
+    """{diffusers key: tensor} of what a LoRA file or folder carries in full (a text adapter trained with
+    --adapter_lr): its plain or `.set_weight` entries, and a diffusers export's text_conditioner/ folder."""
+    from .weight_files import mmap_safetensors
+
+    file = lora_weights_file(path)
+    out = full_weights(read_weights(file), load_ema, file)
+    if Path(path).is_dir():
+        for f in sorted((Path(path) / "text_conditioner").glob("*.safetensors")):
+            out.update({"text_conditioner." + k: v for k, v in mmap_safetensors(f).items()})
+    return out
 
 
 @torch.no_grad()
@@ -158,43 +170,36 @@ def _block_order(name: str):
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
-def to_comfyui(adapter: dict) -> dict:
-    """ComfyUI's Cosmos-Predict2 LoRA keys: diffusion_model.<NVIDIA module>.lora_A/B.weight and .alpha."""
-    out = {}
-    for module, entry in adapter.items():
-        name = COMFY_PREFIX + diffusers_to_nvidia_key(module)
-        out[f"{name}.lora_A.weight"] = entry["A"].contiguous()
-        out[f"{name}.lora_B.weight"] = entry["B"].contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(entry["alpha"]))
-    return out
+@torch.no_grad()
+def load_adapter_into_peft_(model, adapter: dict, source) -> None:
+    """Start a LoRA run from a LoRA file: copy `adapter` (as read_lora returns it) into the PEFT layers add_lora
+    injected, in fp32. B is rescaled by (file's alpha / rank) / (run's alpha / rank), so the run's scale * B @ A is
+    the file's; training then goes on at the run's --lora_alpha. Every adapted module must be in the file and the
+    reverse, at the run's rank: a one-line error names the file, the entry and the flag to change otherwise."""
+    from peft.tuners.lora import LoraLayer
 
-
-def save_diffusers_adapter(adapter: dict, folder) -> Path:
-    """A folder that CosmosTransformer3DModel.load_lora_adapter(folder, weight_name=...) loads (the file written to a
-    temporary name and renamed, so an interrupted export leaves no half file)."""
-    from safetensors.torch import save
-
-    from .files import atomic_write
-
-    alphas = {e["alpha"] for e in adapter.values()}
-    ranks = {e["A"].shape[0] for e in adapter.values()}
-    if len(alphas) != 1 or len(ranks) != 1:
-        raise ValueError("diffusers export needs one rank and alpha for all modules.")
-    rank, alpha = ranks.pop(), alphas.pop()
-    targets = sorted({m.split(".", 2)[2] if m.startswith("transformer_blocks.") else m for m in adapter})
-    config = {"r": rank, "lora_alpha": alpha, "target_modules": targets, "peft_type": "LORA", "bias": "none",
-              "init_lora_weights": True, "lora_dropout": 0.0, "use_dora": False, "use_rslora": False}
-    tensors = {}
-    for module, entry in adapter.items():
-        tensors[f"transformer.{module}.lora_A.weight"] = entry["A"].contiguous()
-        tensors[f"transformer.{module}.lora_B.weight"] = entry["B"].contiguous()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # diffusers keeps pipeline-level adapters under the component prefix, metadata keys included
-    prefixed = {f"transformer.{k}": v for k, v in config.items()}
-    with atomic_write(folder / DIFFUSERS_FILE) as f:
-        f.write(save(tensors, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(prefixed)}))
-    return folder / DIFFUSERS_FILE
+    layers = {name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): m
+              for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for name in sorted(adapter, key=_block_order):
+        entry, layer = adapter[name], layers.get(name)
+        key = entry.get("keys", {}).get("A", f"{name}.lora_A")
+        if layer is None:
+            raise ValueError(f"{source}: {key} adapts {diffusers_to_nvidia_key(name)}, which this run does not adapt: "
+                             "add it to --lora_target_modules (NVIDIA module names).")
+        a, b = entry["A"], entry["B"]
+        rank, down, up = layer.r["default"], layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        if a.shape[0] != rank:
+            raise ValueError(f"{source}: {key} is rank {a.shape[0]}, this run's LoRA rank {rank}: pass --lora_rank "
+                             f"{a.shape[0]}.")
+        if a.shape != down.shape or b.shape != up.shape:
+            raise ValueError(f"{source}: {key} {tuple(a.shape)} and its B {tuple(b.shape)} do not fit {name} "
+                             f"({tuple(down.shape)}, {tuple(up.shape)}): is it a LoRA of this model?")
+        down.copy_(a.float())
+        up.copy_(b.float() * ((entry["alpha"] / a.shape[0]) / layer.scaling["default"]))
+    missing = sorted(set(layers) - set(adapter), key=_block_order)
+    if missing:
+        raise ValueError(f"{source} holds no LoRA for {diffusers_to_nvidia_key(missing[0])} (and {len(missing) - 1} "
+                         "more modules this run adapts): pass --lora_target_modules naming the file's modules only.")
 
 
 class Float8StorageLinear(torch.nn.Linear):

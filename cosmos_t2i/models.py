@@ -160,18 +160,27 @@ def check_folder_files(folder) -> None:
 
 def resolve_dit_path(dit_path: str) -> str:
     """A training run folder (or its checkpoints/ folder) stands for its latest model file; the rest as given."""
+    from .lora_formats import DIFFUSERS_FILE, PEFT_FILE
+
     path = Path(dit_path)
-    if path.is_dir() and not (path / "config.json").exists() and not (path / "transformer").is_dir():
+    if path.is_dir() and not (path / "config.json").exists() and not (path / "transformer").is_dir() and not any(
+            (path / f).is_file() for f in (DIFFUSERS_FILE, PEFT_FILE)):  # a LoRA folder stays one
         from .checkpoint import resolve_model_file
         return str(resolve_model_file(path))
     return dit_path
 
 
 def lora_file_state(dit_path: str) -> dict | None:
-    """The contents of an adapter-only LoRA file (ours, ComfyUI's), memory-mapped; None for anything else."""
+    """The contents of an adapter-only LoRA file or folder (ours, diffusers', ComfyUI's, diffusion-pipe's, kohya's),
+    memory-mapped; None for anything else."""
+    from .lora_formats import lora_weights_file
     from .weight_files import is_lora_file
 
     path = Path(dit_path)
+    try:
+        path = lora_weights_file(path)
+    except FileNotFoundError:
+        return None
     if not (path.is_file() and path.suffix in (".pt", ".pth", ".safetensors")):
         return None
     state = read_weights(path)
@@ -188,7 +197,7 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
     Predict2) decides how a file or folder is read (Anima: the DiT with its text adapter attached).
     """
     from .families import PREDICT2
-    from .lora import adapter_from_state, merge_adapter, read_lora
+    from .lora import merge_adapter, read_full_weights, read_lora
 
     family = family or PREDICT2
 
@@ -214,23 +223,19 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
             raise ValueError(f"{dit_path} is a LoRA of the {meta['family']} family: load it with --family "
                              f"{meta['family']}.")
         model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32, family=family)
-        merge_adapter(model, adapter_from_state(lora_state, meta.get("alpha"), load_ema, dit_path), source=dit_path)
-        load_full_weights(model, lora_state, load_ema, dit_path)
+        load_full_weights(model, read_full_weights(dit_path, load_ema), dit_path)
+        merge_adapter(model, read_lora(dit_path, load_ema, lora_state)[0], source=dit_path)
     else:
         model = family.load_model(dit_path, model_size, load_ema, torch.float32, "cpu")
     if lora_path:
+        load_full_weights(model, read_full_weights(lora_path, load_ema), lora_path)
         merge_adapter(model, read_lora(lora_path)[0], lora_scale, source=lora_path)
-        from .lora import DIFFUSERS_FILE
-        lora_file = Path(lora_path) / DIFFUSERS_FILE if Path(lora_path).is_dir() else Path(lora_path)
-        load_full_weights(model, read_weights(lora_file), load_ema, lora_path)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load_full_weights(model, lora_state: dict, load_ema: bool, source) -> None:
-    """Modules a LoRA run trained in full (Anima's text adapter with --adapter_lr) travel in its file as plain
-    weights beside the LoRA pairs: they replace the base's."""
-    full = {nvidia_to_diffusers_key(k): v for k, v in select_weights(lora_state, load_ema, source).items()
-            if ".lora_" not in k and not k.endswith(".alpha")}
+def load_full_weights(model, full: dict, source) -> None:
+    """Tensors a LoRA file carries in full (Anima's text adapter trained with --adapter_lr) replace the base's,
+    before the LoRA pairs are merged (a pair on such a module adds to its trained weight)."""
     if not full:
         return
     check_keys({k: v for k, v in model.state_dict().items() if k in full}, full, source)

@@ -40,14 +40,12 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
     checkpointing and per-block torch.compile, then train mode. A text adapter (Anima's `text_conditioner`) trains
     fully with `train_text_adapter`, else it stays frozen, in LoRA runs as in full fine-tunes. `blocks_to_swap`
     (N or "all", LoRA only): the frozen base of the last N blocks in pinned host memory (block_swap.py); the model
-    comes on the CPU then, and checkpointing is turned on. Shared with benchmarks/bench_train.py."""
+    comes on the CPU then, and the swapped blocks are checkpointed. Shared with benchmarks/bench_train.py."""
     from .lora import add_lora, store_frozen_linears_in_fp8_
 
     if lora is not None:
         add_lora(model, lora["rank"], lora["alpha"], lora["targets"], seed)
-        if blocks_to_swap:
-            swap = swap_lora_base(model, blocks_to_swap, device, lora.get("base_dtype") == "fp8")
-            gradient_checkpointing = gradient_checkpointing or swap is not None
+        swap = swap_lora_base(model, blocks_to_swap, device, lora.get("base_dtype") == "fp8", gradient_checkpointing)
         if lora.get("base_dtype") == "fp8":
             logger.info("LoRA base: %.1fM frozen block weights stored in fp8 (e5m2)",
                         store_frozen_linears_in_fp8_(model, device) / 1e6)
@@ -68,11 +66,12 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
     return model.train()
 
 
-def swap_lora_base(model, count, device, base_fp8: bool):
-    """block_swap.swap_blocks for a LoRA's frozen base, its float8 storage converted block by block on the GPU."""
+def swap_lora_base(model, count, device, base_fp8: bool, checkpoint_all: bool):
+    """block_swap.swap_blocks for a LoRA's frozen base, its float8 storage converted block by block on the GPU; the
+    swapped blocks are checkpointed (all blocks with `checkpoint_all`, --gradient_checkpointing)."""
     from types import SimpleNamespace
 
-    from .block_swap import swap_blocks
+    from .block_swap import checkpoint_swapped_blocks, swap_blocks
     from .lora import store_frozen_linears_in_fp8_
 
     def to_fp8(block):
@@ -80,9 +79,12 @@ def swap_lora_base(model, count, device, base_fp8: bool):
 
     swap = swap_blocks(model, count, device, to_fp8 if base_fp8 else None)
     if swap is not None:
+        if not checkpoint_all:
+            checkpoint_swapped_blocks(model, swap)
         logger.info("block swap: the frozen weights of the last %d of %d blocks (%.2f GB) in pinned host memory, "
-                    "%.2f GB of GPU slots; activation checkpointing on", swap.num_blocks - swap.first,
-                    swap.num_blocks, swap.host_bytes() / 1e9, swap.resident_bytes() / 1e9)
+                    "%.2f GB of GPU slots; activation checkpointing on %s", swap.num_blocks - swap.first,
+                    swap.num_blocks, swap.host_bytes() / 1e9, swap.resident_bytes() / 1e9,
+                    "every block" if checkpoint_all else "the swapped blocks")
     return swap
 
 

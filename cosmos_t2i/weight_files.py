@@ -241,6 +241,7 @@ def full_model_state(model_state: dict, ema_state: dict | None) -> dict:
 
 
 def is_lora_file(state: dict) -> bool:
-    """True for this project's adapter-only LoRA files (and ComfyUI-style adapter files)."""
+    """True for adapter-only LoRA files: ours, and the other tools' (lora_A: diffusers, ComfyUI, diffusion-pipe;
+    lora_down: kohya); not for NVIDIA's PEFT-injected model files (their `.base_layer.` weights)."""
     return "lora_metadata" in state or (
-        any(".lora_A." in k for k in state) and not any(".base_layer." in k for k in state))
+        any(".lora_A." in k or ".lora_down." in k for k in state) and not any(".base_layer." in k for k in state))

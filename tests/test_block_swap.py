@@ -7,21 +7,22 @@ import pytest
 import torch
 
 from conftest import anima_args, losses_of, run_script, tiny_args
-from cosmos_t2i.block_swap import BlockSwap, blocks_to_swap, swap_blocks
+from cosmos_t2i.block_swap import BlockSwap, blocks_to_swap, checkpoint_swapped_blocks, swap_blocks
 from cosmos_t2i.lora import add_lora
 from cosmos_t2i.models import new_transformer
 
 BLOCKS = 5
 
 
-def lora_model():
+def lora_model(checkpointing=True):
     torch.manual_seed(0)
     model = new_transformer("tiny", num_layers=BLOCKS)
     add_lora(model, rank=4, alpha=4, nvidia_targets=["q_proj", "v_proj", "mlp.layer1"], seed=1)
     for name, p in model.named_parameters():  # B starts at zero: make the adapters matter
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
-    model.enable_gradient_checkpointing()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
     return model
 
 
@@ -66,6 +67,25 @@ def test_training_step_is_bit_identical_and_keeps_two_blocks(count):
         block = dict(reference.transformer_blocks[index].named_parameters())
         names = [n for n, p in reference.transformer_blocks[index].named_parameters() if not p.requires_grad]
         assert all(torch.equal(block[n], h) for n, h in zip(names, host))
+
+
+def test_checkpointing_only_the_swapped_blocks_is_exact():
+    """The trainer's default with --blocks_to_swap N: resident blocks keep their activations, swapped ones are
+    recomputed; against a model with no checkpointing at all."""
+    reference = lora_model(checkpointing=False)
+    swapped = copy.deepcopy(reference)
+    swap = swap_blocks(swapped, 2, "cpu")
+    checkpoint_swapped_blocks(swapped, swap)
+    recomputed = []
+    for i, block in enumerate(swapped.transformer_blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: recomputed.append(i) if torch._C._current_graph_task_id()
+                                        != -1 else None)
+    for seed in range(2):
+        loss, grads = step(reference, seed)
+        loss_swapped, grads_swapped = step(swapped, seed)
+        assert torch.equal(loss, loss_swapped)
+        assert all(torch.equal(grads[n], grads_swapped[n]) for n in grads)
+    assert recomputed == [4, 3, 4, 3]  # only the swapped blocks ran again in the backward pass
 
 
 def test_sampling_is_bit_identical_over_steps():
