@@ -47,7 +47,7 @@ def report(result: dict, save: bool = True) -> None:
     script = Path(sys.argv[0]).resolve()
     command = " ".join(["python", str(script.relative_to(RESULTS.parents[1])) if script.is_relative_to(
         RESULTS.parents[1]) else sys.argv[0], *sys.argv[1:]])
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "command": command, **result}
     line = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     print(line, flush=True)
