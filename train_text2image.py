@@ -234,7 +234,7 @@ def validate(args, parser) -> None:
         parser.error(f"--blocks_to_swap {args.blocks_to_swap}: give a number of blocks or 'all'.")
     if args.blocks_to_swap not in ("0", 0) and args.train_architecture != "lora":
         parser.error("--blocks_to_swap swaps a frozen base: it needs --train_architecture lora (a full fine-tune "
-                     "updates every block; see --weight_dtype bf16 and --optimizer adamw8bit for small cards).")
+                     "updates every block; for small cards see --weight_dtype bf16 --gradient_checkpointing --no-ema).")
     if args.lora_base_dtype == "fp8" and args.train_architecture != "lora":
         parser.error("--lora_base_dtype fp8 stores a LoRA's frozen base: it needs --train_architecture lora.")
     if args.fp8:
