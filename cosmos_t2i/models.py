@@ -11,8 +11,7 @@ import torch
 
 from .registry import check_size_matches, transformer_config
 from .weight_files import (COMFY_PREFIXES, NVIDIA_TOP_LEVEL, check_keys, diffusers_to_nvidia_key, mmap_safetensors,
-                           nvidia_to_diffusers, nvidia_to_diffusers_key, read_weights, safetensors_header,
-                           select_weights)
+                           nvidia_to_diffusers, read_weights, safetensors_header, select_weights)
 
 logger = logging.getLogger(__name__)
 ANIMA_MODEL = ("is an Anima model (it holds the text adapter: llm_adapter.* or text_conditioner/): load it with "
