@@ -69,6 +69,11 @@ TRAINER_RUNS = {
                          "baseline_lora_ckpt"),
     # the last 6 blocks' base streamed from host memory and only those checkpointed: less memory, little time
     "ours_lora_swap6": ("anima", [*LORA_R32, "--blocks_to_swap", "6"], "baseline_lora"),
+    # checkpointing every block with no swap: what --blocks_to_swap all costs on top of it
+    "ours_lora_ckpt": ("anima", [*LORA_R32, "--gradient_checkpointing"], "baseline_lora_ckpt"),
+    # the low-memory recipe without fp8's dequantisation: the last 8 blocks' bf16 base streamed instead
+    "ours_lora_ckpt_swap8": ("anima", [*LORA_R32, "--gradient_checkpointing", "--blocks_to_swap", "8"],
+                             "baseline_lora_ckpt"),
     "ours_lora_swap_all": ("anima", [*LORA_R32, "--gradient_checkpointing", "--blocks_to_swap", "all"],
                            "baseline_lora_ckpt"),
     "ours_lora_swap_all_fp8": ("anima", [*LORA_R32, "--gradient_checkpointing", "--blocks_to_swap", "all",
