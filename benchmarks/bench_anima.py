@@ -96,6 +96,7 @@ IMAGE_RUNS = {
     "ours_image": {},
     "ours_image_compile": {"compile": True},
     "ours_image_fp8": {"fp8": True, "compile": True},  # torchao float8 is slower than bf16 without compile
+    "ours_image_swap_all": {"compile": True, "blocks_to_swap": "all"},  # small cards: every block streamed
 }
 CUDA_ONLY = {"ours_image_fp8": "torchao float8 matmuls need an H100-class GPU (compute capability 9.0)"}
 ORDER = ["baseline_lora", "baseline_image", *IMAGE_RUNS, *TRAINER_RUNS]  # baselines first, then in-process runs
@@ -394,7 +395,7 @@ def ours_image(setup: Setup, results: Results, name: str) -> None:
     reset_peak(setup.device)
     out = time_images(setup, lambda: pipe([PROMPT], seed=0, **size_kwargs(setup)))
     flags = "family defaults: flow_euler 50 steps, guidance 4.0, shift 3, negative ''; text encoding and VAE decode " \
-            "included" + "".join(f", {k}=True" for k in options)
+            "included" + "".join(f", {k}={v}" for k, v in options.items())
     results.emit({"run": name, "what": "our CosmosText2Image image", "model_size": setup.size,
                   "image_size": f"{setup.side}x{setup.side}", **out, "load_s": load_s,
                   "wall_s": time.perf_counter() - start, "flags": flags},
