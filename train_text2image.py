@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_rank", type=int, default=16)
     g.add_argument("--lora_alpha", type=float, default=16)
     g.add_argument("--lora_target_modules", default=NVIDIA_LORA_TARGETS, help="NVIDIA module names, comma separated")
+    g.add_argument("--init_lora", metavar="LORA",
+                   help="start the LoRA from this file or folder (ours, diffusers/PEFT, ComfyUI, kohya, diffusion-pipe): "
+                        "same --lora_rank and modules; its scale is kept, --lora_alpha applies to the updates")
+    g.add_argument("--base_dit_path", help="the base of a LoRA given as --dit_path when the file records none (other "
+                                           "tools' LoRAs) or it moved")
     g.add_argument("--lora_base_dtype", choices=["bf16", "fp8"], default="bf16",
                    help="LoRA: store the frozen base's block weights as fp8 (e5m2, per-tensor scale; computed in bf16): "
                         "half the weight memory (14B: 14 GB instead of 28), at a small cost in fidelity")
@@ -235,6 +240,9 @@ def validate(args, parser) -> None:
     if args.blocks_to_swap not in ("0", 0) and args.train_architecture != "lora":
         parser.error("--blocks_to_swap swaps a frozen base: it needs --train_architecture lora (a full fine-tune "
                      "updates every block; for small cards see --weight_dtype bf16 --gradient_checkpointing --no-ema).")
+    if args.init_lora and (args.train_architecture != "lora" or not Path(args.init_lora).exists()):
+        parser.error(f"--init_lora {args.init_lora}: " + ("no such file or folder." if args.train_architecture == "lora"
+                     else "it starts a LoRA run: add --train_architecture lora (or merge it: --dit_path LORA)."))
     if args.lora_base_dtype == "fp8" and args.train_architecture != "lora":
         parser.error("--lora_base_dtype fp8 stores a LoRA's frozen base: it needs --train_architecture lora.")
     if args.fp8:

@@ -88,6 +88,19 @@ def swap_lora_base(model, count, device, base_fp8: bool, checkpoint_all: bool):
     return swap
 
 
+def start_lora_from_file(model, path) -> None:
+    """--init_lora: the run's adapters start from a LoRA of any tool (ours, diffusers, ComfyUI, kohya,
+    diffusion-pipe; lora_formats.py), and a text adapter it carries in full replaces the base's. A resume then
+    loads the run's own checkpoint over it."""
+    from .lora import load_adapter_into_peft_, read_full_weights, read_lora
+    from .models import load_full_weights
+
+    adapter, _ = read_lora(path)
+    load_full_weights(model, read_full_weights(path), path)
+    load_adapter_into_peft_(model, adapter, path)
+    logger.info("LoRA started from %s (%d modules)", path, len(adapter))
+
+
 def build_transformer(args, device, sharded: bool):
     """The DiT ready to train; returns (model, weights to load after sharding, LoRA metadata).
 
@@ -105,7 +118,7 @@ def build_transformer(args, device, sharded: bool):
     # an fp8 LoRA base is converted layer by layer on the GPU, and a swapped one block by block: both from the CPU
     load_on = "cpu" if args.lora_base_dtype == "fp8" or args.blocks_to_swap not in (None, 0, "0") else device
     if path is not None and lora_file_state(path) is not None:  # a LoRA file: its base with the adapter merged
-        merged = load_dit(path, args.model_size, dtype=torch.float32, family=family)
+        merged = load_dit(path, args.model_size, dtype=torch.float32, family=family, base_dit_path=args.base_dit_path)
         args.model_size = size_of_config(dict(merged.config))
         if sharded and args.train_architecture == "full":
             weights, model = merged.state_dict(), family.new_model(args.model_size, dtype, "meta")
@@ -128,6 +141,8 @@ def build_transformer(args, device, sharded: bool):
     model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile,
                                  device, args.fp8, train_text_adapter=args.adapter_lr > 0,
                                  blocks_to_swap=args.blocks_to_swap)
+    if args.init_lora:
+        start_lora_from_file(model, args.init_lora)
     return (model if weights is not None or model.device.type == "meta" else model.to(device)), weights, meta
 
 

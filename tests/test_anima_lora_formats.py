@@ -332,3 +332,31 @@ def test_load_adapter_into_peft_layers_reproduces_the_file(base):
         load_adapter_into_peft_(model, known_adapter(modules, ranks=(2,)), "file")
     with pytest.raises(ValueError, match=r"file holds no LoRA for blocks.1.mlp.layer2 \(and 0 more"):
         load_adapter_into_peft_(model, known_adapter(modules[:-1], ranks=(4,)), "file")
+
+
+def test_trainer_starts_a_lora_from_a_kohya_file_and_a_third_party_lora_merges_with_base_dit_path(anima_bundle,
+                                                                                                  tmp_path):
+    """--init_lora: a run trained here, exported to kohya's form, starts a new run that (at lr 1e-12) saves the same
+    adapter (to 1e-6); a rank that does not fit is one line naming --lora_rank. --dit_path of a kohya file (no recorded base)
+    with --base_dit_path trains from the merged model."""
+    from conftest import anima_args, run_script
+
+    lora_flags = ["--train_architecture", "lora", "--lora_rank", "4", "--lora_alpha", "2", "--no-ema"]
+    run_script(*anima_args(anima_bundle, tmp_path / "a", *lora_flags, "--max_iter", "2", "--save_iter", "2"))
+    trained, = (tmp_path / "a").rglob("model/iter_000000002.pt")
+    kohya = tmp_path / "kohya.safetensors"
+    run_script("-m", "cosmos_t2i.export", "lora-kohya", "--lora_path", trained, "--output", kohya)
+    run_script(*anima_args(anima_bundle, tmp_path / "b", *lora_flags, "--init_lora", kohya, "--lr", "1e-12",
+                           "--weight_decay", "0", "--max_iter", "1", "--save_iter", "1"))
+    started, = (tmp_path / "b").rglob("model/iter_000000001.pt")
+    before, after = read_lora(trained)[0], read_lora(started)[0]
+    assert before.keys() == after.keys() and len(before) > 0
+    for module in before:
+        for part in "AB":
+            torch.testing.assert_close(after[module][part].float(), before[module][part].float(), rtol=0, atol=1e-6)
+    wrong = run_script(*anima_args(anima_bundle, tmp_path / "c", *lora_flags, "--lora_rank", "8", "--init_lora", kohya,
+                                   "--max_iter", "1"), check=False)
+    assert wrong.returncode != 0 and "--lora_rank 4" in wrong.stderr
+    merged = run_script(*anima_args(anima_bundle, tmp_path / "d", "--dit_path", kohya, "--base_dit_path",
+                                    anima_bundle / "models", "--max_iter", "1", "--no-ema"))
+    assert "iter 1 loss" in merged.stdout + merged.stderr
