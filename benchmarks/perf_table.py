@@ -1,6 +1,6 @@
 """README's measured-results table, printed from benchmarks/results.jsonl.
 
-    python benchmarks/perf_table.py [--since 2026-11-26] [--until 2026-11-26] [--from_line 62]
+    python benchmarks/perf_table.py [--since 2026-11-26] [--until 2026-11-26] [--from_line 62] [--lines 80 82]
                                     [--results benchmarks/results.jsonl]
 
 Every GPU benchmark (bench_train, bench_infer, bench_t5, bench_multi_gpu, bench_compile_warmup) appends its JSON
@@ -33,13 +33,20 @@ FIGURES = [("sec_per_iter", "{:.3f} s/iter"), ("samples_per_s", "{:.2f} samples/
            ("max_rel_diff_window_mean", "20-iteration mean losses within {:.1%}"),
            ("max_rel_diff_per_iteration", "single iterations within {:.0%}"), ("resumed", "resumed: {}"), ("captions_per_s", "{:.0f} captions/s"),
            ("staging_gb", "{:.1f} GB pinned staging"), ("staging_alloc_s", "allocated in {:.1f} s"),
-           ("interconnect", "{}"), ("failed", "failed"), ("code", "code: {}"), ("note", "{}")]
+           ("interconnect", "{}"), ("failed", "failed"), ("code", "code: {}"), ("note", "{}"),
+           ("sec_per_step", "{:.3f} s/step"), ("peak_allocated_gb", "{:.1f} GB peak"),
+           ("baseline_peak_gb", "baseline {:.1f} GB peak"), ("first_image_s", "first image {:.1f} s"),
+           ("loss_equal", "losses bit-identical: {}"), ("grad_max_rel_diff", "LoRA gradients within {:.1e}"),
+           ("sample_bit_identical", "sampling output bit-identical: {}")]
 
 
 def describe(row: dict) -> str:
     if "run" in row:
         return row["run"] + (f", {row['gpus']} GPU(s), batch {row['batch_per_gpu']}/GPU" if "gpus" in row else "")
-    parts = [row.get("bench", "?"), row.get("model_size", ""), row.get("mode", ""), row.get("variant", "")]
+    parts = [row.get("bench", "?"), row.get("family", ""), row.get("model_size", ""), row.get("mode", ""),
+             row.get("variant", ""), row.get("setting", "")]
+    if "blocks_to_swap" in row:
+        parts.append(f"{row['blocks_to_swap']} blocks swapped, {row['base_dtype']} base, checkpoint {row['checkpoint']}")
     if "batch_size" in row:
         parts.append(f"batch {row['batch_size']}")
     if row.get("grad_accum", 1) > 1:
@@ -64,14 +71,18 @@ def main():
     parser.add_argument("--until", default="9999", help="only rows up to this date (YYYY-MM-DD)")
     parser.add_argument("--from_line", type=int, default=1,
                         help="only rows from this line of the results file on (1-based): one session's rows of a day")
+    parser.add_argument("--lines", nargs="+", type=int, help="only these lines (1-based), in this order, each row "
+                                                                  "naming its line")
     args = parser.parse_args()
-    lines = Path(args.results).read_text().splitlines()[args.from_line - 1:]
-    rows = [json.loads(line) for line in lines if line.strip()]
+    lines = Path(args.results).read_text().splitlines()
+    numbered = [(n, lines[n - 1]) for n in args.lines] if args.lines else list(enumerate(lines, 1))[args.from_line - 1:]
     print("| what | result | device | torch | date | command |")
     print("|---|---|---|---|---|---|")
-    for row in rows:
-        if args.since <= row.get("date", "") <= args.until:
-            print(f"| {describe(row)} | {result(row)} | {row.get('device', '')} | {row.get('torch', '')} | "
+    for n, line in numbered:
+        row = json.loads(line) if line.strip() else {}
+        if row and args.since <= row.get("date", "") <= args.until:
+            what = describe(row) + (f" (line {n})" if args.lines else "")
+            print(f"| {what} | {result(row)} | {row.get('device', '')} | {row.get('torch', '')} | "
                   f"{row.get('date', '')} | `{row.get('command', '')}` |")
 
 
