@@ -69,6 +69,8 @@ TRAINER_RUNS = {
                          "baseline_lora_ckpt"),
     # the last 6 blocks' base streamed from host memory and only those checkpointed: less memory, little time
     "ours_lora_swap6": ("anima", [*LORA_R32, "--blocks_to_swap", "6"], "baseline_lora"),
+    # ours_lora with 4 iterations profiled (the log's per-phase and per-kernel-kind times, a trace in the run folder)
+    "ours_lora_profile": ("anima", [*LORA_R32, "--profile_iters", "4"], "baseline_lora"),
     # checkpointing every block with no swap: what --blocks_to_swap all costs on top of it
     "ours_lora_ckpt": ("anima", [*LORA_R32, "--gradient_checkpointing"], "baseline_lora_ckpt"),
     # the low-memory recipe without fp8's dequantisation: the last 8 blocks' bf16 base streamed instead
@@ -477,7 +479,8 @@ def trainer_run(setup: Setup, results: Results, name: str, port: int, base_14b: 
         results.emit({"run": name, "failed": str(e)[-1500:], "flags": " ".join(map(str, flags))})
         return
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if not args.keep:  # a profiled run's trace is in it
+            shutil.rmtree(run_dir, ignore_errors=True)
     parsed = parse_log(text, args.skip, args.log_every)
     trainable = re.findall(r"([\d.]+)M trainable parameters", text)
     line = {"run": name, "what": "train_text2image.py step (its own log)", "family": family,
