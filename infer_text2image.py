@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from cosmos_t2i.cli import one_line_errors, run_main
+from cosmos_t2i.block_swap import requested
 from cosmos_t2i.config import parse_with_config
 from cosmos_t2i.families import FAMILIES, get_family
 from cosmos_t2i.models import keep_compile_cache
@@ -210,7 +211,7 @@ def main(argv=None):
             parser.error(problem)
     if not re.fullmatch(r"\d+|all", str(args.blocks_to_swap)):
         parser.error(f"--blocks_to_swap {args.blocks_to_swap}: give a number of blocks or 'all'.")
-    if args.fp8 and args.blocks_to_swap != "0":
+    if args.fp8 and requested(args.blocks_to_swap):
         parser.error("--blocks_to_swap and --fp8 do not combine: swap bf16 blocks, or use --fp8 alone.")
     for flag in ("dit_path", "vae_path", "lora_path", "base_dit_path", "text_encoder"):
         value = getattr(args, flag)

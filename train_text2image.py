@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i.block_swap import requested
 from cosmos_t2i.config import parse_with_config, to_yaml
 from cosmos_t2i.families import FAMILIES, get_family
 from cosmos_t2i.registry import MODEL_SIZES
@@ -237,7 +238,7 @@ def validate(args, parser) -> None:
         args.resize_mode = "center_crop" if args.aspect_buckets else "resize"
     if not re.fullmatch(r"\d+|all", str(args.blocks_to_swap)):
         parser.error(f"--blocks_to_swap {args.blocks_to_swap}: give a number of blocks or 'all'.")
-    if args.blocks_to_swap not in ("0", 0) and args.train_architecture != "lora":
+    if requested(args.blocks_to_swap) and args.train_architecture != "lora":
         parser.error("--blocks_to_swap swaps a frozen base: it needs --train_architecture lora (a full fine-tune "
                      "updates every block; for small cards see --weight_dtype bf16 --gradient_checkpointing --no-ema).")
     if args.init_lora and (args.train_architecture != "lora" or not Path(args.init_lora).exists()):

@@ -149,6 +149,8 @@ def config_alpha(configs: dict, module: str, rank: int) -> float:
     component = "text_conditioner" if module.startswith(CONDITIONER) else "transformer"
     if component in configs:  # a pipeline's: names relative to the component
         config, names = configs[component], (module.removeprefix(CONDITIONER),)
+    elif set(configs) & {"transformer", "text_conditioner"}:  # a pipeline's without this component: diffusers
+        return float(rank)                                     # loads it with no config, alpha = rank
     else:  # a model's (diffusers' save_lora_adapter, or diffusion-pipe's PEFT folder in NVIDIA names)
         config, names = configs.get("", {}), (module, diffusers_to_nvidia_key(module))
     pattern = config.get("alpha_pattern") or {}

@@ -221,7 +221,9 @@ def load_dit(dit_path, model_size=None, load_ema=False, lora_path=None, lora_sca
         if meta.get("family", family.name) != family.name:
             raise ValueError(f"{dit_path} is a LoRA of the {meta['family']} family: load it with --family "
                              f"{meta['family']}.")
-        model = load_dit(base, model_size or meta.get("model_size"), dtype=torch.float32, family=family)
+        # a run started from another LoRA (--dit_path LORA --base_dit_path BASE) recorded BASE for that LoRA
+        model = load_dit(base, model_size or meta.get("model_size"), base_dit_path=meta.get("base_dit_path"),
+                         dtype=torch.float32, family=family)
         load_full_weights(model, read_full_weights(dit_path, load_ema), dit_path)
         merge_adapter(model, read_lora(dit_path, load_ema, lora_state)[0], source=dit_path)
     else:

@@ -153,13 +153,13 @@ class CosmosText2Image:
         if vae_path is None:
             raise ValueError(f"Pass vae_path: a diffusers {family.vae_class} folder or its single file (Predict2: "
                              "NVIDIA's tokenizer.pth).")
-        swap = blocks_to_swap not in (None, 0, "0")
+        from .block_swap import requested, swap_blocks
+        swap = requested(blocks_to_swap)
         if swap and fp8:
             raise ValueError("--blocks_to_swap and --fp8 do not combine: swap bf16 blocks, or use --fp8 alone.")
         transformer = load_dit(dit_path, model_size, load_ema, lora_path, lora_scale, base_dit_path, dtype,
                                "cpu" if swap else device, family=family)
         if swap:  # the rest of the model to the GPU, the swapped blocks' weights never
-            from .block_swap import swap_blocks
             swap_blocks(transformer, blocks_to_swap, device)
             transformer.to(device)
         transformer = prepare_for_inference(transformer, fp8, compile)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from . import checkpoint as ckpt
+from .block_swap import requested
 from .families import NVIDIA_LORA_TARGETS, get_family  # noqa: F401  (NVIDIA_LORA_TARGETS: imported from here)
 from .registry import RESOLUTIONS
 
@@ -48,7 +49,7 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
         swap = swap_lora_base(model, blocks_to_swap, device, lora.get("base_dtype") == "fp8", gradient_checkpointing)
         if lora.get("base_dtype") == "fp8":
             logger.info("LoRA base: %.1fM frozen block weights stored in fp8 (e5m2)",
-                        store_frozen_linears_in_fp8_(model, device) / 1e6)
+                        (store_frozen_linears_in_fp8_(model, device) + (swap.fp8_params if swap else 0)) / 1e6)
     adapter = getattr(model, "text_conditioner", None)
     if adapter is not None:
         adapter.requires_grad_(train_text_adapter)
@@ -74,11 +75,14 @@ def swap_lora_base(model, count, device, base_fp8: bool, checkpoint_all: bool):
     from .block_swap import checkpoint_swapped_blocks, swap_blocks
     from .lora import store_frozen_linears_in_fp8_
 
+    converted = []
+
     def to_fp8(block):
-        store_frozen_linears_in_fp8_(SimpleNamespace(transformer_blocks=block))
+        converted.append(store_frozen_linears_in_fp8_(SimpleNamespace(transformer_blocks=block)))
 
     swap = swap_blocks(model, count, device, to_fp8 if base_fp8 else None)
     if swap is not None:
+        swap.fp8_params = sum(converted)
         if not checkpoint_all:
             checkpoint_swapped_blocks(model, swap)
         logger.info("block swap: the frozen weights of the last %d of %d blocks (%.2f GB) in pinned host memory, "
@@ -88,15 +92,20 @@ def swap_lora_base(model, count, device, base_fp8: bool, checkpoint_all: bool):
     return swap
 
 
-def start_lora_from_file(model, path) -> None:
+def start_lora_from_file(model, path, adapter_trains: bool) -> None:
     """--init_lora: the run's adapters start from a LoRA of any tool (ours, diffusers, ComfyUI, kohya,
-    diffusion-pipe; lora_formats.py), and a text adapter it carries in full replaces the base's. A resume then
-    loads the run's own checkpoint over it."""
+    diffusion-pipe; lora_formats.py) or a LoRA run folder, and a text adapter it carries in full replaces the
+    base's (it must go on training to be saved with the run). A resume then loads the run's own checkpoint over it."""
     from .lora import load_adapter_into_peft_, read_full_weights, read_lora
-    from .models import load_full_weights
+    from .models import load_full_weights, resolve_dit_path
 
+    path = resolve_dit_path(path)
     adapter, _ = read_lora(path)
-    load_full_weights(model, read_full_weights(path), path)
+    full = read_full_weights(path)
+    if full and not adapter_trains:
+        raise ValueError(f"{path} carries a trained text adapter: pass --adapter_lr > 0 so that the run keeps "
+                         "training it and saves it (a frozen one would be left out of the run's LoRA files).")
+    load_full_weights(model, full, path)
     load_adapter_into_peft_(model, adapter, path)
     logger.info("LoRA started from %s (%d modules)", path, len(adapter))
 
@@ -116,8 +125,11 @@ def build_transformer(args, device, sharded: bool):
     weights, meta, lora = None, None, None
     path = resolve_dit_path(args.dit_path) if args.dit_path else None  # a run folder: its latest model file
     # an fp8 LoRA base is converted layer by layer on the GPU, and a swapped one block by block: both from the CPU
-    load_on = "cpu" if args.lora_base_dtype == "fp8" or args.blocks_to_swap not in (None, 0, "0") else device
-    if path is not None and lora_file_state(path) is not None:  # a LoRA file: its base with the adapter merged
+    load_on = "cpu" if args.lora_base_dtype == "fp8" or requested(args.blocks_to_swap) else device
+    dit_is_lora = path is not None and lora_file_state(path) is not None
+    if args.base_dit_path and not dit_is_lora:
+        logger.warning("--base_dit_path %s is not used: --dit_path %s is not a LoRA file.", args.base_dit_path, path)
+    if dit_is_lora:  # a LoRA file: its base with the adapter merged
         merged = load_dit(path, args.model_size, dtype=torch.float32, family=family, base_dit_path=args.base_dit_path)
         args.model_size = size_of_config(dict(merged.config))
         if sharded and args.train_architecture == "full":
@@ -136,13 +148,13 @@ def build_transformer(args, device, sharded: bool):
         meta = {"rank": args.lora_rank, "alpha": float(args.lora_alpha), "target_modules": targets,
                 "base_dtype": args.lora_base_dtype,
                 "model_size": args.model_size, "base_path": str(path), "base_fingerprint": fingerprint(path),
-                "family": family.name}
+                "base_dit_path": args.base_dit_path, "family": family.name}
     # under FSDP Accelerate checkpoints inside each sharded block instead (see build_training)
     model = prepare_for_training(model, lora, args.seed, args.gradient_checkpointing and not sharded, args.compile,
                                  device, args.fp8, train_text_adapter=args.adapter_lr > 0,
                                  blocks_to_swap=args.blocks_to_swap)
     if args.init_lora:
-        start_lora_from_file(model, args.init_lora)
+        start_lora_from_file(model, args.init_lora, adapter_trains=args.adapter_lr > 0)
     return (model if weights is not None or model.device.type == "meta" else model.to(device)), weights, meta
 
 
@@ -244,7 +256,7 @@ def build_training(args, accelerator, n_samples: int) -> SimpleNamespace:
         # checkpoint inside each sharded block (Accelerate's wrapper): diffusers' own wraps the block from outside,
         # where FSDP does not cast the recomputed inputs to bf16 again and the recompute no longer matches
         accelerator.state.fsdp_plugin.activation_checkpointing = True
-    if accelerator.is_fsdp2 and args.blocks_to_swap not in (None, 0, "0"):
+    if accelerator.is_fsdp2 and requested(args.blocks_to_swap):
         raise SystemExit("--blocks_to_swap runs with one process or plain data parallel (accelerate_configs/"
                          "multi_gpu.yaml), not under FSDP, which already spreads the weights over the GPUs.")
     if accelerator.is_fsdp2 and args.lora_base_dtype == "fp8":

@@ -337,8 +337,8 @@ def test_load_adapter_into_peft_layers_reproduces_the_file(base):
 def test_trainer_starts_a_lora_from_a_kohya_file_and_a_third_party_lora_merges_with_base_dit_path(anima_bundle,
                                                                                                   tmp_path):
     """--init_lora: a run trained here, exported to kohya's form, starts a new run that (at lr 1e-12) saves the same
-    adapter (to 1e-6); a rank that does not fit is one line naming --lora_rank. --dit_path of a kohya file (no recorded base)
-    with --base_dit_path trains from the merged model."""
+    adapter (to 1e-6); a rank that does not fit is one line naming --lora_rank. A LoRA trained on --dit_path of a
+    kohya file (no recorded base) with --base_dit_path loads later from its own record."""
     from conftest import anima_args, run_script
 
     lora_flags = ["--train_architecture", "lora", "--lora_rank", "4", "--lora_alpha", "2", "--no-ema"]
@@ -357,6 +357,38 @@ def test_trainer_starts_a_lora_from_a_kohya_file_and_a_third_party_lora_merges_w
     wrong = run_script(*anima_args(anima_bundle, tmp_path / "c", *lora_flags, "--lora_rank", "8", "--init_lora", kohya,
                                    "--max_iter", "1"), check=False)
     assert wrong.returncode != 0 and "--lora_rank 4" in wrong.stderr
-    merged = run_script(*anima_args(anima_bundle, tmp_path / "d", "--dit_path", kohya, "--base_dit_path",
-                                    anima_bundle / "models", "--max_iter", "1", "--no-ema"))
-    assert "iter 1 loss" in merged.stdout + merged.stderr
+    # a LoRA trained on top of the kohya LoRA merged into its base loads later from its own record alone
+    run_script(*anima_args(anima_bundle, tmp_path / "d", *lora_flags, "--dit_path", kohya, "--base_dit_path",
+                           anima_bundle / "models", "--max_iter", "1", "--save_iter", "1"))
+    stacked, = (tmp_path / "d").rglob("model/iter_000000001.pt")
+    loaded = load_dit(str(stacked), family=ANIMA, dtype=torch.float32).state_dict()
+    by_hand = load_dit(str(kohya), base_dit_path=str(anima_bundle / "models"), lora_path=str(stacked), family=ANIMA,
+                       dtype=torch.float32).state_dict()
+    assert loaded.keys() == by_hand.keys() and all(torch.equal(loaded[k], by_hand[k]) for k in loaded)
+
+
+def test_init_lora_with_a_fully_trained_adapter_needs_adapter_lr(base, tmp_path):
+    """A file carrying the text adapter in full starts a run only if the adapter goes on training (else the run's
+    LoRA files would leave it out and sample with the base's); with it, the adapter is the file's."""
+    from cosmos_t2i.training import start_lora_from_file
+
+    modules = [f"transformer_blocks.{i}.attn{j}.to_q" for i in range(2) for j in (1, 2)]  # every q_proj of the DiT
+    adapter = known_adapter(modules, ranks=(4,), alphas=(8.0,))
+    trained = {"text_conditioner." + k: v + 0.1 for k, v in split(base)[1].items()}
+    our_lora_file(tmp_path / "lora.pt", base, adapter, trained)
+    model = anima.load_anima(base, dtype=torch.float32)
+    add_lora(model, rank=4, alpha=4.0, nvidia_targets=["q_proj"], seed=0)
+    with pytest.raises(ValueError, match="lora.pt carries a trained text adapter: pass --adapter_lr > 0"):
+        start_lora_from_file(model, tmp_path / "lora.pt", adapter_trains=False)
+    start_lora_from_file(model, tmp_path / "lora.pt", adapter_trains=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+
+
+def test_a_pipeline_config_without_the_adapter_component_gives_alpha_rank():
+    """diffusers loads a component its metadata has no config for with alpha = rank (not PEFT's default 8)."""
+    from cosmos_t2i.lora_formats import config_alpha
+
+    configs = {"transformer": {"r": 4, "lora_alpha": 2.0}}
+    assert config_alpha(configs, "text_conditioner.blocks.0.mlp.0", 4) == 4.0
+    assert config_alpha(configs, "transformer_blocks.0.attn1.to_q", 4) == 2.0

@@ -149,3 +149,34 @@ def test_trainer_anima_lora_and_inference_with_swap(anima_bundle, tmp_path):
                    "--height", "64", "--width", "64", "--num_steps", "3", "--dtype", "fp32", "--save_path", out, *flags)
         images[name] = out.read_bytes()
     assert images["whole"] == images["swapped"]
+
+
+@pytest.mark.parametrize("count, first_misses", [(3, 0), ("all", 1)])
+def test_blocks_are_fetched_ahead_through_training_sampling_and_training(count, first_misses):
+    """Every swapped block but the run's very first is already in a slot when it is needed: forward upwards, the
+    backward pass's recompute downwards, a sampling step wrapping around, and training again."""
+    model = lora_model()
+    swap = swap_blocks(model, count, "cpu")
+    step(model, 0)
+    with torch.no_grad():
+        model(**inputs(1))
+    step(model, 2)
+    assert swap.misses == first_misses
+
+
+def test_fp8_stored_base_swaps_exactly():
+    """--lora_base_dtype fp8 with --blocks_to_swap: the swapped blocks are converted one at a time on their way to
+    host memory (training.swap_lora_base) and compute as the model converted whole."""
+    from cosmos_t2i.lora import store_frozen_linears_in_fp8_
+    from cosmos_t2i.training import swap_lora_base
+
+    reference = lora_model()
+    swapped = copy.deepcopy(reference)
+    store_frozen_linears_in_fp8_(reference)
+    swap = swap_lora_base(swapped, 3, "cpu", base_fp8=True, checkpoint_all=True)
+    assert swap.fp8_params > 0 and all(p.dtype == torch.float8_e5m2 for p in swap.host[4] if p.ndim == 2)
+    store_frozen_linears_in_fp8_(swapped)  # the resident blocks, as prepare_for_training does next
+    for seed in range(2):
+        loss, grads = step(reference, seed)
+        loss_swapped, grads_swapped = step(swapped, seed)
+        assert torch.equal(loss, loss_swapped) and all(torch.equal(grads[n], grads_swapped[n]) for n in grads)
