@@ -88,6 +88,10 @@ def measure(args, name, swap, checkpoint_all, base_dtype, reference):
               "blocks_to_swap": swap, "checkpoint": "all" if checkpoint_all else "swapped",
               "base_dtype": base_dtype, "compile": args.compile, "size": f"{args.height}x{args.width}",
               "sec_per_step": seconds, "peak_allocated_gb": peak, "losses": losses}
+    swap = model.__dict__.get("block_swap")
+    if swap is not None:  # the swapped weights' host buffers, page-locked so that copies run asynchronously
+        result["host_gb"] = swap.host_bytes() / 2 ** 30
+        result["host_pinned"] = all(b.is_pinned() for b in swap.buffers) if DEVICE == "cuda" else None
     if reference is not None:
         result["loss_equal"] = losses == reference["losses"]
         result["grad_max_rel_diff"] = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
