@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full fine-tune: the blocks' projections run float8 matmuls (torchao Float8Linear: dynamic "
                         "scales, e4m3 forward, e5m2 gradients; weights, optimizer and checkpoints unchanged). Needs an "
                         "H100-class GPU and torchao; use with --compile. Measured at 2B: no faster than bf16, 12 GB "
-                        "less activation memory at batch 2 (README)")
+                        "less activation memory at batch 2 (docs/training.md)")
     g.add_argument("--weight_dtype", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: full fine-tune with bf16 weights and no fp32 masters (StochasticAdamW: bf16 moments, "
                         "stochastic rounding); with --gradient_checkpointing --no-ema a 2B fits 24 GB cards")

@@ -80,12 +80,12 @@ TRAINER_RUNS = {
                            "baseline_lora_ckpt"),
     "ours_lora_swap_all_fp8": ("anima", [*LORA_R32, "--gradient_checkpointing", "--blocks_to_swap", "all",
                                          "--lora_base_dtype", "fp8"], "baseline_lora_ckpt"),
-    # the trainer's 24 GB recipe (README): bf16 weights through StochasticAdamW; --optimizer adamw8bit is refused
+    # the trainer's 24 GB recipe (docs/training.md): bf16 weights through StochasticAdamW; --optimizer adamw8bit is refused
     # with --weight_dtype bf16, so it is not part of it
     "ours_full_24gb": ("anima", ["--weight_dtype", "bf16", "--gradient_checkpointing", "--no-ema", "--batch_size", "1",
                                  "--compile"], None),
-    # NVIDIA's LoRA (rank 16 on q/k/v/out and the MLP, the trainer's defaults) on an fp8 base, as README's 14B row;
-    # not in the default set: the 14B swap run's baseline, without block swap (README, H100: 17.9 GB, 0.789 s)
+    # NVIDIA's LoRA (rank 16 on q/k/v/out and the MLP, the trainer's defaults) on an fp8 base, as the 14B row of docs/performance.md;
+    # not in the default set: the 14B swap run's baseline, without block swap (results.jsonl line 13, H100: 17.9 GB, 0.789 s)
     "predict2_14b_lora_fp8": ("predict2", ["--train_architecture", "lora", "--lora_base_dtype", "fp8",
                                            "--gradient_checkpointing", "--batch_size", "1", "--compile"], None),
     # the same with the frozen base of the last 24 of 36 blocks in pinned host memory

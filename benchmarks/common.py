@@ -43,7 +43,8 @@ def reset_peak() -> None:
 
 def report(result: dict, save: bool = True) -> None:
     """Print the one JSON line each benchmark promises, with the device, torch version, date and the command that
-    reproduces it, and append it to benchmarks/results.jsonl (perf_table.py makes README's table from that file)."""
+    reproduces it, and append it to benchmarks/results.jsonl (perf_table.py makes docs/performance.md and README's
+    table from that file)."""
     script = Path(sys.argv[0]).resolve()
     command = " ".join(["python", str(script.relative_to(RESULTS.parents[1])) if script.is_relative_to(
         RESULTS.parents[1]) else sys.argv[0], *sys.argv[1:]])

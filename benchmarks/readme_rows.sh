@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-measure README's Performance rows on one GPU: each command appends its JSON line to benchmarks/results.jsonl,
+# Re-measure the single-GPU rows of docs/performance.md on one GPU: each command appends its JSON line to benchmarks/results.jsonl,
 # and the table of today's rows is printed at the end (benchmarks/perf_table.py). Groups run in the order given
 # (default: all); each command compiles its model first. The groups are independent, so on a machine of several
 # GPUs they can run side by side, one per GPU:
