@@ -29,8 +29,23 @@ class ResilientStream(io.TextIOBase):
 
     def __init__(self, stream):
         self.stream, self.log, self.broken = stream, None, False
+        self.writing, self.pending = False, []
 
     def write(self, text: str) -> int:
+        """A write from a signal handler that interrupted one in progress (the stop signals print a line) is queued
+        and written right after it: the file objects beneath raise RuntimeError on such a reentrant call, which
+        ended a trainer in the middle of its stop."""
+        self.pending.append(text)
+        while self.pending and not self.writing:
+            self.writing = True
+            try:
+                while self.pending:
+                    self._write(self.pending.pop(0))
+            finally:
+                self.writing = False
+        return len(text)
+
+    def _write(self, text: str) -> None:
         if not self.broken:
             try:
                 self.stream.write(text)
@@ -42,10 +57,9 @@ class ResilientStream(io.TextIOBase):
                 self.log.flush()
             except (OSError, ValueError):
                 self.log = None
-        return len(text)
 
     def flush(self) -> None:
-        if not self.broken:
+        if not self.broken and not self.writing:  # a write in progress flushes its own
             try:
                 self.stream.flush()
             except (OSError, ValueError):

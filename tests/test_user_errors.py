@@ -309,3 +309,38 @@ def test_output_to_a_closed_pipe_never_raises(tmp_path):
     assert stream.broken
     stream.log.close()
     assert (tmp_path / "train.log").read_text() == "iter 1 loss 0.5\n" * 1000
+
+
+def test_a_signal_handler_writing_in_the_middle_of_a_write_is_queued_not_raised(tmp_path):
+    """A stop signal's line printed while the trainer is inside a write to the same stream: the buffered file
+    beneath raises RuntimeError on such a reentrant call (it ended a 2-process trainer during its stop); the line is
+    written right after the interrupted one instead, in the log too."""
+    import io
+    import signal
+
+    from cosmos_t2i.cli import ResilientStream
+
+    log_path = tmp_path / "train.log"
+    raw = open(tmp_path / "stderr.txt", "wb")  # a real BufferedWriter: it detects reentrant calls
+    stream = ResilientStream(io.TextIOWrapper(raw, write_through=True))
+    stream.log = open(log_path, "w")
+    previous = signal.signal(signal.SIGUSR2, lambda *_: stream.write("SIGTERM received: saving\n"))
+    original_write = raw.write
+
+    def write_interrupted(data):  # the signal arrives while the buffered writer holds its lock
+        raw.write = original_write
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return original_write(data)
+
+    try:
+        raw.write = write_interrupted
+        stream.write("iter 1 loss 0.5\n")
+        stream.write("iter 2 loss 0.4\n")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    stream.flush()
+    stream.log.close()
+    raw.close()
+    expected = "iter 1 loss 0.5\nSIGTERM received: saving\niter 2 loss 0.4\n"
+    assert log_path.read_text() == expected
+    assert (tmp_path / "stderr.txt").read_text() == expected
