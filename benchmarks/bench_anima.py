@@ -102,7 +102,7 @@ IMAGE_RUNS = {
 }
 CUDA_ONLY = {"ours_image_fp8": "torchao float8 matmuls need an H100-class GPU (compute capability 9.0)"}
 ORDER = ["baseline_lora", "baseline_image", *IMAGE_RUNS, *TRAINER_RUNS]  # baselines first, then in-process runs
-DEFAULT_RUNS = [r for r in ORDER if r != "predict2_14b_lora_fp8"]
+DEFAULT_RUNS = [r for r in ORDER if r not in ("predict2_14b_lora_fp8", "ours_lora_profile")]
 
 
 # ---------------------------------------------------------------- helpers
