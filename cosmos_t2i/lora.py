@@ -223,15 +223,16 @@ class Float8StorageLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def store_frozen_linears_in_fp8_(model, device=None) -> int:
-    """Every frozen Linear of the transformer blocks (LoRA base layers included) to Float8StorageLinear; returns
-    how many parameters moved to 1-byte storage. Call after the adapters are added (they stay fp32).
+def store_frozen_linears_in_fp8_(blocks, device=None) -> int:
+    """Every frozen Linear in `blocks` (the model's transformer_blocks, or one block; LoRA base layers included) to
+    Float8StorageLinear; returns how many parameters moved to 1-byte storage. Call after the adapters are added
+    (they stay fp32).
 
     With `device`, each layer moves there before it is converted: load the model on the CPU and only one layer at a
     time is ever on the GPU in bf16 (a 14B base in bf16 would not fit the 24 GB card this is for).
     """
     moved = 0
-    for module in model.transformer_blocks.modules():
+    for module in blocks.modules():
         if type(module) is torch.nn.Linear and not module.weight.requires_grad:
             moved += module.weight.numel()
             Float8StorageLinear.convert_(module.to(device) if device is not None else module)

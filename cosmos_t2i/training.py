@@ -47,9 +47,9 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
     if lora is not None:
         add_lora(model, lora["rank"], lora["alpha"], lora["targets"], seed)
         swap = swap_lora_base(model, blocks_to_swap, device, lora.get("base_dtype") == "fp8", gradient_checkpointing)
-        if lora.get("base_dtype") == "fp8":
-            logger.info("LoRA base: %.1fM frozen block weights stored in fp8 (e5m2)",
-                        (store_frozen_linears_in_fp8_(model, device) + (swap.fp8_params if swap else 0)) / 1e6)
+        if lora.get("base_dtype") == "fp8":  # the resident blocks (the swapped ones converted on their way out)
+            moved = store_frozen_linears_in_fp8_(model.transformer_blocks, device) + (swap.fp8_params if swap else 0)
+            logger.info("LoRA base: %.1fM frozen block weights stored in fp8 (e5m2)", moved / 1e6)
     adapter = getattr(model, "text_conditioner", None)
     if adapter is not None:
         adapter.requires_grad_(train_text_adapter)
@@ -70,15 +70,13 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
 def swap_lora_base(model, count, device, base_fp8: bool, checkpoint_all: bool):
     """block_swap.swap_blocks for a LoRA's frozen base, its float8 storage converted block by block on the GPU; the
     swapped blocks are checkpointed (all blocks with `checkpoint_all`, --gradient_checkpointing)."""
-    from types import SimpleNamespace
-
     from .block_swap import checkpoint_swapped_blocks, swap_blocks
     from .lora import store_frozen_linears_in_fp8_
 
     converted = []
 
     def to_fp8(block):
-        converted.append(store_frozen_linears_in_fp8_(SimpleNamespace(transformer_blocks=block)))
+        converted.append(store_frozen_linears_in_fp8_(block))
 
     swap = swap_blocks(model, count, device, to_fp8 if base_fp8 else None)
     if swap is not None:

@@ -174,10 +174,10 @@ def test_fp8_stored_base_swaps_exactly():
 
     reference = lora_model()
     swapped = copy.deepcopy(reference)
-    store_frozen_linears_in_fp8_(reference)
+    store_frozen_linears_in_fp8_(reference.transformer_blocks)
     swap = swap_lora_base(swapped, 3, "cpu", base_fp8=True, checkpoint_all=True)
     assert swap.fp8_params > 0 and all(p.dtype == torch.float8_e5m2 for p in swap.host[4] if p.ndim == 2)
-    store_frozen_linears_in_fp8_(swapped)  # the resident blocks, as prepare_for_training does next
+    store_frozen_linears_in_fp8_(swapped.transformer_blocks)  # the resident blocks, as prepare_for_training does next
     for seed in range(2):
         loss, grads = step(reference, seed)
         loss_swapped, grads_swapped = step(swapped, seed)
