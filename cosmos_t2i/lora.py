@@ -7,11 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .lora_formats import (DIFFUSERS_FILE, config_alpha, full_weights, lora_entry, lora_weights_file, peft_configs,
-                           save_diffusers_adapter, to_comfyui)
+from .lora_formats import config_alpha, full_weights, lora_entry, lora_weights_file, peft_configs
 from .weight_files import diffusers_to_nvidia_key, nvidia_to_diffusers_key, read_weights, select_weights
-
-__all__ = ["DIFFUSERS_FILE", "save_diffusers_adapter", "to_comfyui"]  # their home is lora_formats.py
 
 
 def lora_target_modules(nvidia_names) -> list[str]:

@@ -229,7 +229,7 @@ def test_lora_merged_reproduces_diffusers_applying_it(folder, tmp_path, form):
     from diffusers import CosmosTransformer3DModel
     from safetensors.torch import save_file
 
-    from cosmos_t2i.lora import save_diffusers_adapter, to_comfyui
+    from cosmos_t2i.lora_formats import save_diffusers_adapter, to_comfyui
     g = torch.Generator().manual_seed(5)
     modules = dict(CosmosTransformer3DModel.from_pretrained(folder / "transformer").named_modules())
     rank, alpha = 4, 8.0 if form == "diffusers" else 4.0  # ComfyUI files without alpha entries: alpha = rank

@@ -33,7 +33,7 @@ def lora_for_width(path, width, rank=2, damage=None):
     """A ComfyUI LoRA on both self-attention q projections of a model `width` wide; damage='truncate' cuts it."""
     from safetensors.torch import save_file
 
-    from cosmos_t2i.lora import to_comfyui
+    from cosmos_t2i.lora_formats import to_comfyui
     g = torch.Generator().manual_seed(0)
     adapter = {f"transformer_blocks.{i}.attn1.to_q": {"A": torch.randn(rank, width, generator=g),
                                                       "B": torch.randn(width, rank, generator=g) * 0.01, "alpha": 2.0}
