@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cosmos_t2i.cli import one_line_errors, run_main
-from cosmos_t2i.block_swap import requested
+from cosmos_t2i.block_swap import flag_value, requested
 from cosmos_t2i.config import parse_with_config
 from cosmos_t2i.families import FAMILIES, get_family
 from cosmos_t2i.models import keep_compile_cache
@@ -90,7 +89,7 @@ def build_parser():
     a("--num_images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     a("--dtype", choices=list(DTYPES), default="bf16")
     a("--compile", action="store_true", help="torch.compile each transformer block")
-    a("--blocks_to_swap", default="0", metavar="N|all",
+    a("--blocks_to_swap", default="0", type=flag_value, metavar="N|all",
       help="small cards: keep the last N blocks' weights (or all) in pinned host memory and stream each to the GPU "
            "one block ahead, overlapped with compute: the same image in less memory, slower steps")
     a("--fp8", action="store_true",
@@ -209,8 +208,6 @@ def main(argv=None):
             parser.error("--fp8 quantizes a bf16 model: use --dtype bf16 (the default).")
         if problem := fp8_unavailable("inference"):
             parser.error(problem)
-    if not re.fullmatch(r"\d+|all", str(args.blocks_to_swap)):
-        parser.error(f"--blocks_to_swap {args.blocks_to_swap}: give a number of blocks or 'all'.")
     if args.fp8 and requested(args.blocks_to_swap):
         parser.error("--blocks_to_swap and --fp8 do not combine: swap bf16 blocks, or use --fp8 alone.")
     for flag in ("dit_path", "vae_path", "lora_path", "base_dit_path", "text_encoder"):

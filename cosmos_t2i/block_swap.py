@@ -7,8 +7,8 @@ copy in the forward pass, and the backward pass starts on the block the forward 
 
 Training needs activation checkpointing on the swapped blocks (checkpoint_swapped_blocks, or all blocks):
 autograd would otherwise keep each block's weights alive from its forward to its backward, which is what swapping
-gives back. With checkpointing the backward pass
-recomputes each block in reverse order, so the same pre-forward hook fetches the blocks downwards, one ahead.
+gives back. With checkpointing the backward pass recomputes each block in reverse order, so the same pre-forward
+hook fetches the blocks downwards, one ahead.
 
 A slot is reused only after every kernel that reads its previous block has been queued on the compute stream: the
 copy stream waits on the compute stream first, so a copy never overtakes a read. Results are bit-identical to the
@@ -18,6 +18,14 @@ model without swapping (tests/test_block_swap.py); on the CPU the same bookkeepi
 import torch
 
 ALL = "all"
+
+
+def flag_value(text: str) -> str:
+    """argparse type of --blocks_to_swap: a number of blocks, or `all`."""
+    if str(text).lower() == ALL or str(text).isdigit():
+        return str(text).lower()
+    import argparse
+    raise argparse.ArgumentTypeError(f"give a number of blocks or '{ALL}', not {text!r}")
 
 
 def requested(value) -> bool:
@@ -72,7 +80,8 @@ class BlockSwap:
                       for _ in range(self.SLOTS if count else 0)]
         self.slot_block = [None] * len(self.slots)
         self.ready = [torch.cuda.Event() if self.on_cuda else None for _ in self.slots]
-        self.hooks = [block.register_forward_pre_hook(self._hook(i)) for i, block in enumerate(blocks)]
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(self._hook(i))
 
     def _to_host(self, params) -> list[torch.Tensor]:
         """One block's frozen weights as views of one host buffer of their exact size. On CUDA the buffer is pinned

@@ -4,10 +4,9 @@ wrong combination refused before anything loads, saying what to change. train_te
 import argparse
 import logging
 import os
-import re
 from pathlib import Path
 
-from .block_swap import requested
+from .block_swap import flag_value, requested
 from .families import FAMILIES, get_family
 from .registry import MODEL_SIZES
 from .training import NVIDIA_LORA_TARGETS
@@ -46,7 +45,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="LoRA: store the frozen base's block weights as fp8 (e5m2, per-tensor scale; computed in bf16): "
                         "half the weight memory (14B: 14 GB instead of 28), at a small cost in fidelity")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute block activations in backward")
-    g.add_argument("--blocks_to_swap", default="0", metavar="N|all",
+    g.add_argument("--blocks_to_swap", default="0", type=flag_value, metavar="N|all",
                    help="LoRA on small cards: keep the frozen base of the last N blocks (or all) in pinned host memory "
                         "and stream each to the GPU ahead of use, overlapped with compute; same results, less GPU "
                         "memory, slower steps (the swapped blocks are checkpointed; docs/anima.md, small cards)")
@@ -218,8 +217,6 @@ def validate(args, parser) -> None:
         args.resize_mode = {"crop": "center_crop", "pad": "pad"}[args.bucket_fit]
     if args.resize_mode is None:
         args.resize_mode = "center_crop" if args.aspect_buckets else "resize"
-    if not re.fullmatch(r"\d+|all", str(args.blocks_to_swap)):
-        parser.error(f"--blocks_to_swap {args.blocks_to_swap}: give a number of blocks or 'all'.")
     if requested(args.blocks_to_swap) and args.train_architecture != "lora":
         parser.error("--blocks_to_swap swaps a frozen base: it needs --train_architecture lora (a full fine-tune "
                      "updates every block; for small cards see --weight_dtype bf16 --gradient_checkpointing --no-ema).")
