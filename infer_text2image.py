@@ -89,6 +89,9 @@ def build_parser():
     a("--num_images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     a("--dtype", choices=list(DTYPES), default="bf16")
     a("--compile", action="store_true", help="torch.compile each transformer block")
+    a("--cuda_graphs", action=argparse.BooleanOptionalAction, default=True,
+      help="on a GPU, replay each sampling step's transformer call from a CUDA graph: one launch per step instead "
+           "of hundreds, the same image (--no-cuda_graphs turns it off; never with --blocks_to_swap)")
     a("--blocks_to_swap", default="0", type=flag_value, metavar="N|all",
       help="small cards: keep the last N blocks' weights (or all) in pinned host memory and stream each to the GPU "
            "one block ahead, overlapped with compute: the same image in less memory, slower steps")
@@ -233,7 +236,8 @@ def main(argv=None):
         text_encoder=None if args.offload_text_encoder else args.text_encoder, model_size=args.model_size,
         load_ema=args.load_ema, lora_path=args.lora_path, lora_scale=args.lora_scale,
         base_dit_path=args.base_dit_path, dtype=DTYPES[args.dtype], text_encoder_8bit=args.text_encoder_8bit,
-        compile=args.compile, fp8=args.fp8, family=family, blocks_to_swap=args.blocks_to_swap)
+        compile=args.compile, fp8=args.fp8, family=family, blocks_to_swap=args.blocks_to_swap,
+        cuda_graphs=args.cuda_graphs)
     logger.info("loaded in %.1f s on %s", time.perf_counter() - start, pipe.device)
     # each prompt's context once (Anima: its text adapter runs here, not at every step)
     embeddings = pipe.context(text) if args.offload_text_encoder else pipe.encode(prompts)

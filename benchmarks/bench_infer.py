@@ -3,7 +3,7 @@
     python benchmarks/bench_infer.py --model_size 2B [--compile]
 
 Ours: CosmosText2Image (NVIDIA's AB2 sampler, cond+uncond batched in one forward, bf16, the lean attention
-processor that from_pretrained installs) with T5 encoding and
+processor and CUDA-graph replay that from_pretrained installs; also timed without graphs) with T5 encoding and
 VAE decode included and reported separately; its sampling is timed again with a non-zero negative embedding, which
 makes cross-attention run for the unconditional rows (the default zero negative skips it). Baseline in the same
 run: diffusers' Cosmos2TextToImagePipeline (eager, two forwards per step) on the same transformer and VAE, fed
@@ -67,6 +67,16 @@ def psnr(a, b) -> float:
     return float(10 * np.log10(255 ** 2 / max((diff ** 2).mean(), 1e-12)))
 
 
+def without_cuda_graphs(pipe, embedding, latents, sample_s, repeat) -> dict:
+    """Sampling time without CUDA-graph replay (--no-cuda_graphs), and whether graphs changed the latents."""
+    replay, pipe.transformer.graph_replay = pipe.transformer.graph_replay, None
+    plain = pipe.sample_latents(embedding, seeds=[0])
+    plain_s = cuda_time(lambda: pipe.sample_latents(embedding, seeds=[0]), 1, repeat)
+    pipe.transformer.graph_replay = replay
+    return dict(no_cuda_graphs_sampling_s=plain_s, cuda_graphs_speedup=plain_s / sample_s,
+                cuda_graphs_same_latents=bool(torch.equal(plain, latents)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_size", default="2B")
@@ -93,8 +103,8 @@ def main():
     pipe.offload_text_encoder()
     gc.collect()
     torch.cuda.empty_cache()
+    prepare_for_inference(transformer, compile=args.compile, cuda_graphs=True)  # from_pretrained's default
     if args.compile:
-        prepare_for_inference(transformer, compile=True)
         start = time.perf_counter()
         pipe.sample_latents(embedding, seeds=[0], num_steps=2)
         torch.cuda.synchronize()
@@ -110,13 +120,16 @@ def main():
     nonzero = torch.full_like(embedding, 1e-3)
     full_s = cuda_time(lambda: pipe.sample_latents(embedding, nonzero, seeds=[0]), 1, args.repeat)
     out.update(sampling_s_nonzero_negative=full_s, zero_negative_skip_speedup=full_s / sample_s)
+    out.update(without_cuda_graphs(pipe, embedding, latents, sample_s, args.repeat))
     if args.fp8:
         bf16_image = pipe.decode(latents)[0]
         torch._dynamo.reset()  # the blocks' weights become float8 tensors: compile them afresh
-        prepare_for_inference(transformer, fp8=True, compile=args.compile)
+        prepare_for_inference(transformer, fp8=True, compile=args.compile, cuda_graphs=True)
         reset_peak()
         fp8_latents = pipe.sample_latents(embedding, seeds=[0])
         fp8_sample_s = cuda_time(lambda: pipe.sample_latents(embedding, seeds=[0]), 1, args.repeat)
+        out.update({f"fp8_{k}": v for k, v in without_cuda_graphs(pipe, embedding, fp8_latents, fp8_sample_s,
+                                                                    args.repeat).items()})
         out.update(fp8_sampling_s=fp8_sample_s, fp8_sec_per_image=t5_s + fp8_sample_s + decode_s,
                    fp8_peak_gb_without_t5=peak_gb(), fp8_speedup_vs_bf16=sample_s / fp8_sample_s,
                    fp8_psnr_db=psnr(bf16_image, pipe.decode(fp8_latents)[0]),

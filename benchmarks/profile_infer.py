@@ -31,11 +31,13 @@ def main():
     parser.add_argument("--model_size", default="2B")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--cuda_graphs", action="store_true", help="replay each call from a CUDA graph")
     parser.add_argument("--attention", choices=["lean", "diffusers"], default="lean")
     parser.add_argument("--out", default="/tmp/cosmos_profile_infer", help="folder for the trace and the op table")
     args = parser.parse_args()
     transformer = new_transformer(args.model_size, torch.bfloat16, "cuda").eval().requires_grad_(False)
-    prepare_for_inference(transformer, args.fp8, args.compile, lean_attention=args.attention == "lean")
+    prepare_for_inference(transformer, args.fp8, args.compile, lean_attention=args.attention == "lean",
+                          cuda_graphs=args.cuda_graphs)
     cond = torch.randn(1, 512, 1024, device="cuda")
     denoise = flow.make_denoiser(transformer, cond, torch.zeros_like(cond), 4.0,
                                  torch.zeros(1, 1, 768, 1360, device="cuda"))

@@ -105,6 +105,19 @@ def initial_noise(seed: int, shape) -> torch.Tensor:
     return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
 
 
+def transformer_call(transformer):
+    """(tag, x, timestep, context, padding_mask) -> the DiT's output: run_transformer, replayed from a CUDA graph
+    when the transformer was prepared for it (cuda_graphs.py; the tag names what else the call depends on)."""
+    from .cuda_graphs import replayed
+
+    replay = replayed(transformer)
+
+    def forward(*inputs):
+        return run_transformer(transformer, *inputs)
+
+    return (lambda tag, *inputs: replay(tag, forward, *inputs)) if replay else (lambda tag, *inputs: forward(*inputs))
+
+
 def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtype=None, x0_dtype=None):
     """x0(x, sigma) with guidance x0 = c + g (c - u); cond and uncond run as one batched forward.
 
@@ -118,6 +131,7 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
     context = context.to(dtype)
     # NVIDIA's default negative is a zero embedding: its cross-attention output is zero and need not be computed
     zero_uncond = lean_processors(transformer) if use_cfg and not uncond.any() else []
+    call = transformer_call(transformer)
 
     def denoise(x, sigma):
         # a number is filled in on the device: copied from the host, it would make the host wait for the last step
@@ -127,7 +141,7 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
         model_in = ((1 - t) * batch).to(dtype)
         timestep = t.to(dtype).expand(batch.shape[0])
         with torch.no_grad(), zero_context_rows(zero_uncond, len(cond)):
-            out = run_transformer(transformer, model_in, timestep, context, padding_mask.to(dtype))
+            out = call(("x0", bool(zero_uncond) and len(cond)), model_in, timestep, context, padding_mask.to(dtype))
         x0 = (1 - t) * batch - t * out.float()
         if x0_dtype is not None:
             x0 = x0.to(x0_dtype)
@@ -228,13 +242,14 @@ def make_velocity_denoiser(transformer, cond, uncond, guidance: float, padding_m
     use_cfg = uncond is not None and not math.isclose(guidance, 1.0)
     context = (torch.cat([cond, uncond]) if use_cfg else cond).to(dtype)
     padding_mask = padding_mask.to(dtype)
+    call = transformer_call(transformer)
 
     def velocity(x, sigma):
         batch = torch.cat([x, x]) if use_cfg else x
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         timestep = (sigma * NUM_TRAIN_TIMESTEPS).expand(batch.shape[0]).to(dtype) / NUM_TRAIN_TIMESTEPS
         with torch.no_grad():
-            v = run_transformer(transformer, batch.to(dtype), timestep, context, padding_mask)
+            v = call("velocity", batch.to(dtype), timestep, context, padding_mask)
         if not use_cfg:
             return v
         c, u = v.chunk(2)

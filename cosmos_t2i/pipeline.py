@@ -72,10 +72,11 @@ SAMPLERS = {
 }
 
 
-def prepare_for_inference(transformer, fp8: bool = False, compile: bool = False, lean_attention: bool = True):
+def prepare_for_inference(transformer, fp8: bool = False, compile: bool = False, lean_attention: bool = True,
+                          cuda_graphs: bool = False):
     """The lean attention processor (same arithmetic, fewer memory passes when not compiled; lean_attention=False
-    keeps diffusers' for comparison), then float8 matmuls (fp8) and per-block torch.compile. Shared with
-    benchmarks/profile_infer.py and bench_infer.py."""
+    keeps diffusers' for comparison), then float8 matmuls (fp8), per-block torch.compile and CUDA-graph replay of
+    the samplers' transformer calls (cuda_graphs.py). Shared with benchmarks/profile_infer.py and bench_infer.py."""
     if lean_attention:
         use_lean_attention(transformer)
     if fp8:
@@ -84,6 +85,9 @@ def prepare_for_inference(transformer, fp8: bool = False, compile: bool = False,
     if compile:
         for block in transformer.transformer_blocks:
             block.compile()
+    if cuda_graphs:
+        from .cuda_graphs import sample_with_cuda_graphs
+        sample_with_cuda_graphs(transformer)
     return transformer
 
 
@@ -141,13 +145,15 @@ class CosmosText2Image:
     def from_pretrained(cls, dit_path=None, vae_path=None, text_encoder=None, model_size=None, load_ema=False,
                         lora_path=None, lora_scale=1.0, base_dit_path=None, device=None, dtype=torch.bfloat16,
                         text_encoder_dtype=None, text_encoder_8bit=False, compile=False, fp8=False, family=None,
-                        blocks_to_swap=0):
+                        blocks_to_swap=0, cuda_graphs=True):
         """Load every part of a family's model (a name, a Family, default Predict2): `dit_path` in any form
         load_dit reads (Anima: its diffusers folder, single file or our model files), `vae_path` its VAE,
         `text_encoder` its text encoder (Anima: the diffusers folder), None when prompts come as embeddings=.
         fp8=True runs the blocks' projections as float8 matmuls (torchao, H100-class GPU, bf16 dtype).
         blocks_to_swap (N or "all"): the last N blocks' weights stay in pinned host memory and stream to the GPU
-        one block ahead (block_swap.py): the same images in less GPU memory."""
+        one block ahead (block_swap.py): the same images in less GPU memory. cuda_graphs: on a GPU, replay each
+        sampling step's transformer call from a CUDA graph (cuda_graphs.py; not with blocks_to_swap, whose copies
+        the host directs)."""
         family = as_family(family)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if vae_path is None:
@@ -162,7 +168,8 @@ class CosmosText2Image:
         if swap:  # the rest of the model to the GPU, the swapped blocks' weights never
             swap_blocks(transformer, blocks_to_swap, device)
             transformer.to(device)
-        transformer = prepare_for_inference(transformer, fp8, compile)
+        transformer = prepare_for_inference(transformer, fp8, compile,
+                                            cuda_graphs=cuda_graphs and device.type == "cuda" and not swap)
         vae = load_vae(vae_path, dtype, device, family=family)
         encoder = family.text.load_encoder(text_encoder, device, text_encoder_dtype,
                                            load_in_8bit=text_encoder_8bit) if text_encoder else None
