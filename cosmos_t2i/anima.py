@@ -92,12 +92,24 @@ def _run_text_conditioner(module, args, kwargs):
         if not isinstance(text, dict):
             return text
         keep_rope_in_fp32(module.text_conditioner)
-        return module.text_conditioner(**text)
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in module.text_conditioner.parameters())):
+            return module.text_conditioner(**text)
+        with without_cudnn_attention():  # the adapter trains (--adapter_lr): its masked attention runs backward
+            return module.text_conditioner(**text)
     if len(args) > 2:  # forward(hidden_states, timestep, encoder_hidden_states, ...)
         return (*args[:2], context(args[2]), *args[3:]), kwargs
     if "encoder_hidden_states" in kwargs:
         kwargs = {**kwargs, "encoder_hidden_states": context(kwargs["encoder_hidden_states"])}
     return args, kwargs
+
+
+def without_cudnn_attention():
+    """SDPA without its cuDNN backend. torch 2.11's cuDNN attention backward returns NaN query gradients when a mask
+    is passed, the key length is 64 mod 128 and a row's logsumexp is very negative (pytorch#196678): the adapter
+    passes masks, its lengths follow the captions, and a dropped caption masks every key of its cross-attention.
+    The adapter is small, so the other backends cost nothing that shows."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def keep_rope_in_fp32(conditioner) -> None:
