@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cuda_time, matmul_peak_tflops, peak_gb, report, reset_peak  # noqa: E402
+from trace_gaps import gaps  # noqa: E402
 
 from cosmos_t2i.ema import PowerEMA  # noqa: E402
 from cosmos_t2i.flow import flow_loss  # noqa: E402
@@ -120,8 +121,13 @@ def measure(model_size, mode, batch, steps, vae=None, profile_dir=None, grad_acc
         profile = start_profile()
         for _ in range(2):
             step(next(counter))
-        summary = finish_profile(profile, 2, Path(profile_dir) / f"{model_size}_{mode}_b{batch}", 0)
+        folder = Path(profile_dir) / f"{model_size}_{mode}_b{batch}"
+        summary = finish_profile(profile, 2, folder, 0)
         result["profile_ms_per_iter"] = {k: round(v, 1) for k, v in summary["kernels_ms"].items()}
+        idle = gaps(folder / "trace_rank0.json")  # where the GPU waited for the host, by what launched after
+        result["profile_idle_ms_per_iter"] = round(idle["idle_ms"] / 2, 1)
+        result["profile_idle_ms_by_launch_site"] = {k: round(v / 2, 2) for k, v in
+                                                    list(idle["idle_ms_by_launch_site"].items())[:6]}
     parts = data = None  # free the model before the next measurement
     gc.collect()
     return result
@@ -147,7 +153,8 @@ def main():
                              "optimizer, EMA and clipping run once per --grad_accum x --batch_size samples")
     parser.add_argument("--profile", metavar="DIR",
                         help="profile two steps of each mode after timing them: trace and op table under DIR, GPU "
-                             "milliseconds per step by kernel kind (matmul, attention, triton, ...) in the JSON")
+                             "milliseconds per step by kernel kind (matmul, attention, triton, ...) and the GPU's "
+                             "idle time by the host operation that ended it (trace_gaps.py) in the JSON")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak_tflops()
