@@ -97,7 +97,7 @@ def build_parser():
            "one block ahead, overlapped with compute: the same image in less memory, slower steps")
     a("--fp8", action="store_true",
       help="float8 matmuls in the blocks' projections (torchao: weights and activations per-row scaled e4m3); "
-           "with --compile 1.2x faster sampling on an H100 (2B: 2.05 s/image), images close to bf16's but not "
+           "with --compile 1.2x faster sampling on an H100 (2B: 2.02 s/image), images close to bf16's but not "
            "identical (docs/inference.md gives the measured PSNR). Needs an H100-class GPU, --dtype bf16 and torchao")
     a("--offload_text_encoder", action="store_true",
       help="encode all prompts with the text encoder alone, free it, then load the DiT and sample (lowest peak "
