@@ -118,7 +118,11 @@ def test_second_signal_aborts_and_keeps_the_previous_checkpoint(tiny_bundle, tmp
     out = str(tmp_path / "ck")
     proc, log = start(tiny_args(tiny_bundle, out, "--max_iter", "400", "--save_iter", "4"))
     wait_for_iteration(log, 6)
+    deadline = time.time() + 60  # the save of iteration 4 runs in the background: on a loaded machine it may lag
+    while ckpt.latest_iteration(run_dir(out)) is None and time.time() < deadline:
+        time.sleep(0.05)
     before = ckpt.latest_iteration(run_dir(out))
+    assert before is not None, open(log).read()[-2000:]
     os.killpg(proc.pid, signal.SIGINT)
     deadline = time.time() + 30
     while "SIGINT received" not in open(log).read() and time.time() < deadline:
