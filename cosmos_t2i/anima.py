@@ -92,10 +92,7 @@ def _run_text_conditioner(module, args, kwargs):
         if not isinstance(text, dict):
             return text
         keep_rope_in_fp32(module.text_conditioner)
-        if not (torch.is_grad_enabled() and any(p.requires_grad for p in module.text_conditioner.parameters())):
-            return module.text_conditioner(**text)
-        with without_cudnn_attention():  # the adapter trains (--adapter_lr): its masked attention runs backward
-            return module.text_conditioner(**text)
+        return module.text_conditioner(**text)
     if len(args) > 2:  # forward(hidden_states, timestep, encoder_hidden_states, ...)
         return (*args[:2], context(args[2]), *args[3:]), kwargs
     if "encoder_hidden_states" in kwargs:
@@ -103,13 +100,31 @@ def _run_text_conditioner(module, args, kwargs):
     return args, kwargs
 
 
-def without_cudnn_attention():
-    """SDPA without its cuDNN backend. torch 2.11's cuDNN attention backward returns NaN query gradients when a mask
-    is passed, the key length is 64 mod 128 and a row's logsumexp is very negative (pytorch#196678): the adapter
-    passes masks, its lengths follow the captions, and a dropped caption masks every key of its cross-attention.
-    The adapter is small, so the other backends cost nothing that shows."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+class AttentionWithoutCudnn:
+    """An attention processor run with SDPA's cuDNN backend excluded while gradients are recorded. torch's cuDNN
+    attention backward (2.11 on) returns NaN query gradients when a mask is passed, the key length is 64 mod 128 and
+    a row's logsumexp is very negative (pytorch#196678): the adapter passes masks, its lengths follow the captions,
+    and a dropped caption masks every key of its cross-attention. Set on the processors themselves, so the recompute
+    of --gradient_checkpointing runs on the same backends as the forward. The adapter is small: the other backends
+    cost nothing that shows. Sampling (no gradients) keeps torch's choice, as diffusers' pipeline does."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, attn, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.processor(attn, *args, **kwargs)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return self.processor(attn, *args, **kwargs)
+
+
+def train_adapter_without_cudnn_attention(conditioner) -> None:
+    """For a text adapter that trains: its attention layers' processors wrapped in AttentionWithoutCudnn."""
+    for module in conditioner.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and not isinstance(processor, AttentionWithoutCudnn):
+            module.processor = AttentionWithoutCudnn(processor)
 
 
 def keep_rope_in_fp32(conditioner) -> None:

@@ -53,6 +53,9 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
     adapter = getattr(model, "text_conditioner", None)
     if adapter is not None:
         adapter.requires_grad_(train_text_adapter)
+        if train_text_adapter:
+            from .anima import train_adapter_without_cudnn_attention
+            train_adapter_without_cudnn_attention(adapter)
         if train_text_adapter and lora is not None:  # in fp32 beside LoRA's adapters (a full fine-tune: the model's
             for p in adapter.parameters():         # dtype, one per FSDP group)
                 p.data = p.data.float()

@@ -245,39 +245,44 @@ def test_switching_the_adapter_on_or_off_at_resume_is_refused(anima_bundle, tmp_
 
 
 def test_a_training_adapter_attends_without_cudnn(monkeypatch):
-    """torch 2.11's cuDNN attention backward gives NaN query gradients with a mask at key lengths of 64 mod 128
+    """torch's cuDNN attention backward gives NaN query gradients with a mask at key lengths of 64 mod 128
     (pytorch#196678); the adapter passes masks, and a dropped caption masks every key. When the adapter trains, its
-    attention runs on the other backends; when it is frozen or sampling, on torch's default choice."""
-    seen = []
+    attention runs on the other backends, in the forward and in --gradient_checkpointing's recompute alike (a
+    different backend there would fail the checkpoint's check); the DiT's blocks, a frozen adapter and sampling keep
+    torch's choice."""
+    import copy
+
+    from cosmos_t2i.training import prepare_for_training
+    calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def spy(*args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*args, **kwargs)
+    def spy(query, *args, **kwargs):  # the adapter's queries are its 64 T5 positions, the DiT's its 16 patches
+        calls.append(("adapter" if query.shape[-2] == 64 else "dit", torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(query, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    net = anima.new_anima("tiny")
     g = torch.Generator().manual_seed(0)
+    net = anima.new_anima("tiny")
     text = anima.text_inputs(torch.randn(2, 192, 64, generator=g), torch.tensor([[1] * 100 + [0] * 92, [0] * 192]),
                              torch.randint(0, 64, (2, 64), generator=g), torch.ones(2, 64, dtype=torch.long))
     x, t = torch.randn(2, 16, 1, 8, 8, generator=g), torch.tensor([0.3, 0.7])
 
-    def forward():
-        seen.clear()
-        out = net(hidden_states=x, timestep=t, encoder_hidden_states=text, padding_mask=torch.zeros(1, 1, 64, 64),
-                  return_dict=False)[0]
-        return out, [s for s in seen]
+    def step(model, backward=True):
+        calls.clear()
+        out = model(hidden_states=x, timestep=t, encoder_hidden_states=text, padding_mask=torch.zeros(1, 1, 64, 64),
+                    return_dict=False)[0]
+        forward = list(calls)
+        if backward:
+            out.square().mean().backward()
+        return out.detach(), forward, calls[len(forward):]
 
-    net.text_conditioner.requires_grad_(False)
-    frozen, default = forward()
-    net.text_conditioner.requires_grad_(True)
-    training, restricted = forward()
-    training.square().mean().backward()
-    assert default and all(default)  # the DiT's own attention and a frozen adapter: torch's choice
-    adapter_calls = len(default) - len(net.transformer_blocks) * 2
-    assert adapter_calls > 0 and restricted[:adapter_calls] == [False] * adapter_calls
-    assert all(restricted[adapter_calls:])  # the DiT's blocks are left alone
-    assert torch.equal(frozen, training.detach())
-    assert all(torch.isfinite(p.grad).all() for p in net.text_conditioner.parameters() if p.grad is not None)
+    frozen_out, frozen, _ = step(prepare_for_training(copy.deepcopy(net), gradient_checkpointing=True))
+    trained = prepare_for_training(net, gradient_checkpointing=True, train_text_adapter=True)
+    out, forward, recomputed = step(trained)
+    assert frozen and all(cudnn for _, cudnn in frozen)
+    assert ("adapter", False) in forward and all(cudnn == (kind == "dit") for kind, cudnn in forward)
+    assert ("adapter", False) in recomputed and all(cudnn == (kind == "dit") for kind, cudnn in recomputed)
+    assert torch.equal(out, frozen_out)
+    assert all(torch.isfinite(p.grad).all() for p in trained.text_conditioner.parameters())
     with torch.no_grad():
-        assert forward()[1] == default  # sampling: as diffusers' pipeline runs it
+        assert all(cudnn for _, cudnn in step(trained, backward=False)[1])  # sampling: as diffusers' pipeline
