@@ -101,6 +101,8 @@ def main():
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = parser.parse_args()
     work = Path(args.work)
+    if work.exists() and any(work.iterdir()) and not (work / "assets.log").exists():
+        raise SystemExit(f"--work {work} holds files this script did not write: name an empty or new folder.")
     shutil.rmtree(work, ignore_errors=True)
     assets = work / "assets"
     work.mkdir(parents=True)

@@ -48,7 +48,14 @@ FIGURES = [("sec_per_iter", "{:.3f} s/iter"), ("samples_per_s", "{:.2f} samples/
            ("loss_equal", "losses bit-identical: {}"), ("grad_max_rel_diff", "LoRA gradients within {:.1e}"),
            ("sample_bit_identical", "sampling output bit-identical: {}"), ("host_gb", "{:.1f} GB host"), ("host_pinned", "host memory pinned: {}"),
            ("stop_save_s", "stop save {:.1f} s"), ("stop_to_exit_s", "all processes gone {:.1f} s after the signal"),
-           ("checkpoint_complete", "stop checkpoint complete: {}"), ("exit_code", "exit code {}")]
+           ("checkpoint_complete", "stop checkpoint complete: {}"), ("exit_code", "exit code {}"),
+           ("cuda_graphs_speedup", "CUDA graphs {:.3f}x"), ("fp8_cuda_graphs_speedup", "--fp8 with CUDA graphs {:.3f}x"),
+           ("cuda_graphs_same_latents", "same latents with graphs: {}"),
+           ("fp8_cuda_graphs_same_latents", "with --fp8: {}"),
+           ("mean_loss_last_quarter", "last-quarter loss {:.4f}"),
+           ("weights_distance_vs_bf16", "weights {:.1%} of bf16's travel from bf16's"),
+           ("ema_distance_vs_bf16", "EMA {:.1%}"), ("image_psnr_db_vs_bf16", "images vs bf16's {:.1f} dB"),
+           ("image_psnr_db_fp32_training_vs_bf16", "(fp32 training vs bf16: {:.1f} dB)")]
 
 # formats only the headline table uses (it names its keys; the full tables show FIGURES)
 EXTRA = {"baseline_samples_per_s": "baseline {:.2f} samples/s",

@@ -16,9 +16,13 @@ logger = logging.getLogger(__name__)
 def capture(fn, inputs: list) -> tuple:
     """(replay, output): fn(*inputs) captured as a CUDA graph; replay() runs it again on what `inputs` then hold and
     leaves the result in `output`."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn(*inputs)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            output = fn(*inputs)
+    except BaseException:
+        torch.cuda.set_stream(stream)  # a failed capture can leave this thread on the capture's side stream
+        raise
     return graph.replay, output
 
 
@@ -29,8 +33,8 @@ def on_gpu(tensor: torch.Tensor) -> bool:
 class GraphReplay:
     """Calls fn(*tensors) -> tensor through one CUDA graph at a time.
 
-    The first call with a given key (the caller's tag, the inputs' shapes and dtypes, the storage of `module`'s
-    parameters) runs fn as usual: torch.compile's compilation and lazy initialisation must not happen inside a
+    The first call with a given key (the caller's tag, inference mode and autocast, the inputs' shapes and dtypes,
+    `module`'s parameters and their storage) runs fn as usual: torch.compile's compilation and lazy initialisation must not happen inside a
     capture. The second captures the graph; from then on each call copies its inputs into the graph's and replays
     it. A new key drops the old graph and its memory. The returned tensor is the graph's output buffer: it holds
     until the next call. If a capture fails (an operation that cannot be captured), the reason is logged once and
@@ -39,14 +43,18 @@ class GraphReplay:
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
-        self.seen, self.key, self.replay, self.inputs, self.output = set(), None, None, None, None
+        self.seen = set()  # keys called once
+        self.key = self.replay = self.inputs = self.output = None  # the graph in hand
         self.failed = False
 
     def __call__(self, tag, fn, *inputs: torch.Tensor) -> torch.Tensor:
         if self.failed or not on_gpu(inputs[0]):
             return fn(*inputs)
-        # parameters replaced (a LoRA injected, weights assigned) move storage: a graph would read the old
-        key = (tag, tuple((t.shape, t.dtype) for t in inputs), tuple(p.data_ptr() for p in self.module.parameters()))
+        key = (tag, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+               tuple((t.shape, t.dtype) for t in inputs),
+               # parameters replaced (a LoRA injected, weights assigned) are new objects or new storage: a graph
+               # would read the old
+               tuple((id(p), p.data_ptr()) for p in self.module.parameters()))
         if key != self.key:
             if key not in self.seen:
                 self.seen.add(key)
@@ -57,10 +65,12 @@ class GraphReplay:
                 self.replay, self.output = capture(fn, static)
             except Exception as error:  # noqa: BLE001 - whatever the capture met: sample without graphs
                 self.failed = True
-                logger.warning("sampling without CUDA graphs: capturing the transformer call failed (%s)",
-                               str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+                reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+                logger.warning("sampling without CUDA graphs (--no-cuda_graphs silences this): capturing the "
+                               "transformer call failed (%s)", reason)
                 return fn(*inputs)
-            self.key, self.inputs = key, static
+            self.key = key
+            self.inputs = static
         for mine, given in zip(self.inputs, inputs):
             mine.copy_(given)
         self.replay()

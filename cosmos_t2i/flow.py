@@ -115,7 +115,10 @@ def transformer_call(transformer):
     def forward(*inputs):
         return run_transformer(transformer, *inputs)
 
-    return (lambda tag, *inputs: replay(tag, forward, *inputs)) if replay else (lambda tag, *inputs: forward(*inputs))
+    def call(tag, *inputs):
+        return replay(tag, forward, *inputs) if replay else forward(*inputs)
+
+    return call
 
 
 def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtype=None, x0_dtype=None):
@@ -141,7 +144,8 @@ def make_denoiser(transformer, cond, uncond, guidance: float, padding_mask, dtyp
         model_in = ((1 - t) * batch).to(dtype)
         timestep = t.to(dtype).expand(batch.shape[0])
         with torch.no_grad(), zero_context_rows(zero_uncond, len(cond)):
-            out = call(("x0", bool(zero_uncond) and len(cond)), model_in, timestep, context, padding_mask.to(dtype))
+            out = call(("x0", len(cond) if zero_uncond else None), model_in, timestep, context,
+                       padding_mask.to(dtype))
         x0 = (1 - t) * batch - t * out.float()
         if x0_dtype is not None:
             x0 = x0.to(x0_dtype)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cosmos_t2i import cuda_graphs, flow
+from cosmos_t2i.attention import lean_processors
 from cosmos_t2i.pipeline import CosmosText2Image, prepare_for_inference
 
 
@@ -23,15 +24,25 @@ def base(tiny_bundle):
     return CosmosTransformer3DModel.from_pretrained(tiny_bundle / "models" / "transformer").eval()
 
 
+class Captures(list):
+    """The stand-in's captures. `host_state()` returns what a real graph would freeze at capture (the attention
+    processors' settings): each replay asserts it unchanged, since a real replay could not follow a change."""
+    host_state = staticmethod(lambda: None)
+
+
 @pytest.fixture
 def graphs(monkeypatch):
     """Captures counted; the stand-in graph re-runs the call into the captured output buffer at each replay."""
-    captures = []
+    captures = Captures()
 
     def capture(fn, inputs):
-        output = fn(*inputs)
+        output, frozen = fn(*inputs), captures.host_state()
         captures.append(output)
-        return (lambda: output.copy_(fn(*inputs))), output
+
+        def replay():
+            assert captures.host_state() == frozen, "a replay under host state its capture did not see"
+            output.copy_(fn(*inputs))
+        return replay, output
 
     monkeypatch.setattr(cuda_graphs, "capture", capture)
     monkeypatch.setattr(cuda_graphs, "on_gpu", lambda t: True)
@@ -45,6 +56,7 @@ def context(seed, rows=1):
 def test_samplers_give_the_same_latents_with_one_capture(base, graphs):
     plain = prepare_for_inference(copy.deepcopy(base))  # the lean attention processor in both
     graphed = prepare_for_inference(copy.deepcopy(base), cuda_graphs=True)
+    graphs.host_state = lambda: [p.context_rows for p in lean_processors(graphed)]
     assert cuda_graphs.replayed(graphed) is not None and cuda_graphs.replayed(plain) is None
     mask = torch.zeros(1, 1, 64, 64)
     x = flow.initial_noise(3, (1, 16, 1, 8, 8)) * flow.SIGMA_MAX
@@ -91,7 +103,13 @@ def test_a_new_shape_or_new_weights_capture_again(graphs):
     run(c), run(c)
     assert len(graphs) == 3
     torch.testing.assert_close(run(c), layer(c).detach(), rtol=0, atol=0)
-    assert replay("other tag", fn, a) is not None and len(graphs) == 3  # another tag starts its own count
+    for _ in range(2):
+        torch.testing.assert_close(replay("other tag", fn, c).clone(), layer(c).detach(), rtol=0, atol=0)
+    assert len(graphs) == 4  # another tag is another graph
+    with torch.inference_mode():  # tensors made in inference mode could not be written outside it: its own graph
+        run(c), run(c)
+    assert len(graphs) == 5
+    torch.testing.assert_close(run(c), layer(c).detach(), rtol=0, atol=0)
 
 
 def test_a_failed_capture_falls_back_for_good(base, monkeypatch, caplog):
@@ -111,8 +129,8 @@ def test_a_failed_capture_falls_back_for_good(base, monkeypatch, caplog):
     assert torch.equal(got, want)
     assert len(attempts) == 1
     assert [r.getMessage() for r in caplog.records] == [
-        "sampling without CUDA graphs: capturing the transformer call failed (operation not permitted when stream "
-        "is capturing)"]
+        "sampling without CUDA graphs (--no-cuda_graphs silences this): capturing the transformer call failed "
+        "(operation not permitted when stream is capturing)"]
 
 
 def test_pipeline_uses_graphs_only_on_a_gpu(tiny_bundle):
