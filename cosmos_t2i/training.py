@@ -56,9 +56,9 @@ def prepare_for_training(model, lora: dict | None = None, seed: int = 0, gradien
         if train_text_adapter:
             from .anima import train_adapter_without_cudnn_attention
             train_adapter_without_cudnn_attention(adapter)
-        if train_text_adapter and lora is not None:  # in fp32 beside LoRA's adapters (a full fine-tune: the model's
-            for p in adapter.parameters():         # dtype, one per FSDP group)
-                p.data = p.data.float()
+            if lora is not None:  # in fp32 beside LoRA's adapters (a full fine-tune: the model's dtype, one per FSDP
+                for p in adapter.parameters():  # group)
+                    p.data = p.data.float()
     if fp8:
         from .fp8 import convert_to_fp8_training
         logger.info("--fp8: %d block projections run float8 matmuls (torchao)", convert_to_fp8_training(model))
