@@ -10,6 +10,7 @@ latest_checkpoint.txt; running the same command again resumes from there. See RE
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from cosmos_t2i.families import get_family
 from cosmos_t2i.saving import (end_run, make_checkpointer, resume, save_or_exit, save_or_warn, stop_on_unreadable_data,
                                stop_with_checkpoint, trainer_state)
 from cosmos_t2i import train_flags
-from cosmos_t2i.training import (apply_gradients, background_save_ahead, build_data, build_training,
-                                 embed_validation_prompts, forward_backward)
+from cosmos_t2i.training import (background_save_ahead, build_data, build_training, embed_validation_prompts,
+                                 forward_backward)
+from cosmos_t2i.update import finish_update, start_update
 
 logger = logging.getLogger("train")
 # Changing these on resume would not continue the same run: refuse rather than silently mix.
@@ -128,12 +130,17 @@ def main(argv=None):
                  float(save_interval is not None and time.monotonic() - last_save >= save_interval)]
         summed = accelerator.reduce(torch.stack([loss.float(), *(torch.full((), f, device=accelerator.device)
                                                                  for f in flags)]), "sum")
-        mean_loss, stop_here, bad_data, save_now = summed[0] / accelerator.num_processes, *(summed[1:] > 0).tolist()
+        # one read per step, the optimizer step queued behind it (dropped on the GPU if the loss is not finite or the
+        # data was unreadable; cosmos_t2i/update.py)
+        update = start_update(t.params, t.optimizer, args.clip_grad_norm, read=[summed],
+                              skip=~torch.isfinite(summed[0]) | (summed[2] > 0), ema=t.ema, iteration=iteration)
+        loss_sum, *flag_sums = update.read()[:4]
+        mean_loss, (stop_here, bad_data, save_now) = loss_sum / accelerator.num_processes, (f > 0 for f in flag_sums)
         if bad_data:  # this step is not applied: save what the previous one left and stop, naming the file
             t.optimizer.zero_grad(set_to_none=True)
             stop_on_unreadable_data(accelerator, checkpointer, run_dir, iteration - 1, unreadable,
                                     trainer_state(args, sampler, iteration - 1, skipped))
-        if not torch.isfinite(mean_loss):  # the same decision on every process: no deadlock
+        if not math.isfinite(mean_loss):  # the same decision on every process: no deadlock
             t.optimizer.zero_grad(set_to_none=True)
             nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
             logger.warning("iteration %d: non-finite loss, step skipped (%d in a row)", iteration, nonfinite_run)
@@ -145,7 +152,7 @@ def main(argv=None):
                                      trainer_state(args, sampler, iteration, skipped), stop.reason)
             continue
         nonfinite_run = 0
-        grad_norm = apply_gradients(t.params, t.optimizer, t.scheduler, t.ema, args.clip_grad_norm, iteration)
+        grad_norm = finish_update(update, t.params, t.optimizer, t.scheduler, t.ema, args.clip_grad_norm, iteration)
         if not staged and (save_interval or background_save_ahead(iteration, args.save_iter, args.max_iter)):
             checkpointer.prepare_staging()  # once the optimizer state exists: later saves only copy into it
         staged = True

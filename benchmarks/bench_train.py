@@ -29,7 +29,8 @@ from cosmos_t2i.flow import flow_loss  # noqa: E402
 from cosmos_t2i.models import new_transformer, training_flops_per_sample  # noqa: E402
 from cosmos_t2i.monitor import finish_profile, start_profile  # noqa: E402
 from cosmos_t2i.schedule import make_optimizer, make_scheduler  # noqa: E402
-from cosmos_t2i.training import NVIDIA_LORA_TARGETS, apply_gradients, base_dtype, prepare_for_training  # noqa: E402
+from cosmos_t2i.training import NVIDIA_LORA_TARGETS, base_dtype, prepare_for_training  # noqa: E402
+from cosmos_t2i.update import apply_gradients  # noqa: E402
 
 MODES = {
     "eager": dict(),

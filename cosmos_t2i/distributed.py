@@ -226,13 +226,20 @@ def nan_to_zero_(grads) -> None:
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _global_norm(grads) -> torch.Tensor:
+def global_norm(grads) -> torch.Tensor:
     """L2 norm over all gradients: one foreach norm over local parts, one all-reduce when they are FSDP shards."""
     local = local_parts(grads)
     squared = torch.stack([n.float() for n in torch._foreach_norm(local)]).square().sum()
     if _fully_sharded(grads):
         torch.distributed.all_reduce(squared, group=grads[0].device_mesh.get_group())
     return squared.sqrt()
+
+
+def reduces_own_norm(grads) -> bool:
+    """Whether global_norm and scale_to_norm_ apply: plain tensors, or DTensors sharded as FSDP2 shards them. A mix
+    (e.g. replicated DTensors) goes through torch's clip_grad_norm_ instead."""
+    return bool(grads) and len({type(g) for g in grads}) == 1 and (
+        not hasattr(grads[0], "placements") or _fully_sharded(grads))
 
 
 def takes_grad_scale(optimizer) -> bool:
@@ -242,30 +249,36 @@ def takes_grad_scale(optimizer) -> bool:
     return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
 
 
+def scale_to_norm_(grads, total: torch.Tensor, max_norm: float, optimizer=None) -> None:
+    """Scale gradients whose global norm is `total` to a norm of at most `max_norm` (torch's clip_grad_norm_
+    factor). Given an `optimizer` that takes_grad_scale, the gradients are left as they are and the factor is handed
+    to its next step (the caller steps it, then calls end_grad_scale)."""
+    if optimizer is not None and takes_grad_scale(optimizer):
+        inner_optimizer(optimizer).grad_scale = ((total + 1e-6) / max_norm).clamp(min=1.0)
+    else:
+        torch._foreach_mul_(local_parts(grads), (max_norm / (total + 1e-6)).clamp(max=1.0))
+
+
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm: float, optimizer=None) -> torch.Tensor:
     """NVIDIA's GradClip(force_finite=True): non-finite gradient entries become 0, then gradients are scaled so
     that their global L2 norm is at most `max_norm`. Returns the norm before scaling.
 
     torch.nn.utils.clip_grad_norm_'s arithmetic, on local shards under FSDP. The zeroing pass over every gradient
-    runs only when needed: the norm is taken first and is finite exactly when every entry is (one host sync).
-    Given an `optimizer` that takes_grad_scale, the gradients are left as they are and the scaling is handed to its
-    next step (the caller steps it, then calls end_grad_scale).
+    runs only when needed: the norm is taken first and is finite exactly when every entry is (one host sync; the
+    training step avoids it, see cosmos_t2i/update.py). With an `optimizer`, as scale_to_norm_.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    if len({type(g) for g in grads}) > 1 or (hasattr(grads[0], "placements") and not _fully_sharded(grads)):
-        nan_to_zero_(grads)  # a mix this code does not reduce itself (e.g. replicated DTensors): torch's version
+    if not reduces_own_norm(grads):
+        nan_to_zero_(grads)
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    total = _global_norm(grads)
+    total = global_norm(grads)
     if not torch.isfinite(total):  # the same on every process: the norm is global
         nan_to_zero_(grads)
-        total = _global_norm(grads)
-    if optimizer is not None and takes_grad_scale(optimizer):
-        inner_optimizer(optimizer).grad_scale = ((total + 1e-6) / max_norm).clamp(min=1.0)
-    else:
-        torch._foreach_mul_(local_parts(grads), (max_norm / (total + 1e-6)).clamp(max=1.0))
+        total = global_norm(grads)
+    scale_to_norm_(grads, total, max_norm, optimizer)
     return total
 
 
@@ -295,12 +308,13 @@ def step_adamw_on_local_shards(optimizer) -> bool:
         (beta1, beta2), steps = group["betas"], [s["step"] for s in states]  # plain tensors, even for DTensors
         adam(local_parts(params), local_parts([p.grad for p in params]), local_parts([s["exp_avg"] for s in states]),
              local_parts([s["exp_avg_sq"] for s in states]), [], steps, fused=True,
-             grad_scale=getattr(inner, "grad_scale", None), found_inf=None, has_complex=False,
-             decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+             grad_scale=getattr(inner, "grad_scale", None), found_inf=getattr(inner, "found_inf", None),
+             has_complex=False, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
     return True
 
 
 def end_grad_scale(optimizer) -> None:
-    """After the step that used it: later steps must not divide by the same factor again."""
+    """After the step that used them: later steps must not divide by the same factor again, nor skip."""
     inner_optimizer(optimizer).__dict__.pop("grad_scale", None)
+    inner_optimizer(optimizer).__dict__.pop("found_inf", None)

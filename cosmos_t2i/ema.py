@@ -29,11 +29,14 @@ class PowerEMA:
         self.shadow = [p.detach().float().clone() for p in params]
         self.params = list(params)
 
+    def beta(self, iteration: int) -> float:
+        return power_ema_beta(iteration, self.gamma)
+
     @torch.no_grad()
     def update(self, iteration: int) -> None:
-        """shadow = beta * shadow + (1 - beta) * param."""
-        beta = power_ema_beta(iteration, self.gamma)
-        torch._foreach_lerp_(local_parts(self.shadow), [p.float() for p in local_parts(self.params)], 1 - beta)
+        """shadow = beta * shadow + (1 - beta) * param (cosmos_t2i/adamw_ema.py does it inside the AdamW step)."""
+        torch._foreach_lerp_(local_parts(self.shadow), [p.float() for p in local_parts(self.params)],
+                             1 - self.beta(iteration))
 
     def tensors(self) -> dict:
         """{name: live fp32 shadow} (DTensor shards under FSDP): what checkpoints save and restore in place."""

@@ -143,7 +143,7 @@ class Progress:
         if cuda:
             torch.cuda.synchronize()
         per_iter = (time.perf_counter() - (tick if early else self.window_start)) / (1 if early else self.window_iters)
-        samples_s, loss_value = self.samples_per_iter / per_iter, mean_loss.item()
+        samples_s, loss_value = self.samples_per_iter / per_iter, float(mean_loss)
         extra = ""
         if cuda:
             if self.peak and self.flops:

@@ -159,29 +159,6 @@ def build_transformer(args, device, sharded: bool):
     return (model if weights is not None or model.device.type == "meta" else model.to(device)), weights, meta
 
 
-def apply_gradients(params, optimizer, scheduler, ema, max_norm: float, iteration: int) -> torch.Tensor:
-    """NVIDIA's order after backward: non-finite gradient entries to 0 and the global norm clipped (GradClip),
-    AdamW, schedule, EMA. Returns the gradient norm before clipping."""
-    from torch.profiler import record_function
-
-    from .distributed import clip_grad_norm_, end_grad_scale, step_adamw_on_local_shards
-
-    with record_function("clip_grad_norm"):  # with fused AdamW its kernel applies the clipping factor (no extra pass)
-        grad_norm = clip_grad_norm_(params, max_norm, optimizer)
-    with record_function("optimizer_step"):
-        try:
-            if not step_adamw_on_local_shards(optimizer):  # FSDP: the same step without DTensor's dispatch
-                optimizer.step()
-        finally:
-            end_grad_scale(optimizer)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    if ema is not None:
-        with record_function("ema_update"):
-            ema.update(iteration)
-    return grad_norm
-
-
 def background_save_ahead(iteration: int, save_iter: int, max_iter: int) -> bool:
     """Whether a save in the background comes at `iteration` or later: a multiple of save_iter before max_iter
     (the save at max_iter and a stop save are written synchronously). Without one, the pinned host buffers are not

@@ -474,7 +474,7 @@ def test_clipping_inside_fused_adamw_equals_clipping_first(poison):
     norms, weights and moments as clipping first (torch's clip_grad_norm_ on zeroed gradients) then stepping
     foreach AdamW, over steps that clip and one that does not; no factor outlives its step."""
     from cosmos_t2i.schedule import make_optimizer, make_scheduler
-    from cosmos_t2i.training import apply_gradients
+    from cosmos_t2i.update import apply_gradients
 
     shapes = [(6, 4), (5,), (3, 2)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
@@ -498,6 +498,66 @@ def test_clipping_inside_fused_adamw_equals_clipping_first(poison):
         for p, q in zip(ours, reference):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(optimizer.state[p]["exp_avg_sq"], reference_optimizer.state[q]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach"])
+def test_update_is_queued_before_the_read_and_dropped_on_the_device_when_told(kind):
+    """start_update queues fused AdamW's step before the host reads (the weights move without a read); a `skip` flag
+    or a non-finite norm makes that step a no-op (weights, moments and step count untouched) and finish_update then
+    takes NVIDIA's path; other optimizers step only in finish_update. Every kept step equals clipping first (torch's
+    clip_grad_norm_ on zeroed gradients) then torch's foreach AdamW; the read gives the values asked for, then the
+    norm."""
+    from cosmos_t2i.schedule import make_optimizer, make_scheduler
+    from cosmos_t2i.update import finish_update, start_update
+    import weakref
+
+    shapes = [(6, 4), (5,)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    optimizer = (make_optimizer(ours, lr=1e-2, weight_decay=0.2, device_type="cpu") if kind == "fused" else
+                 torch.optim.AdamW(ours, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.2, foreach=True))
+    reference_optimizer = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.2, foreach=True)
+    scheduler = make_scheduler(optimizer, "constant")
+
+    def state():
+        return [p.detach().clone() for p in ours] + [t.clone() for s in optimizer.state.values() for t in s.values()]
+
+    # (gradient size, a skip flag or None, a NaN in the gradients): kept, skipped, kept with a non-finite norm, kept
+    for step, (size, skip, poison) in enumerate([(5.0, None, False), (5.0, True, False), (3.0, False, True),
+                                                 (0.01, False, False)], start=1):
+        grads = [torch.randn(s, generator=torch.Generator().manual_seed(10 * step + i)) * size
+                 for i, s in enumerate(shapes)]
+        if poison:
+            grads[1][3] = float("nan")
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        before = state()
+        pending = start_update(ours, optimizer, 1.0, read=[torch.tensor([7.0, 1.0])],
+                               skip=None if skip is None else torch.tensor(skip))
+        moved = any(not torch.equal(a, b) for a, b in zip(before, state()))
+        assert moved == (kind == "fused" and not skip and not poison)
+        assert not hasattr(optimizer, "grad_scale") and not hasattr(optimizer, "found_inf")
+        values = pending.read()
+        assert values[:2] == [7.0, 1.0] and len(values) == 3
+        if skip:  # the caller drops the step: nothing changed
+            assert all(torch.equal(a, b) for a, b in zip(before, state()))
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        released = weakref.ref(ours[0].grad)
+        norm = finish_update(pending, ours, optimizer, scheduler, None, 1.0, step)
+        assert released() is None  # the pending update (kept by the loop through the next backward) holds no gradient
+        for q, g in zip(reference, grads):
+            q.grad = torch.nan_to_num(g, nan=0.0)
+        expected = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+        torch.testing.assert_close(norm, expected)
+        assert values[2] == pytest.approx(expected.item(), rel=1e-6) or poison
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+        assert all(p.grad is None for p in ours)
+        for p, q in zip(ours, reference):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(optimizer.state[p]["exp_avg_sq"], reference_optimizer.state[q]["exp_avg_sq"])
+            torch.testing.assert_close(optimizer.state[p]["step"], reference_optimizer.state[q]["step"])
 
 
 def test_float8_storage_linear_computes_like_the_linear():
