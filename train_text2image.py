@@ -134,7 +134,7 @@ def main(argv=None):
         # data was unreadable; cosmos_t2i/update.py)
         update = start_update(t.params, t.optimizer, args.clip_grad_norm, read=[summed],
                               skip=~torch.isfinite(summed[0]) | (summed[2] > 0), ema=t.ema, iteration=iteration)
-        loss_sum, *flag_sums = update.read()[:4]
+        loss_sum, *flag_sums = update.read()
         mean_loss, (stop_here, bad_data, save_now) = loss_sum / accelerator.num_processes, (f > 0 for f in flag_sums)
         if bad_data:  # this step is not applied: save what the previous one left and stop, naming the file
             t.optimizer.zero_grad(set_to_none=True)

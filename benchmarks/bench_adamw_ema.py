@@ -73,8 +73,8 @@ def main():
             update.apply_gradients(params, optimizer, scheduler, ema, 1.0, step)
     update.step_adamw_with_ema = adamw_ema.step_adamw_with_ema
 
-    def worst(a, b):
-        return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))
+    def worst(a, b):  # as text: report() rounds numbers to 4 decimals
+        return f"{max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b)):.2e}"
     out["max_rel_diff_weights"] = worst(kernel_run[0], torch_run[0])
     out["max_rel_diff_ema"] = worst(kernel_run[3].shadow, torch_run[3].shadow)
     out["max_rel_diff_exp_avg_sq"] = worst(*([run[1].state[p]["exp_avg_sq"] for p in run[0]]

@@ -1,16 +1,19 @@
 """torch's fused AdamW step and the power EMA's update in one pass over memory (a Triton kernel; fp32 weights).
 
-As two steps, AdamW reads weight, gradient and both moments and writes weight and moments back (torch's fused kernel,
-given a clipping factor, also writes the unscaled gradient back), and the EMA then reads the new weight and its
-shadow and writes the shadow: 88 bytes per parameter, 176 GB a step for the 2B model. One kernel over every tensor
-of a parameter group moves 36 bytes per parameter. The arithmetic is torch's AdamW (decoupled weight decay, bias
-corrections from each tensor's own step count) followed by torch.lerp's. The clipping factor and the skip flag are
-the device tensors torch's fused AdamW reads (`grad_scale`, `found_inf` on the optimizer): a skipped step leaves
-weights, moments, step counts and the EMA as they were, and nothing waits for the GPU.
+As two steps, torch's fused AdamW reads weight, gradient and both moments and writes weight and moments back (given
+a clipping factor it also writes the unscaled gradient back): 32 bytes per parameter; the EMA then reads the new
+weight and its shadow and writes the shadow: 12 more. One kernel over every tensor of a parameter group moves 36
+bytes per parameter (72 GB a step for the 2B model, against 88). The formula is torch's AdamW (decoupled weight
+decay, bias corrections from each tensor's own step count) followed by torch.lerp's, in fp32 with Triton's fast
+square root, division and exp/log (weights within 1.3e-7 of torch's after five steps on an H100). The clipping
+factor and the skip flag are the device tensors torch's fused AdamW reads (`grad_scale`, `found_inf` on the
+optimizer): a skipped step leaves weights, moments, step counts and the EMA as they were, and nothing waits for the
+GPU.
 
-Applies to torch's AdamW created fused, with plain fp32 weights, gradients and moments (FSDP's local shards
+Applies to torch's AdamW created fused, with plain fp32 weights, gradients and moments on a GPU (FSDP's local shards
 included), after its first step (torch's step creates the state); the caller falls back to optimizer.step() and
-PowerEMA.update otherwise. CPU tensors run it under TRITON_INTERPRET=1 (the tests).
+PowerEMA.update otherwise, and for good if the kernel fails to build. Under TRITON_INTERPRET=1 it runs on CPU
+tensors instead (the tests), never on GPU ones.
 """
 
 import functools
@@ -19,13 +22,14 @@ import os
 
 import torch
 
-from .distributed import inner_optimizer, local_parts
+from .distributed import inner_optimizer, local_parts, plain_fused_adamw
 
+logger = logging.getLogger(__name__)
 # the fastest of 1024-8192 elements x 4 or 8 warps on an H100: 7.1 ms per 510M parameters (2.6 TB/s), against 8.8 ms
 # for torch's fused AdamW (given a clipping factor) followed by the EMA's foreach lerp
 BLOCK, NUM_WARPS = 1024, 4
-_announced = []  # logged once per process
 COLUMNS = 6  # per tensor: weight, gradient, exp_avg, exp_avg_sq, EMA shadow, step count (addresses)
+_state = {"working": False, "failed": False}  # whether the kernel has run, or failed to build, in this process
 
 
 @functools.cache
@@ -72,15 +76,16 @@ def _kernel():
 
 
 def _usable(tensors) -> bool:
-    kinds = {(t.device.type, t.dtype, t.is_contiguous()) for t in tensors}
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return len(kinds) == 1 and kinds.pop() in {("cuda", torch.float32, True)} | (
-        {("cpu", torch.float32, True)} if interpreted else set())
+    """All fp32 and contiguous on a GPU; on the CPU instead under Triton's interpreter, which copies the kernel's
+    tensor arguments to the host (device addresses in the table would be read as host memory)."""
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    return {(t.device.type, t.dtype, t.is_contiguous()) for t in tensors} == {(device, torch.float32, True)}
 
 
 @functools.lru_cache(maxsize=4)
 def _blocks(numels: tuple, device: torch.device) -> tuple:
-    """Which tensor and which first element each kernel block takes (cached: the shapes do not change)."""
+    """Which tensor and which first element each kernel block takes; cached, as the shapes do not change (for the
+    2B model 2M blocks, 24 MB on the GPU)."""
     counts = torch.tensor([-(-n // BLOCK) for n in numels])
     tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
     first = torch.cat([torch.arange(c, dtype=torch.int64) * BLOCK for c in counts.tolist()])
@@ -93,11 +98,7 @@ def step_adamw_with_ema(optimizer, ema, iteration: int) -> bool:
     from the optimizer as torch's fused step takes them. Returns False, having done nothing, where this does not
     apply (see the module's docstring)."""
     inner = inner_optimizer(optimizer)
-    if type(inner) is not torch.optim.AdamW or ema is None:
-        return False
-    try:
-        kernel = _kernel()
-    except ImportError:
+    if type(inner) is not torch.optim.AdamW or ema is None or _state["failed"]:
         return False
     shadow_of = {id(p): s for p, s in zip(ema.params, ema.shadow)}
     launches, stepped = [], set()  # stepped: ids of the local weights the kernel takes
@@ -105,8 +106,7 @@ def step_adamw_with_ema(optimizer, ema, iteration: int) -> bool:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             continue
-        if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"] or not group[
-                "fused"] or not group.get("decoupled_weight_decay") or torch.is_tensor(group["lr"]):
+        if not plain_fused_adamw(group):
             return False
         if not all(inner.state.get(p) and id(p) in shadow_of for p in params):
             return False  # before the first step (torch's creates the state), or a weight without an EMA
@@ -126,19 +126,28 @@ def step_adamw_with_ema(optimizer, ema, iteration: int) -> bool:
     grad_scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device, torch.float32)
     found_inf = torch.zeros((), device=device) if found_inf is None else found_inf.to(device, torch.float32)
     for group, columns, steps in launches:
-        table = [[t.data_ptr() for t in row] for row in zip(*columns, steps)]
-        addresses = torch.tensor(table, dtype=torch.int64, pin_memory=device.type == "cuda").to(device,
-                                                                                                   non_blocking=True)
+        table = torch.tensor([[t.data_ptr() for t in row] for row in zip(*columns, steps)], dtype=torch.int64,
+                             pin_memory=device.type == "cuda")
         block_tensor, block_start, numels = _blocks(tuple(t.numel() for t in columns[0]), device)
         torch._foreach_add_(steps, 1)  # as torch's fused AdamW: counted, then taken back if the step is skipped
         (beta1, beta2), ema_weight = group["betas"], 1 - ema.beta(iteration)
-        kernel[(len(block_tensor),)](addresses, block_tensor, block_start, numels, grad_scale, found_inf,
-                                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"], ema_weight,
-                                     BLOCK=BLOCK, COLUMNS=COLUMNS, num_warps=NUM_WARPS)
+        try:
+            _kernel()[(len(block_tensor),)](
+                table.to(device, non_blocking=True), block_tensor, block_start, numels, grad_scale, found_inf,
+                group["lr"], beta1, beta2, group["eps"], group["weight_decay"], ema_weight,
+                BLOCK=BLOCK, COLUMNS=COLUMNS, num_warps=NUM_WARPS)
+        except Exception as error:  # building it (no Triton, no compiler for this GPU): torch's step from here on
+            if _state["working"] or group is not launches[0][0]:
+                raise
+            torch._foreach_sub_(steps, 1)
+            _state["failed"] = True
+            logger.warning("the one-kernel AdamW + EMA step is unavailable (%s: %s); using torch's fused AdamW and "
+                           "a separate EMA update", type(error).__name__, error)
+            return False
         torch._foreach_sub_(steps, [found_inf] * len(steps))
-    if not _announced:
-        logging.getLogger(__name__).info("AdamW and the EMA's update run as one kernel (cosmos_t2i/adamw_ema.py)")
-        _announced.append(True)
+    if not _state["working"]:
+        logger.info("AdamW and the EMA's update run as one kernel (cosmos_t2i/adamw_ema.py)")
+        _state["working"] = True
     weight = (1 - ema.beta(iteration)) * (1 - found_inf)  # the EMA of weights without a gradient moves too
     for shadow, param in zip(local_parts(ema.shadow), local_parts(ema.params)):
         if id(param) not in stepped:

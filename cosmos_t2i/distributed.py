@@ -282,6 +282,13 @@ def clip_grad_norm_(params, max_norm: float, optimizer=None) -> torch.Tensor:
     return total
 
 
+def plain_fused_adamw(group: dict) -> bool:
+    """A param group of torch's AdamW that its fused kernel steps with no option beyond the plain update."""
+    return bool(group["fused"]) and bool(group.get("decoupled_weight_decay")) and not (
+        group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]
+        or torch.is_tensor(group["lr"]))
+
+
 def step_adamw_on_local_shards(optimizer) -> bool:
     """One step of torch's fused AdamW over FSDP2 shards, run on each DTensor's local shard (parameters, gradients
     and moments share storage with the DTensors) through torch's own functional AdamW: the same arithmetic without
@@ -298,8 +305,7 @@ def step_adamw_on_local_shards(optimizer) -> bool:
         params = [p for p in group["params"] if p.grad is not None]
         if params and not (_fully_sharded(params) and all(inner.state.get(p) for p in params)):
             return False
-        if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"] or not group[
-                "fused"] or not group.get("decoupled_weight_decay") or torch.is_tensor(group["lr"]):
+        if not plain_fused_adamw(group):
             return False
         groups.append((group, params, [inner.state[p] for p in params]))
     for group, params, states in groups:

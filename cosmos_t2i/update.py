@@ -29,23 +29,31 @@ from .distributed import (clip_grad_norm_, end_grad_scale, global_norm, inner_op
 @dataclass
 class PendingUpdate:  # holds no gradient: the caller's loop keeps it through the next backward
     norm: torch.Tensor | None  # global norm of the gradients as backward left them; None: torch's clipping applies
-    stepped: bool  # the fused step is queued (a no-op on the GPU if the norm is not finite or the caller skipped)
+    stepped: bool = False  # the fused step is queued (a no-op on the GPU if the norm is not finite or it was skipped)
     ema_done: bool = False  # the EMA was updated inside that step
-    queued: torch.Tensor | None = None  # the values to read, on their way to the host
+    asked: int = 0  # how many of the values are the caller's; then the skip flag (if given), then the norm (if taken)
+    has_skip: bool = False
+    queued: torch.Tensor | None = None  # the values, on their way to the host
     ready: torch.cuda.Event | None = None
     values: list = field(default_factory=list)
 
-    def read(self) -> list:
-        """The values given as `read` to start_update (then the norm, when taken) as floats: waits for the GPU up
-        to the end of the norm, not for the step queued after it."""
+    def _all(self) -> list:
         if self.queued is not None:
             if self.ready is not None:
                 self.ready.synchronize()
             self.values, self.queued = self.queued.tolist(), None
         return self.values
 
+    def read(self) -> list:
+        """The values given as `read` to start_update, as floats: waits for the GPU up to the end of the norm, not
+        for the step queued after it."""
+        return self._all()[:self.asked]
+
+    def skipped(self) -> bool:
+        return self.has_skip and self._all()[self.asked] != 0
+
     def norm_is_finite(self) -> bool:
-        return self.norm is None or math.isfinite(self.read()[-1])
+        return self.norm is None or math.isfinite(self._all()[-1])
 
 
 def step_optimizer(optimizer, ema=None, iteration: int = 0) -> bool:
@@ -71,8 +79,9 @@ def start_update(params, optimizer, max_norm: float, read=(), skip: torch.Tensor
     grads = [p.grad for p in params if p.grad is not None]
     with record_function("clip_grad_norm"):
         norm = global_norm(grads) if reduces_own_norm(grads) else None
-    values = [v.detach().float().reshape(-1) for v in read] + ([norm.reshape(1)] if norm is not None else [])
-    pending = PendingUpdate(norm, stepped=False)
+    values = [v.detach().float().reshape(-1) for v in read]
+    pending = PendingUpdate(norm, asked=sum(v.numel() for v in values), has_skip=skip is not None)
+    values += ([skip.float().reshape(1)] if skip is not None else []) + ([norm.reshape(1)] if norm is not None else [])
     if values:
         pending.queued = torch.cat(values)
         if pending.queued.is_cuda:
@@ -94,7 +103,10 @@ def finish_update(pending: PendingUpdate, params, optimizer, scheduler, ema, max
                   iteration: int) -> torch.Tensor:
     """The rest of a step the caller keeps (after pending.read()): the step itself where it was not queued or was
     dropped for a non-finite norm (NVIDIA's zeroing first), then schedule, gradients released, EMA. Returns the
-    gradient norm before clipping (after zeroing)."""
+    gradient norm before clipping (after zeroing). Not for a step start_update was told to skip: the caller drops it
+    (zero_grad) instead."""
+    if pending.skipped():
+        raise RuntimeError("finish_update on a step that start_update was told to skip")
     norm, ema_done, grads = pending.norm, pending.ema_done, [p.grad for p in params if p.grad is not None]
     with record_function("optimizer_step"):
         if norm is None:  # a mix of gradient kinds this code does not reduce itself: torch's clipping

@@ -261,6 +261,87 @@ def test_sharded_gradient_zeroing_and_clipping_equal_torch_on_full_tensors(tmp_p
             torch.testing.assert_close(a[key], reference.state[p][key], msg=key)
 
 
+UPDATE_PLAN = [(1.0, False, False), (2.0, False, False), (2.0, True, False), (1.0, False, True), (0.1, False, False)]
+
+
+def _update_gradients(step, poison):
+    """Step `step`'s gradients for _gradients()'s shapes (a NaN entry where `poison`), the same on every process."""
+    grads = [torch.randn(g.shape, generator=torch.Generator().manual_seed(100 * step + i)) * UPDATE_PLAN[step - 1][0]
+             for i, g in enumerate(_gradients())]
+    if poison:
+        grads[1][4, 0] = float("nan")
+    return grads
+
+
+def _sharded_update_worker(rank, world, port, out, kernel):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from cosmos_t2i.ema import PowerEMA
+    from cosmos_t2i.schedule import make_optimizer, make_scheduler
+    from cosmos_t2i.update import finish_update, start_update
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1" if kernel else "0")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(g.shape, generator=torch.Generator().manual_seed(i)),
+                                                   init_device_mesh("cpu", (world,)), [Shard(0)]))
+              for i, g in enumerate(_gradients())]
+    optimizer = make_optimizer(params, lr=0.1, device_type="cpu")
+    ema, scheduler = PowerEMA([(str(i), p) for i, p in enumerate(params)]), make_scheduler(optimizer, "constant")
+    kernel_steps = []
+    for step, (_, skip, poison) in enumerate(UPDATE_PLAN, start=1):
+        for p, full in zip(params, _update_gradients(step, poison)):
+            p.grad = distribute_tensor(full, p.device_mesh, [Shard(0)])
+        pending = start_update(params, optimizer, 1.0, skip=torch.tensor(skip), ema=ema, iteration=10 * step)
+        pending.read()
+        kernel_steps.append(pending.ema_done)
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        finish_update(pending, params, optimizer, scheduler, ema, 1.0, 10 * step)
+    result = {"weights": [p.full_tensor() for p in params], "ema": [s.full_tensor() for s in ema.shadow],
+              "state": [{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in optimizer.state[p].items()}
+                        for p in params], "kernel_steps": kernel_steps}
+    if rank == 0:
+        torch.save(result, out)
+    dist.barrier()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_update_on_sharded_weights_equals_one_process(tmp_path, kernel):
+    """start_update/finish_update on FSDP-sharded weights over 2 processes, with the one-kernel AdamW + EMA on the
+    local shards (Triton's interpreter) or torch's fused AdamW on them, uneven shards: a clipped step, a skipped one,
+    one with a NaN gradient, an unclipped one; weights, EMA, moments and step counts equal torch's AdamW with
+    torch's clipping and PowerEMA on the full tensors."""
+    import torch.multiprocessing as mp
+
+    from cosmos_t2i.ema import PowerEMA
+    mp.spawn(_sharded_update_worker, args=(2, free_port(), tmp_path / "out.pt", kernel), nprocs=2)
+    got = torch.load(tmp_path / "out.pt")
+    assert got["kernel_steps"] == [False] + [kernel] * 4  # torch's first step makes the state
+    params = [torch.nn.Parameter(torch.randn(g.shape, generator=torch.Generator().manual_seed(i)))
+              for i, g in enumerate(_gradients())]
+    optimizer = torch.optim.AdamW(params, lr=0.1, betas=(0.9, 0.99), weight_decay=0.2, foreach=True)
+    ema = PowerEMA([(str(i), p) for i, p in enumerate(params)])
+    for step, (_, skip, poison) in enumerate(UPDATE_PLAN, start=1):
+        if skip:
+            continue
+        for p, g in zip(params, _update_gradients(step, poison)):
+            p.grad = torch.nan_to_num(g, nan=0.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.update(10 * step)
+    for a, p in zip(got["weights"], params):  # weights of order 1, moved by lr 0.1: a few float32 ulps apart
+        torch.testing.assert_close(a, p.detach(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(got["ema"], ema.shadow):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, p in zip(got["state"], params):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(a[key], optimizer.state[p][key], rtol=1e-6, atol=1e-8)
+
+
 def test_fsdp_validation_leaves_training_unchanged(tiny_bundle, tmp_path):
     """Sampling validation images (EMA weights, no backward) between steps changes nothing in training: FSDP does
     not re-gather weights it still holds gathered after a forward without backward (its root module's, and every
