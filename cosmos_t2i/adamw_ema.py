@@ -125,12 +125,13 @@ def step_adamw_with_ema(optimizer, ema, iteration: int) -> bool:
     grad_scale, found_inf = getattr(inner, "grad_scale", None), getattr(inner, "found_inf", None)
     grad_scale = torch.ones((), device=device) if grad_scale is None else grad_scale.to(device, torch.float32)
     found_inf = torch.zeros((), device=device) if found_inf is None else found_inf.to(device, torch.float32)
+    ema_weight = 1 - ema.beta(iteration)
     for group, columns, steps in launches:
         table = torch.tensor([[t.data_ptr() for t in row] for row in zip(*columns, steps)], dtype=torch.int64,
                              pin_memory=device.type == "cuda")
         block_tensor, block_start, numels = _blocks(tuple(t.numel() for t in columns[0]), device)
         torch._foreach_add_(steps, 1)  # as torch's fused AdamW: counted, then taken back if the step is skipped
-        (beta1, beta2), ema_weight = group["betas"], 1 - ema.beta(iteration)
+        beta1, beta2 = group["betas"]
         try:
             _kernel()[(len(block_tensor),)](
                 table.to(device, non_blocking=True), block_tensor, block_start, numels, grad_scale, found_inf,
@@ -148,8 +149,7 @@ def step_adamw_with_ema(optimizer, ema, iteration: int) -> bool:
     if not _state["working"]:
         logger.info("AdamW and the EMA's update run as one kernel (cosmos_t2i/adamw_ema.py)")
         _state["working"] = True
-    weight = (1 - ema.beta(iteration)) * (1 - found_inf)  # the EMA of weights without a gradient moves too
     for shadow, param in zip(local_parts(ema.shadow), local_parts(ema.params)):
-        if id(param) not in stepped:
-            shadow.lerp_(param.float(), weight)
+        if id(param) not in stepped:  # the EMA of weights without a gradient moves too (not when skipped)
+            shadow.lerp_(param.float(), ema_weight * (1 - found_inf))
     return True

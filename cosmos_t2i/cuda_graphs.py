@@ -35,9 +35,9 @@ class GraphReplay:
 
     The first call with a given key (the caller's tag, inference mode and autocast, the inputs' shapes and dtypes,
     `module`'s parameters and their storage) runs fn as usual: torch.compile's compilation and lazy initialisation
-    must not happen inside a capture. The second captures the graph; from then on each call copies its inputs into the graph's and replays
-    it. A new key drops the old graph and its memory. The returned tensor is the graph's output buffer: it holds
-    until the next call. If a capture fails (an operation that cannot be captured), the reason is logged once and
+    must not happen inside a capture. The second captures the graph; from then on each call copies its inputs into
+    the graph's and replays it. A new key drops the old graph and its memory. The returned tensor is the graph's
+    output buffer: it holds until the next call. If a capture fails (an operation that cannot be captured), the reason is logged once and
     every later call runs fn as usual.
     """
 

@@ -22,8 +22,8 @@ import torch
 from torch.profiler import record_function
 
 from .adamw_ema import step_adamw_with_ema
-from .distributed import (clip_grad_norm_, end_grad_scale, global_norm, inner_optimizer, nan_to_zero_,
-                          reduces_own_norm, scale_to_norm_, step_adamw_on_local_shards, takes_grad_scale)
+from .distributed import (clip_grad_norm_, end_grad_scale, global_norm, inner_optimizer, reduces_own_norm,
+                          scale_to_norm_, step_adamw_on_local_shards, takes_grad_scale)
 
 
 @dataclass
@@ -107,18 +107,15 @@ def finish_update(pending: PendingUpdate, params, optimizer, scheduler, ema, max
     (zero_grad) instead."""
     if pending.skipped():
         raise RuntimeError("finish_update on a step that start_update was told to skip")
-    norm, ema_done, grads = pending.norm, pending.ema_done, [p.grad for p in params if p.grad is not None]
+    norm, ema_done = pending.norm, pending.ema_done
     with record_function("optimizer_step"):
-        if norm is None:  # a mix of gradient kinds this code does not reduce itself: torch's clipping
+        # torch's clipping for a mix of gradient kinds this code does not reduce itself; for a non-finite norm (the
+        # same on every process: it is global) NVIDIA's zeroing first, at the cost of a second norm and a host sync
+        if norm is None or not pending.norm_is_finite():
             norm = clip_grad_norm_(params, max_norm, optimizer)
             ema_done = step_optimizer(optimizer, ema, iteration)
-        elif not pending.norm_is_finite():  # the same on every process: the norm is global
-            nan_to_zero_(grads)
-            norm = global_norm(grads)
-            scale_to_norm_(grads, norm, max_norm, optimizer)
-            ema_done = step_optimizer(optimizer, ema, iteration)
         elif not pending.stepped:
-            scale_to_norm_(grads, norm, max_norm, optimizer)
+            scale_to_norm_([p.grad for p in params if p.grad is not None], norm, max_norm, optimizer)
             ema_done = step_optimizer(optimizer, ema, iteration)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
